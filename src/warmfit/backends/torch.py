@@ -1,0 +1,514 @@
+"""PyTorch backend: an ``nn.Module``, an optimizer factory and a loss.
+
+In-memory arrays and tensors are moved to the device once per fit call and batched by
+indexing with the epoch's permutation (one index tensor per epoch, sliced per step);
+map-style ``Dataset``s go through a ``DataLoader`` driven by warmfit's batch sampler,
+starting at the cursor's offset. Losses stay on the device and are read once per epoch,
+except on the CPU, where reading one is free and lets a NaN be caught before the
+optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import epoch_batches, fingerprint
+from ..errors import StateMismatchError
+from ..schedules import TorchScheduler
+from ..state import derive_seed
+from .base import NonFiniteLoss
+
+_LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+    "l1": nn.L1Loss,
+    "bce_with_logits": nn.BCEWithLogitsLoss,
+    "nll": nn.NLLLoss,
+}
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max (or >0 for one output) equals the target."""
+    if pred.ndim > 1 and pred.shape[-1] > 1:
+        hit = pred.argmax(dim=-1) == target
+    else:
+        hit = (pred.reshape(-1) > 0).to(target.dtype) == target.reshape(-1)
+    return hit.float().mean()
+
+
+_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"accuracy": accuracy}
+
+
+class TensorData:
+    """Training arrays placed on the device: ``x`` and optional ``y``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, source: tuple[Any, Any]) -> None:
+        self.x, self.y, self.source = x, y, source
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+class DatasetData:
+    """A map-style ``torch.utils.data.Dataset`` read through a DataLoader."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+class _OrderSampler(torch.utils.data.Sampler):
+    """Yields the epoch's global batches from the offset on: warmfit's order, O(1) start."""
+
+    def __init__(self, order: np.ndarray, offset: int, batch_size: int) -> None:
+        self.order, self.offset, self.batch_size = order, offset, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in epoch_batches(self.order, self.batch_size, self.offset):
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        return -(-(len(self.order) - self.offset) // self.batch_size)
+
+
+class TorchBackend:
+    framework = "torch"
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        *,
+        optimizer: Callable[[Any], torch.optim.Optimizer],
+        loss: Callable[..., torch.Tensor] | str,
+        metrics: Any = (),
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+    ) -> None:
+        if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "The 'optimizer' parameter of Trainer must be a factory params -> "
+                "torch.optim.Optimizer, e.g. lambda params: torch.optim.Adam(params, lr=1e-3), "
+                f"so that 'warm' and 'restart' can build a fresh one. Got {optimizer!r} instead."
+            )
+        self.device = torch.device(device)
+        self.optimizer_factory = optimizer
+        self.loss_fn = _resolve_loss(loss)
+        self.loss_name = loss if isinstance(loss, str) else _name(loss)
+        self.metrics = _resolve_metrics(metrics)
+        self.num_workers = num_workers
+        self.model_factory = None if isinstance(model, nn.Module) else model
+        if self.model_factory is None:
+            self.model: nn.Module = model.to(self.device)  # type: ignore[union-attr]
+        elif callable(model):
+            self.model = None  # type: ignore[assignment]  # built by init_model
+        else:
+            raise TypeError(
+                "The 'model' parameter of Trainer must be a torch.nn.Module or a zero-argument "
+                f"factory returning one. Got {model!r} instead."
+            )
+        self.initial: dict[str, torch.Tensor] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scheduler_interval = "step"
+        self.check_each_step = self.device.type == "cpu"
+
+    # -- construction, warm and restart --------------------------------------------
+    def init_model(self, seed: int, *, first: bool) -> None:
+        if self.model_factory is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, "init"))
+                fresh = self.model_factory()
+            if not isinstance(fresh, nn.Module):
+                raise TypeError(f"The model factory must return a torch.nn.Module. Got {fresh!r}.")
+            if self.model is None:
+                self.model = fresh.to(self.device)
+            else:  # keep the user's object: load the fresh weights into it
+                with torch.no_grad():
+                    self.model.load_state_dict(fresh.state_dict())
+        elif first:
+            self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            assert self.initial is not None
+            with torch.no_grad():
+                self.model.load_state_dict(self.initial)
+
+    def init_optimizer(self, schedule: Any) -> None:
+        self.optimizer = self.optimizer_factory(self.model.parameters())
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "The optimizer factory must return a torch.optim.Optimizer. "
+                f"Got {self.optimizer!r} instead."
+            )
+        self.set_schedule(schedule)
+
+    def set_schedule(self, schedule: Any) -> None:
+        self.scheduler = None
+        if isinstance(schedule, TorchScheduler):
+            self.scheduler = schedule.factory(self.optimizer)
+            self.scheduler_interval = schedule.interval
+
+    def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
+        gen = torch.Generator().manual_seed(derive_seed(seed, "torch"))
+        state = {"torch_cpu": gen.get_state().numpy().copy()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            cuda = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "cuda"))
+            state["cuda"] = cuda.get_state().numpy().copy()
+        return state
+
+    def capture_rng(self) -> dict[str, np.ndarray]:
+        state = {"torch_cpu": torch.get_rng_state().numpy().copy()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device).numpy().copy()
+        return state
+
+    def install_rng(self, state: Mapping[str, np.ndarray]) -> None:
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["torch_cpu"], dtype=np.uint8).copy()))
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"]).copy()), self.device)
+
+    # -- data ------------------------------------------------------------------------
+    def prepare(self, x: Any, y: Any) -> TensorData | DatasetData:
+        if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
+            if y is not None:
+                raise ValueError(
+                    "When x is a torch Dataset it must yield (input, target) pairs itself; "
+                    "pass y=None."
+                )
+            if not hasattr(x, "__len__"):
+                raise TypeError("warmfit needs a map-style Dataset with __len__ (got an iterable one).")
+            return DatasetData(x)
+        xt = _as_tensor(x, "x", self.device)
+        yt = None if y is None else _as_tensor(y, "y", self.device)
+        if xt.ndim == 0:
+            raise ValueError(f"x must have at least one dimension (samples first). Got a scalar {x!r}.")
+        if yt is not None and len(yt) != len(xt):
+            raise ValueError(
+                f"x and y must have the same number of samples. Got {len(xt)} rows in x and "
+                f"{len(yt)} in y."
+            )
+        if len(xt) == 0:
+            raise ValueError("x has no samples: nothing to train on.")
+        return TensorData(xt, yt, (x, y))
+
+    def subset(self, data: Any, rows: np.ndarray) -> Any:
+        if isinstance(data, DatasetData):
+            return DatasetData(torch.utils.data.Subset(data.dataset, rows.tolist()))
+        idx = torch.from_numpy(rows).to(data.x.device)
+        return TensorData(data.x[idx], None if data.y is None else data.y[idx], (None, None))
+
+    def fingerprint(self, data: Any) -> tuple[str, list[int]]:
+        if isinstance(data, DatasetData):
+            ds = data.dataset
+            probes = [ds[i] for i in sorted({0, len(ds) // 2, len(ds) - 1})]
+            arrays = [np.asarray(t.cpu() if torch.is_tensor(t) else t) for p in probes for t in _flat(p)]
+            first = arrays[0] if arrays else np.zeros(0)
+            return fingerprint(np.asarray(len(ds)), *arrays), [len(ds), *first.shape]
+        x = data.x.detach().cpu().numpy() if data.x.dtype != torch.bfloat16 else data.x.float().cpu().numpy()
+        y = None if data.y is None else data.y.detach().cpu().numpy()
+        return fingerprint(x, y), list(data.x.shape)
+
+    def batches(
+        self, data: Any, order: np.ndarray, offset: int, batch_size: int, epoch: int
+    ) -> Iterator[Any]:
+        if isinstance(data, DatasetData):
+            yield from self._loader_batches(data, order, offset, batch_size, epoch)
+            return
+        order_t = torch.from_numpy(order).to(self.device)
+        x, y = data.x, data.y
+        for start in range(offset, len(order_t), batch_size):
+            idx = order_t[start : start + batch_size]
+            yield (x[idx], None if y is None else y[idx])
+
+    def _loader_batches(
+        self, data: DatasetData, order: np.ndarray, offset: int, batch_size: int, epoch: int
+    ) -> Iterator[Any]:
+        # The loader's own generator seeds its workers; giving it one keeps it off the
+        # trainer's global torch stream, so split and straight runs draw the same numbers.
+        gen = torch.Generator().manual_seed(derive_seed(self._seed, "loader", epoch, offset))
+        loader = torch.utils.data.DataLoader(
+            data.dataset,
+            batch_sampler=_OrderSampler(order, offset, batch_size),
+            num_workers=self.num_workers,
+            generator=gen,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            xb, yb = batch if isinstance(batch, (list, tuple)) else (batch, None)
+            xb = xb.to(self.device, non_blocking=True)
+            yb = None if yb is None else yb.to(self.device, non_blocking=True)
+            yield (xb, yb)
+
+    _seed = 0  # set by the Trainer; only the DataLoader worker seed uses it
+
+    # -- training --------------------------------------------------------------------
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:  # type: ignore[union-attr]
+            group["lr"] = lr
+
+    def learning_rate(self) -> float:
+        lr = self.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
+        return float(lr.item() if torch.is_tensor(lr) else lr)
+
+    def train_step(self, batch: Any) -> Any:
+        xb, yb = batch
+        out = self.model(xb)
+        loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+        if self.check_each_step:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(value)
+        else:
+            value = loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        loss.backward()
+        self.optimizer.step()  # type: ignore[union-attr]
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+        return value
+
+    def end_epoch(self) -> None:
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
+            self.scheduler.step()
+
+    def read_losses(self, handles: list[Any]) -> np.ndarray:
+        if not handles:
+            return np.zeros(0)
+        if isinstance(handles[0], float):
+            return np.asarray(handles, dtype=np.float64)
+        return torch.stack(handles).double().cpu().numpy()
+
+    @torch.no_grad()
+    def evaluate(self, data: Any, batch_size: int) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            n = len(data)
+            order = np.arange(n, dtype=np.int64)
+            totals: dict[str, torch.Tensor] = {}
+            for xb, yb in self.batches(data, order, 0, batch_size, epoch=0):
+                out = self.model(xb)
+                w = len(xb)
+                vals = {"loss": self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)}
+                for name, fn in self.metrics.items():
+                    vals[name] = fn(out, yb)
+                for k, v in vals.items():
+                    totals[k] = totals.get(k, 0) + v.detach().double() * w
+            return {k: float(v.item()) / n for k, v in totals.items()}
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def predict(self, x: Any, batch_size: int) -> torch.Tensor:
+        data = self.prepare(x, None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs = [self.model(xb) for xb, _ in self.batches(data, np.arange(len(data)), 0, batch_size, 0)]
+            return torch.cat(outs) if outs else torch.empty(0)
+        finally:
+            self.model.train(was_training)
+
+    # -- state -----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for k, v in self.model.state_dict().items():
+            out[f"model/{k}"] = _to_numpy(v)
+        if self.initial is not None:
+            for k, v in self.initial.items():
+                out[f"initial/{k}"] = _to_numpy(v)
+        for idx, slots in self.optimizer.state_dict()["state"].items():  # type: ignore[union-attr]
+            for slot, v in slots.items():
+                if torch.is_tensor(v):
+                    out[f"optim/{idx}/{slot}"] = _to_numpy(v)
+        return out
+
+    def state_meta(self) -> dict[str, Any]:
+        sd = self.optimizer.state_dict()  # type: ignore[union-attr]
+        scalars = {
+            str(i): {s: _jsonable(v) for s, v in slots.items() if not torch.is_tensor(v)}
+            for i, slots in sd["state"].items()
+        }
+        dtypes = {k: str(v.dtype) for k, v in self.model.state_dict().items()}
+        return {
+            "optimizer": {
+                "class": type(self.optimizer).__name__,
+                "param_groups": _jsonable(sd["param_groups"]),
+                "scalars": scalars,
+            },
+            "scheduler": None if self.scheduler is None else _jsonable(self.scheduler.state_dict()),
+            "dtypes": dtypes,
+        }
+
+    def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        # Check everything first: a mismatch must leave the trainer untouched.
+        own = self.model.state_dict()
+        saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        _check_keys(own, saved)
+        opt_meta = meta["optimizer"]
+        if opt_meta["class"] != type(self.optimizer).__name__:
+            raise StateMismatchError(
+                f"the checkpoint's optimizer is {opt_meta['class']}, this Trainer's is "
+                f"{type(self.optimizer).__name__}. Pass the same optimizer factory, or resume "
+                "with mode='warm' to start a fresh optimizer."
+            )
+        current = self.optimizer.state_dict()["param_groups"]  # type: ignore[union-attr]
+        groups = opt_meta["param_groups"]
+        if len(groups) != len(current):
+            raise StateMismatchError(
+                f"the checkpoint's optimizer has {len(groups)} parameter groups, this one "
+                f"{len(current)}. Build the optimizer the same way as the run that wrote it."
+            )
+        dtypes = meta.get("dtypes", {})
+        self.load_weights(tensors, dtypes)
+        initial = {k[len("initial/"):]: v for k, v in tensors.items() if k.startswith("initial/")}
+        if initial and self.model_factory is None:
+            self.initial = {k: _from_numpy(v, dtypes.get(k)) for k, v in initial.items()}
+        state: dict[int, dict[str, Any]] = {}
+        for key, arr in tensors.items():
+            if key.startswith("optim/"):
+                _, idx, slot = key.split("/", 2)
+                state.setdefault(int(idx), {})[slot] = torch.from_numpy(np.array(arr))
+        for idx, scalars in opt_meta["scalars"].items():
+            state.setdefault(int(idx), {}).update(scalars)
+        groups = [
+            {k: (tuple(v) if isinstance(cur.get(k), tuple) else v) for k, v in g.items()}
+            for g, cur in zip(groups, current, strict=True)
+        ]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
+        if self.scheduler is not None and meta.get("scheduler") is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+
+    def load_weights(self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None) -> None:
+        """Load the ``model/*`` entries of ``tensors`` (copies) into the model."""
+        own = self.model.state_dict()
+        saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        _check_keys(own, saved)
+        dtypes = dtypes or {k: str(v.dtype) for k, v in own.items()}
+        with torch.no_grad():
+            self.model.load_state_dict({k: _from_numpy(v, dtypes.get(k)) for k, v in saved.items()})
+
+    def describe(self) -> dict[str, Any]:
+        groups = self.optimizer.state_dict()["param_groups"] if self.optimizer else []  # type: ignore[union-attr]
+        hyper = [{k: _jsonable(v) for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+        return {
+            "framework": "torch",
+            "model": {k: list(v.shape) for k, v in self.model.state_dict().items()},
+            "optimizer": {"class": type(self.optimizer).__name__, "hyper": hyper},
+            "loss": self.loss_name,
+            "device": str(self.device),
+        }
+
+
+def _name(obj: object) -> str:
+    return type(obj).__name__ if isinstance(obj, nn.Module) else getattr(obj, "__name__", repr(obj))
+
+
+def _resolve_loss(loss: Any) -> Callable[..., torch.Tensor]:
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(
+                f"The 'loss' parameter of Trainer must be a callable or one of "
+                f"{set(_LOSSES)}. Got {loss!r} instead."
+            )
+        return _LOSSES[loss]()
+    if not callable(loss):
+        raise TypeError(f"The 'loss' parameter of Trainer must be callable. Got {loss!r} instead.")
+    return loss
+
+
+def _resolve_metrics(metrics: Any) -> dict[str, Callable]:
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    out = {}
+    for m in metrics or ():
+        if isinstance(m, str):
+            if m not in _METRICS:
+                raise ValueError(f"Unknown metric {m!r}. Expected one of {set(_METRICS)} or a callable.")
+            out[m] = _METRICS[m]
+        else:
+            out[_name(m)] = m
+    return out
+
+
+def _as_tensor(a: Any, name: str, device: torch.device) -> torch.Tensor:
+    if torch.is_tensor(a):
+        t = a
+    else:
+        arr = np.asarray(a)
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise TypeError(
+                f"{name} must be numeric (a numpy array or torch tensor). Got dtype {arr.dtype}."
+            )
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.to(device)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: str | None) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a))
+    if dtype == "torch.bfloat16":
+        t = t.view(torch.bfloat16)
+    return t
+
+
+def _check_keys(own: Mapping[str, torch.Tensor], saved: Mapping[str, np.ndarray]) -> None:
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [
+        f"{k}: checkpoint {list(saved[k].shape)} vs model {list(own[k].shape)}"
+        for k in sorted(set(own) & set(saved))
+        if tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            parts.append(f"unexpected in the checkpoint: {unexpected}")
+        if shapes:
+            parts.append("shape mismatch: " + "; ".join(shapes))
+        raise StateMismatchError(
+            "the checkpoint does not match the model: " + " | ".join(parts)
+            + ". Build the model with the architecture that wrote the checkpoint."
+        )
+
+
+def _flat(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _flat(o)]
+    return [obj]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)

@@ -1,0 +1,202 @@
+"""Callbacks whose state lives across fit calls and processes.
+
+Owns: the :class:`Callback` interface and the built-in callbacks. Each has
+``state_dict()`` / ``load_state_dict()`` over plain data, saved in every checkpoint,
+and ``reset()``. Following the modes table, the Trainer keeps callback state on
+``continue`` and calls ``reset()`` on ``warm`` and ``restart``.
+
+A callback asks training to stop by returning ``True`` from ``on_epoch_end``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from .errors import invalid_param
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class Callback:
+    """Base class. Hooks receive the trainer; ``logs`` is the epoch's history record."""
+
+    def on_fit_start(self, trainer: Trainer, mode: str) -> None:
+        """Called at the start of every fit call, after the mode took effect."""
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> bool | None:
+        """Called after every epoch; return True to stop training after this epoch."""
+        return None
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Called at the end of every fit call (also after an early stop)."""
+
+    def reset(self) -> None:
+        """Forget everything (``warm`` and ``restart``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+def _check_mode(mode: str, owner: str) -> str:
+    if mode not in ("min", "max"):
+        raise invalid_param("mode", owner, ("min", "max"), mode)
+    return mode
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    Its patience count and best value carry across ``continue`` calls and process
+    restarts. After it fired, a ``continue`` call trains until the next epoch that does
+    not improve on the best value (the wait stays at its limit).
+    ``restore_best=True`` restores the best epoch's weights when it fires.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 5,
+        min_delta: float = 0.0,
+        mode: str = "min",
+        restore_best: bool = False,
+    ) -> None:
+        if patience < 0:
+            raise invalid_param("patience", "EarlyStopping", "an int >= 0", patience)
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.mode = _check_mode(mode, "EarlyStopping")
+        self.restore_best = restore_best
+        self.reset()
+
+    def reset(self) -> None:
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+        self._best_weights: Any = None
+
+    def on_fit_start(self, trainer: Trainer, mode: str) -> None:
+        if self.stopped_epoch is not None:
+            print(
+                f"EarlyStopping: stopped at epoch {self.stopped_epoch} (best {self.monitor}="
+                f"{self.best:.6g} at epoch {self.best_epoch}); continuing until the next epoch "
+                "that does not improve."
+            )
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> bool:
+        value = logs.get(self.monitor)
+        if value is None:
+            warnings.warn(
+                f"EarlyStopping monitors {self.monitor!r}, which is not in the epoch's logs "
+                f"{sorted(logs)}. Pass validation data or monitor another key.",
+                stacklevel=2,
+            )
+            return False
+        if math.isfinite(value) and _improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_epoch, self.wait = float(value), logs["epoch"], 0
+            if self.restore_best:
+                self._best_weights = trainer._snapshot_weights()
+            return False
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = logs["epoch"]
+            if self.restore_best and self._best_weights is not None:
+                trainer._restore_weights(self._best_weights)
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.wait, self.stopped_epoch = state["wait"], state["stopped_epoch"]
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement.
+
+    Composes with a schedule as a multiplier: the learning rate used is
+    ``schedule(step) * scale``, where ``scale`` starts at 1 and is multiplied by
+    ``factor`` at each plateau (never below ``min_lr`` in effect). Without a schedule,
+    it scales the optimizer's own learning rate. The scale and counters persist across
+    ``continue`` calls and process restarts.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        min_delta: float = 1e-4,
+        mode: str = "min",
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+    ) -> None:
+        if not 0.0 < factor < 1.0:
+            raise invalid_param("factor", "ReduceLROnPlateau", "a float in (0, 1)", factor)
+        self.monitor, self.factor, self.patience = monitor, factor, patience
+        self.min_delta, self.cooldown, self.min_lr = min_delta, cooldown, min_lr
+        self.mode = _check_mode(mode, "ReduceLROnPlateau")
+        self.reset()
+
+    def reset(self) -> None:
+        self.best: float | None = None
+        self.wait = 0
+        self.cooldown_left = 0
+        self.scale = 1.0
+        self.reductions: list[int] = []
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> bool:
+        value = logs.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.wait = 0
+        if _improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.wait = float(value), 0
+            return False
+        self.wait += 1
+        if self.wait >= self.patience and self.cooldown_left == 0:
+            lr = trainer.learning_rate
+            if lr * self.factor >= self.min_lr or lr > self.min_lr:
+                self.scale *= self.factor
+                self.reductions.append(logs["epoch"])
+                trainer._apply_lr()
+            self.cooldown_left, self.wait = self.cooldown, 0
+        return False
+
+    def lr_scale(self, lr: float) -> float:
+        """The learning rate after this callback's reductions."""
+        return max(self.min_lr, lr * self.scale) if self.scale != 1.0 else lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "wait": self.wait,
+            "cooldown_left": self.cooldown_left,
+            "scale": self.scale,
+            "reductions": list(self.reductions),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+        self.cooldown_left, self.scale = state["cooldown_left"], state["scale"]
+        self.reductions = list(state["reductions"])

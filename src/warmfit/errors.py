@@ -1,0 +1,89 @@
+"""warmfit's exceptions: one family, so callers can catch everything warmfit raises.
+
+Every message says what is wrong and what to do about it. Parameter checks use one
+template (see :func:`invalid_param`), after scikit-learn's: "The 'mode' parameter of
+Trainer.fit must be one of {...}. Got 'resum' instead."
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class WarmfitError(Exception):
+    """Base class of every error warmfit raises on purpose."""
+
+
+class CheckpointError(WarmfitError):
+    """A checkpoint is missing, damaged, of an unknown schema, or unsafe to load.
+
+    The message names the file and the problem.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class RunDirLockedError(WarmfitError):
+    """Another live process holds the run directory's lock."""
+
+    def __init__(self, run_dir: object, pid: int, host: str = "") -> None:
+        self.run_dir = str(run_dir)
+        self.pid = pid
+        where = f" on {host}" if host else ""
+        super().__init__(
+            f"run directory {self.run_dir} is locked by process {pid}{where}. "
+            "Wait for it to finish, stop it, or use another run_dir."
+        )
+
+
+class StateMismatchError(WarmfitError, ValueError):
+    """A checkpoint does not fit the Trainer it is loaded into (keys, shapes, settings)."""
+
+
+class NonFiniteLossError(WarmfitError, FloatingPointError):
+    """Training produced a NaN or infinite loss; the state is the last good one."""
+
+    def __init__(self, step: int, epoch: int, value: float) -> None:
+        self.step = step
+        self.epoch = epoch
+        self.value = value
+        super().__init__(
+            f"the loss became {value} at global step {step} (epoch {epoch}). Training "
+            "stopped before that step changed anything: the trainer holds the state "
+            "after step {prev}. Lower the learning rate, check the data for NaN/inf, "
+            "or rewind and continue.".format(prev=step - 1)
+        )
+
+
+class TrainingInterrupted(WarmfitError, KeyboardInterrupt):
+    """Raised by ``fit`` after SIGINT/SIGTERM once a checkpoint has been written.
+
+    Catch it to keep the process alive; otherwise the process ends. ``checkpoint`` is
+    the path written (or None without a run directory).
+    """
+
+    def __init__(self, signal_name: str, checkpoint: object, step: int) -> None:
+        self.signal_name = signal_name
+        self.checkpoint = checkpoint
+        self.step = step
+        where = (
+            f"checkpoint written to {checkpoint}; construct the Trainer on the same "
+            "run_dir (or run the same command again) to resume exactly from step "
+            f"{step}."
+            if checkpoint is not None
+            else "no run_dir was given, so no checkpoint was written; trainer.save(path) "
+            "keeps the state."
+        )
+        super().__init__(f"training stopped by {signal_name} at global step {step}: {where}")
+
+
+def invalid_param(
+    name: str, owner: str, expected: str | Iterable[object], got: object
+) -> ValueError:
+    """The one message template for a bad parameter value."""
+    if not isinstance(expected, str):
+        expected = "one of {" + ", ".join(repr(e) for e in expected) + "}"
+    return ValueError(f"The {name!r} parameter of {owner} must be {expected}. Got {got!r} instead.")

@@ -1,0 +1,139 @@
+"""History and ledger: what happened, per epoch and per fit call.
+
+Owns: :class:`History` (one record per completed epoch, across fit calls: global
+epoch, segment = fit-call index, mode, train loss, validation loss and metrics,
+learning rate) and :class:`Ledger` (one record per fit call, across runs: mode,
+epochs asked and done, step range, data fingerprint, what changed, wall time, final
+metrics). Both are plain lists of JSON dicts, saved whole in every checkpoint.
+
+Does not own: plotting (:mod:`warmfit.plots`) or writing files as training goes
+(:mod:`warmfit.trainer` appends JSONL lines to the run directory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+
+class History:
+    """Per-epoch records of the current run, accumulated across fit calls.
+
+    ``history.records`` is a list of dicts; ``history.history`` gives the Keras-style
+    ``{"loss": [...], "val_loss": [...], ...}`` view over every epoch of the run.
+    """
+
+    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
+        self.records: list[dict[str, Any]] = list(records or [])
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.records[i]
+
+    @property
+    def history(self) -> dict[str, list[Any]]:
+        keys: list[str] = []
+        for r in self.records:
+            keys += [k for k in r if k not in keys]
+        return {k: [r.get(k) for r in self.records] for k in keys}
+
+    def segment(self, index: int) -> list[dict[str, Any]]:
+        """The records written by fit call ``index`` of this run."""
+        return [r for r in self.records if r["segment"] == index]
+
+    def best(self, monitor: str = "val_loss", mode: str = "min") -> dict[str, Any] | None:
+        """The record with the best finite ``monitor`` value (earliest on ties)."""
+        best = None
+        for r in self.records:
+            v = r.get(monitor)
+            if v is None or not math.isfinite(v):
+                continue
+            if best is None or (v < best[monitor] if mode == "min" else v > best[monitor]):
+                best = r
+        return best
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.records]
+
+    def load_state_dict(self, records: list[dict[str, Any]]) -> None:
+        self.records = [dict(r) for r in records]
+
+    def __repr__(self) -> str:
+        return f"History({len(self.records)} epochs)"
+
+
+class Ledger:
+    """One record per fit call (and per rewind), across every run of a trainer."""
+
+    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
+        self.records: list[dict[str, Any]] = list(records or [])
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.records[i]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.records]
+
+    def load_state_dict(self, records: list[dict[str, Any]]) -> None:
+        self.records = [dict(r) for r in records]
+
+    def table(self) -> str:
+        """The ledger as a fixed-width text table."""
+        cols = ["call", "run", "mode", "epochs", "done", "steps", "wall_s", "final"]
+        rows = []
+        for r in self.records:
+            final = r.get("final") or {}
+            rows.append([
+                str(r.get("call", "")),
+                str(r.get("run", "")),
+                str(r.get("mode", "")),
+                str(r.get("epochs_asked", "")),
+                str(r.get("epochs_done", "")),
+                f"{r.get('step_start', '')}-{r.get('step_end', '')}",
+                f"{r.get('wall_s', 0):.2f}",
+                " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)),
+            ])
+        return format_table(cols, rows)
+
+    def __repr__(self) -> str:
+        return f"Ledger({len(self.records)} calls)"
+
+
+def format_table(cols: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def epoch_table(records: list[dict[str, Any]]) -> str:
+    """Per-epoch history records as a text table."""
+    keys = ["epoch", "segment", "mode", "loss"]
+    for r in records:
+        keys += [k for k in r if k not in keys and k not in ("run", "step", "time")]
+    rows = [[_fmt(r.get(k)) for k in keys] for r in records]
+    return format_table(keys, rows)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,112 @@
+"""The state manifest: the one list of everything a resume needs.
+
+Owns: the counters (:class:`Counters`), the host random streams (Python's ``random``
+and NumPy's global generator, :class:`HostStreams`), seed derivation for every stream,
+and :data:`MANIFEST`, the documented list of state entries and where each lives in a
+checkpoint. Framework streams (torch CPU/CUDA, Keras seed generators) are captured by
+the backends and stored beside these.
+
+Rule (DESIGN §2): the trainer owns its random streams. They are seeded from ``seed``
+at construction and on ``restart``, swapped in when a fit call starts and swapped out
+when it ends, so code running between calls cannot perturb training and training does
+not perturb the caller's global generators.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+#: Stream identifiers mixed into the seed; changing one changes results, so never do.
+STREAM_IDS = {"python": 1, "numpy": 2, "torch": 3, "cuda": 4, "init": 5, "keras": 6, "loader": 7}
+
+#: What a checkpoint holds, by entry: (where, what). Kept in sync with the tests.
+MANIFEST: dict[str, tuple[str, str]] = {
+    "model": ("tensors model/*", "parameters and buffers"),
+    "initial": ("tensors initial/*", "initial weights when the model was passed as an instance"),
+    "optimizer": ("tensors optim/* + state.backend.optimizer", "slots and param groups"),
+    "schedule": ("state.schedule", "the schedule in effect, its origin, torch scheduler state"),
+    "counters": ("state.counters", "epoch, offset, global step, samples seen, fit calls, run"),
+    "rng.host": ("state.rng", "Python random and NumPy global streams"),
+    "rng.framework": ("tensors rng/*", "torch CPU/CUDA generator states"),
+    "data": ("state.data + tensors data/*", "fingerprint, shape, fixed validation split"),
+    "callbacks": ("state.callbacks", "each callback's state_dict()"),
+    "history": ("state.history", "per-epoch records of the current run"),
+    "ledger": ("state.ledger", "one record per fit call, all runs"),
+    "version": ("state.version", "warmfit version and schema"),
+}
+
+
+def derive_seed(seed: int, stream: str, *extra: int) -> int:
+    """A 63-bit seed for ``stream``, independent of every other stream's."""
+    ss = np.random.SeedSequence([int(seed), STREAM_IDS[stream], *map(int, extra)])
+    return int(ss.generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64))
+
+
+@dataclass
+class Counters:
+    """Where training stands. ``epoch`` and ``offset`` are the data cursor."""
+
+    epoch: int = 0  # epochs completed in this run
+    offset: int = 0  # samples of epoch ``epoch`` already trained on
+    global_step: int = 0  # optimizer steps in this run
+    samples_seen: int = 0
+    fit_calls: int = 0  # fit calls in this run (the next segment's index)
+    run: int = 0  # how many times the trainer was restarted
+    schedule_origin: int = 0  # global step at which the schedule's step 0 lies
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Counters:
+        names = {f.name for f in fields(cls)}
+        unknown, missing = set(d) - names, names - set(d)
+        if unknown or missing:
+            raise ValueError(f"counters: unexpected keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        bad = {k: v for k, v in d.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0}
+        if bad:
+            raise ValueError(f"counters must be non-negative integers; got {bad}")
+        return cls(**d)
+
+
+class HostStreams:
+    """Python's ``random`` and NumPy's legacy global generator, as plain JSON data."""
+
+    @staticmethod
+    def seeded(seed: int) -> dict[str, Any]:
+        py = random.Random(derive_seed(seed, "python"))
+        np_state = np.random.RandomState(derive_seed(seed, "numpy") % (1 << 32)).get_state()
+        return {"python": _py_to_json(py.getstate()), "numpy": _np_to_json(np_state)}
+
+    @staticmethod
+    def capture() -> dict[str, Any]:
+        return {"python": _py_to_json(random.getstate()), "numpy": _np_to_json(np.random.get_state())}
+
+    @staticmethod
+    def install(state: dict[str, Any]) -> None:
+        random.setstate(_py_from_json(state["python"]))
+        np.random.set_state(_np_from_json(state["numpy"]))
+
+
+def _py_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_from_json(obj: list) -> tuple:
+    version, internal, gauss = obj
+    return (int(version), tuple(int(i) for i in internal), gauss)
+
+
+def _np_to_json(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+def _np_from_json(obj: list) -> tuple:
+    name, keys, pos, has_gauss, cached = obj
+    return (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))

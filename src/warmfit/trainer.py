@@ -1,0 +1,803 @@
+"""The Trainer: one explicit, exact and resumable meaning of "call fit() again".
+
+Owns the contract (``docs/design.md``, "The three modes"): the modes of a fit call,
+the cursor, the data order, the fit loop, the learning rate per step, callbacks,
+history, ledger, checkpoints and signals. A backend (:mod:`warmfit.backends`) owns the
+framework. The fit loop is :meth:`Trainer._run_epochs` and reads top to bottom.
+
+Modes, in one sentence each (the table is in the docs):
+
+- ``continue`` (default): everything goes on exactly as if the previous call had
+  asked for more epochs; ``fit(epochs=a); fit(epochs=b)`` equals ``fit(epochs=a+b)``
+  bit for bit.
+- ``warm``: keep the weights and counters, start a fresh optimizer, schedule and
+  callbacks; the data order and random streams go on.
+- ``restart``: a new run, indistinguishable from a freshly constructed Trainer; the
+  old run stays on disk and in the ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from . import checkpoint as ckpt
+from .backends import NonFiniteLoss, select
+from .callbacks import Callback, ReduceLROnPlateau
+from .data import Cursor, check_offset, epoch_permutation, validation_split
+from .errors import (
+    NonFiniteLossError,
+    StateMismatchError,
+    TrainingInterrupted,
+    WarmfitError,
+    invalid_param,
+)
+from .history import History, Ledger, epoch_table
+from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config
+from .state import Counters, HostStreams
+
+MODES = ("continue", "warm", "restart")
+#: Settings whose change breaks exactness of a ``continue`` after a resume.
+EXACTNESS_SETTINGS = ("batch_size", "seed")
+
+
+class Trainer:
+    """Train a model with an explicit meaning for every ``fit`` call.
+
+    Parameters
+    ----------
+    model:
+        A ``torch.nn.Module`` or a zero-argument factory returning one (a factory lets
+        ``restart`` rebuild the weights from ``seed`` without keeping a copy). Keras
+        models and scikit-learn estimators are accepted too (their backends).
+    optimizer:
+        A factory ``params -> torch.optim.Optimizer``; ``warm`` and ``restart`` call it
+        again for a fresh optimizer.
+    loss:
+        A callable ``(prediction, target) -> scalar tensor`` or one of
+        ``"cross_entropy"``, ``"mse"``, ``"l1"``, ``"bce_with_logits"``, ``"nll"``.
+    schedule:
+        ``global step -> learning rate`` (see :mod:`warmfit.schedules`), a factory for a
+        torch LR scheduler, or None to keep the optimizer's learning rate.
+    batch_size, seed:
+        The global batch size and the seed of every random stream and the data order.
+    callbacks:
+        :class:`~warmfit.callbacks.Callback` objects; kept on ``continue``, reset on
+        ``warm`` and ``restart``.
+    metrics:
+        Names (``"accuracy"``) or callables ``(prediction, target) -> scalar``, reported
+        on validation data.
+    device:
+        Where the model and in-memory data live.
+    run_dir:
+        A directory for checkpoints, history and ledger. If it holds a checkpoint, the
+        Trainer resumes from the newest intact one and says so.
+    checkpoint_every:
+        Also write a checkpoint every N optimizer steps (covers ``kill -9``).
+    keep_last, monitor, monitor_mode:
+        Retention: keep the last ``keep_last`` checkpoints and the best by ``monitor``.
+    deterministic:
+        Turn on ``torch.use_deterministic_algorithms`` during fit (needed for bit-exact
+        results on a GPU); recorded in the ledger.
+    override:
+        Settings you changed on purpose since the checkpoint in ``run_dir`` was written
+        (e.g. ``("batch_size",)``); without it such a change is an error on ``continue``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        optimizer: Callable[..., Any] | None = None,
+        loss: Callable[..., Any] | str | None = None,
+        schedule: Any = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        callbacks: Iterable[Callback] = (),
+        metrics: Iterable[Any] | Mapping[str, Any] = (),
+        device: str = "cpu",
+        run_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        keep_last: int = 3,
+        monitor: str = "val_loss",
+        monitor_mode: str = "min",
+        deterministic: bool = False,
+        num_workers: int = 0,
+        override: Iterable[str] = (),
+        verbose: int = 1,
+    ) -> None:
+        _check_int("batch_size", batch_size, "Trainer", minimum=1)
+        _check_int("seed", seed, "Trainer", minimum=0)
+        if checkpoint_every is not None:
+            _check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
+        if monitor_mode not in ("min", "max"):
+            raise invalid_param("monitor_mode", "Trainer", ("min", "max"), monitor_mode)
+        kwargs: dict[str, Any] = {"device": device}
+        if optimizer is not None:
+            kwargs["optimizer"] = optimizer
+        if loss is not None:
+            kwargs["loss"] = loss
+        if metrics:
+            kwargs["metrics"] = metrics
+        if num_workers:
+            kwargs["num_workers"] = num_workers
+        self._backend = select(model, **kwargs)
+        self._backend._seed = seed  # type: ignore[attr-defined]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.schedule = as_schedule(schedule)
+        self.callbacks = list(callbacks)
+        self.deterministic = deterministic
+        self.checkpoint_every = checkpoint_every
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        self.override = set(override)
+        self.verbose = verbose
+        self.ledger = Ledger()
+        self._in_fit = False
+        self._stop_signal: str | None = None
+        self._pending_diffs: list[str] = []
+        self._writer: ckpt.AsyncWriter | None = None
+        self._buffers: ckpt.SnapshotBuffers | None = None
+        self._new_run(first=True)
+        self.run_dir: ckpt.RunDir | None = None
+        if run_dir is not None:
+            self.run_dir = ckpt.RunDir(run_dir, keep_last=keep_last, monitor_mode=monitor_mode)
+            self._writer, self._buffers = ckpt.AsyncWriter(), ckpt.SnapshotBuffers()
+            self.run_dir.lock()
+            self.run_dir.clean_temporary()
+            self._resume_from_run_dir()
+
+    # -- public state ------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The model being trained (the same object across ``restart``)."""
+        return self._backend.model  # type: ignore[attr-defined]
+
+    @property
+    def optimizer(self) -> Any:
+        return getattr(self._backend, "optimizer", None)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed in this run."""
+        return self.counters.epoch
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken in this run."""
+        return self.counters.global_step
+
+    @property
+    def cursor(self) -> Cursor:
+        """The data position: (epoch, offset in samples into that epoch's order)."""
+        return Cursor(self.counters.epoch, self.counters.offset)
+
+    @property
+    def learning_rate(self) -> float:
+        return self._backend.learning_rate()
+
+    # -- fit ---------------------------------------------------------------------------
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        epochs: int | None = None,
+        until_epoch: int | None = None,
+        mode: str = "continue",
+        validation_data: tuple[Any, Any] | None = None,
+        validation_split: float | None = None,
+        shuffle: bool = True,
+        schedule: Any = None,
+        verbose: int | None = None,
+    ) -> History:
+        """Train for ``epochs`` *additional* epochs (or until global epoch ``until_epoch``).
+
+        ``mode`` is ``"continue"`` (default), ``"warm"`` or ``"restart"`` — see the class
+        docstring and the modes table in ``docs/design.md``. ``schedule=`` replaces the
+        schedule from this call on (recorded in the ledger). An interrupted epoch counts
+        as one of the ``epochs``: training always ends on an epoch boundary.
+
+        Returns the run's :class:`~warmfit.history.History` (all epochs of the run).
+        Raises ``ValueError`` before anything changes when the arguments or the data are
+        wrong, :class:`~warmfit.errors.NonFiniteLossError` on a NaN/inf loss and
+        :class:`~warmfit.errors.TrainingInterrupted` after SIGINT/SIGTERM.
+        """
+        if mode not in MODES:
+            raise invalid_param("mode", "Trainer.fit", MODES, mode)
+        if (epochs is None) == (until_epoch is None):
+            raise ValueError(
+                "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
+                f"'until_epoch' (the absolute target). Got epochs={epochs!r}, "
+                f"until_epoch={until_epoch!r}."
+            )
+        if epochs is not None:
+            _check_int("epochs", epochs, "Trainer.fit", minimum=1)
+        else:
+            _check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
+        if validation_data is not None and validation_split is not None:
+            raise ValueError("Pass either validation_data or validation_split, not both.")
+        verbose = self.verbose if verbose is None else verbose
+        new_schedule = as_schedule(schedule) if schedule is not None else None
+        start_epoch = 0 if mode == "restart" else self.counters.epoch
+        target = start_epoch + epochs if epochs is not None else until_epoch
+        if target <= start_epoch:
+            raise ValueError(
+                f"until_epoch={until_epoch} is at or below the current epoch {start_epoch}: no "
+                "training would occur. Pass a larger until_epoch, epochs=N for N more epochs, "
+                "or mode='restart' to train from scratch."
+            )
+
+        data = self._backend.prepare(x, y)
+        fp, shape = self._backend.fingerprint(data)
+        n_total = len(data)
+        val_rows = None
+        if validation_split is not None:
+            train_rows, val_rows = validation_split_rows(n_total, validation_split, self.seed)
+        self._check_data(mode, fp, shape, validation_split)
+        if self._pending_diffs and mode == "continue":
+            breaking = [d for d in self._pending_diffs if d.split(":")[0] in EXACTNESS_SETTINGS]
+            if breaking:
+                raise StateMismatchError(
+                    "this Trainer's settings differ from the checkpoint it resumed: "
+                    + "; ".join(breaking)
+                    + ". A 'continue' would not be exact. Use the checkpoint's settings, fit "
+                    "with mode='warm', or pass override=(...) naming the settings you changed."
+                )
+        if val_rows is not None:
+            val_data = self._backend.subset(data, val_rows)
+            data = self._backend.subset(data, train_rows)
+        elif validation_data is not None:
+            val_data = self._backend.prepare(*_pair(validation_data))
+        else:
+            val_data = None
+        if self.counters.offset and mode == "continue":
+            check_offset(self.counters.offset, self.batch_size, len(data))
+
+        # Everything checked: apply the mode.
+        changes: dict[str, Any] = {}
+        if mode == "restart":
+            self._archive_history()
+            self._new_run(first=False)
+        elif mode == "warm":
+            self._backend.init_optimizer(self.schedule)
+            self._base_lr = self._backend.learning_rate()
+            self.counters.schedule_origin = self.counters.global_step
+            self._reset_callbacks()
+            self._partial = (0.0, 0)
+            if self.counters.offset:
+                pass  # the interrupted epoch still finishes first: the data order goes on
+        if new_schedule is not None:
+            changes["schedule"] = {"from": describe(self.schedule), "to": describe(new_schedule)}
+            self.schedule = new_schedule
+            if isinstance(new_schedule, TorchScheduler) or hasattr(self._backend, "set_schedule"):
+                self._backend.set_schedule(new_schedule)  # type: ignore[attr-defined]
+        if self._pending_diffs:
+            changes["settings"] = list(self._pending_diffs)
+            self._pending_diffs = []
+        self._data_info = {
+            "fingerprint": fp,
+            "shape": shape,
+            "validation_split": validation_split,
+        }
+        self._val_rows = val_rows
+
+        segment = self.counters.fit_calls
+        self.counters.fit_calls += 1
+        record: dict[str, Any] = {
+            "call": len(self.ledger),
+            "run": self.counters.run,
+            "segment": segment,
+            "mode": mode,
+            "epochs_asked": epochs,
+            "until_epoch": until_epoch,
+            "epoch_start": self.counters.epoch,
+            "step_start": self.counters.global_step,
+            "fingerprint": fp,
+            "data_shape": shape,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "schedule": describe(self.schedule),
+            "deterministic": self.deterministic,
+            "world_size": 1,
+            "changes": changes,
+        }
+        started = time.perf_counter()
+        stopped_by = None
+        try:
+            with self._fit_context():
+                for cb in self.callbacks:
+                    cb.on_fit_start(self, mode)
+                stopped_by = self._run_epochs(data, val_data, target, segment, mode, shuffle, verbose)
+        finally:
+            record.update(
+                epochs_done=self.counters.epoch - record["epoch_start"],
+                step_end=self.counters.global_step,
+                wall_s=round(time.perf_counter() - started, 4),
+                final=_final_metrics(self.history, segment),
+                stopped_by=stopped_by,
+            )
+            self.ledger.append(record)
+            self._append_jsonl("ledger.jsonl", record)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        if self.run_dir is not None:
+            self._checkpoint(wait=True)
+        if verbose:
+            self._summary(segment)
+        return self.history
+
+    def _run_epochs(
+        self,
+        data: Any,
+        val_data: Any,
+        target: int,
+        segment: int,
+        mode: str,
+        shuffle: bool,
+        verbose: int,
+    ) -> str | None:
+        """The fit loop: epochs from the cursor to ``target``; returns why it stopped early."""
+        backend, c = self._backend, self.counters
+        n, bs = len(data), self.batch_size
+        per_step_lr = self.schedule is not None and not isinstance(self.schedule, TorchScheduler)
+        self._apply_lr()
+        while c.epoch < target:
+            order = epoch_permutation(self.seed, c.epoch, n, shuffle=shuffle)
+            losses, sizes = [], []
+            for batch in backend.batches(data, order, c.offset, bs, c.epoch):
+                if per_step_lr:
+                    backend.set_learning_rate(self._lr_at(c.global_step))
+                try:
+                    losses.append(backend.train_step(batch))
+                except NonFiniteLoss as err:
+                    raise NonFiniteLossError(c.global_step + 1, c.epoch, err.value) from None
+                size = min(bs, n - c.offset)
+                sizes.append(size)
+                c.global_step += 1
+                c.offset += size
+                c.samples_seen += size
+                if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
+                    self._fold_losses(losses, sizes)
+                    self._checkpoint(wait=False)
+                if self._stop_signal is not None:
+                    self._fold_losses(losses, sizes)
+                    self._interrupt()
+            self._fold_losses(losses, sizes)
+            loss_sum, count = self._partial
+            c.epoch, c.offset, self._partial = c.epoch + 1, 0, (0.0, 0)
+            backend.end_epoch()
+            logs: dict[str, Any] = {
+                "epoch": c.epoch,
+                "segment": segment,
+                "mode": mode,
+                "step": c.global_step,
+                "loss": loss_sum / count if count and loss_sum is not None else None,
+            }
+            if val_data is not None:
+                logs.update(self._validate(val_data))
+            logs["lr"] = backend.learning_rate()
+            self.history.append(logs)
+            self._append_jsonl(f"history-run{c.run}.jsonl", logs)
+            if verbose:
+                print(_epoch_line(logs, target), flush=True)
+            stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
+            if stop:
+                return stop[0]
+        return None
+
+    def _fold_losses(self, losses: list[Any], sizes: list[int]) -> None:
+        """Add the pending step losses to the epoch's running sum, in step order.
+
+        A plain left-to-right float64 sum, so an epoch split by a resume adds up to the
+        same bits as an uninterrupted one.
+        """
+        if not losses:
+            return
+        total, count = self._partial
+        values = self._backend.read_losses(losses)
+        if values is None or total is None:
+            self._partial = (None, count + sum(sizes))  # type: ignore[assignment]
+        else:
+            for v, s in zip(values.tolist(), sizes, strict=True):
+                total += v * s
+            self._partial = (total, count + sum(sizes))
+        losses.clear()
+        sizes.clear()
+
+    # -- evaluate / predict ------------------------------------------------------------
+    def evaluate(self, x: Any, y: Any = None, *, batch_size: int | None = None) -> dict[str, float]:
+        """Loss and metrics on (x, y); never changes the training state or its streams."""
+        data = self._backend.prepare(x, y)
+        with self._fit_context(train=False):
+            return self._backend.evaluate(data, batch_size or self.batch_size)
+
+    def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
+        """The model's outputs for ``x`` in inference mode, in the framework's array type."""
+        with self._fit_context(train=False):
+            return self._backend.predict(x, batch_size or self.batch_size)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state as plain data: ``{"tensors": {name: ndarray}, "state":
+        {...JSON...}}`` — copies, safe to keep while training goes on."""
+        tensors, state = self._collect_state()
+        return {"tensors": {k: np.array(v, copy=True) for k, v in tensors.items()}, "state": state}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (or a checkpoint's contents); then ``continue`` is exact."""
+        self._load_state(state_dict["tensors"], state_dict["state"])
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint folder at ``path`` (atomically; see :mod:`warmfit.checkpoint`)."""
+        tensors, state = self._collect_state()
+        return ckpt.write_checkpoint(path, tensors, state)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: Any, **kwargs: Any) -> Trainer:
+        """Build a Trainer with ``kwargs`` and restore the checkpoint at ``path`` into it."""
+        tensors, state = ckpt.read_checkpoint(path)
+        trainer = cls(model, **kwargs)
+        trainer._compare_settings(state)
+        trainer._load_state(tensors, state)
+        return trainer
+
+    def close(self) -> None:
+        """Wait for a save in flight and release the run directory's lock."""
+        if self._writer is not None:
+            self._writer.wait()
+        if self.run_dir is not None:
+            self.run_dir.unlock()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals: runs, modes, streams -------------------------------------------------
+    def _new_run(self, *, first: bool) -> None:
+        """Build or rebuild everything a run starts with, from the seed alone."""
+        run = 0 if first else self.counters.run + 1
+        self._backend.init_model(self.seed, first=first)
+        self._backend.init_optimizer(self.schedule)
+        self._base_lr = self._backend.learning_rate()
+        self.counters = Counters(run=run)
+        self._rng = {"host": HostStreams.seeded(self.seed), "framework": self._backend.seeded_rng(self.seed)}
+        self.history = History()
+        self._partial: tuple[float, int] = (0.0, 0)
+        self._data_info: dict[str, Any] | None = None
+        self._val_rows: np.ndarray | None = None
+        self._reset_callbacks()
+
+    def _reset_callbacks(self) -> None:
+        for cb in self.callbacks:
+            cb.reset()
+
+    def _lr_at(self, step: int) -> float:
+        base = self.schedule(step - self.counters.schedule_origin) if self.schedule else self._base_lr
+        for cb in self.callbacks:
+            if isinstance(cb, ReduceLROnPlateau):
+                base = cb.lr_scale(base)
+        return base
+
+    def _apply_lr(self) -> None:
+        """Set the learning rate for the next step (schedule x plateau reductions)."""
+        if isinstance(self.schedule, TorchScheduler):
+            return
+        if self.schedule is not None or any(isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks):
+            self._backend.set_learning_rate(self._lr_at(self.counters.global_step))
+
+    @contextlib.contextmanager
+    def _fit_context(self, train: bool = True) -> Iterator[None]:
+        """Swap the trainer's random streams in (and the caller's back out after), handle
+        signals and deterministic algorithms for the duration of a fit call."""
+        if self._in_fit:
+            yield
+            return
+        caller = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
+        HostStreams.install(self._rng["host"])
+        self._backend.install_rng(self._rng["framework"])
+        self._in_fit = True
+        restore_det = self._set_deterministic() if train else None
+        handlers = self._install_signal_handlers() if train else None
+        try:
+            self._backend.train_mode(train)
+            yield
+        finally:
+            self._in_fit = False
+            self._rng = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
+            HostStreams.install(caller["host"])
+            self._backend.install_rng(caller["framework"])
+            if handlers is not None:
+                for sig, h in handlers.items():
+                    signal.signal(sig, h)
+            if restore_det is not None:
+                restore_det()
+
+    def _set_deterministic(self) -> Callable[[], None] | None:
+        if not self.deterministic or self._backend.framework != "torch":
+            return None
+        import torch
+
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        return lambda: torch.use_deterministic_algorithms(before)
+
+    def _install_signal_handlers(self) -> dict[int, Any] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        self._stop_signal = None
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop_signal is not None:  # a second signal: stop right now
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _interrupt(self) -> None:
+        name, self._stop_signal = self._stop_signal, None
+        path = self._checkpoint(wait=True) if self.run_dir is not None else None
+        err = TrainingInterrupted(name or "signal", path, self.counters.global_step)
+        print(f"warmfit: {err}", file=sys.stderr, flush=True)
+        raise err
+
+    def _validate(self, val_data: Any) -> dict[str, float]:
+        """Validation metrics, with the training streams restored afterwards (E5)."""
+        streams = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
+        try:
+            metrics = self._backend.evaluate(val_data, self.batch_size)
+        finally:
+            HostStreams.install(streams["host"])
+            self._backend.install_rng(streams["framework"])
+            self._backend.train_mode(True)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    def _check_data(self, mode: str, fp: str, shape: list[int], split: float | None) -> None:
+        prev = self._data_info
+        if mode != "continue" or prev is None:
+            return
+        if list(prev["shape"]) != list(shape):
+            raise ValueError(
+                f"The data of this 'continue' call has shape {tuple(shape)}, the previous "
+                f"call's had shape {tuple(prev['shape'])}. The cursor and the data order refer "
+                "to the previous data. Fit the same data, or use mode='warm' (keep the weights, "
+                "fresh optimizer) or mode='restart'."
+            )
+        if prev.get("validation_split") != split:
+            raise ValueError(
+                f"validation_split={split} differs from the previous call's "
+                f"{prev.get('validation_split')}; the fixed validation split would change. "
+                "Pass the same validation_split, or use mode='warm'."
+            )
+        if prev["fingerprint"] != fp:
+            warnings.warn(
+                f"The training data changed since the previous fit call (fingerprint {fp}, "
+                f"was {prev['fingerprint']}) but has the same shape; continuing with the new "
+                "data. The ledger records both fingerprints.",
+                stacklevel=3,
+            )
+
+    def _archive_history(self) -> None:
+        """Before a restart: the finished run's history stays on disk (history-run<N>.jsonl
+        is never rewritten) and its last checkpoints stay in the run directory."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    # -- internals: state ------------------------------------------------------------------
+    def _current_rng(self) -> dict[str, Any]:
+        if self._in_fit:
+            return {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
+        return self._rng
+
+    def _collect_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        rng = self._current_rng()
+        tensors = dict(self._backend.state_tensors())
+        for name, arr in rng["framework"].items():
+            tensors[f"rng/{name}"] = arr
+        if self._val_rows is not None:
+            tensors["data/val_rows"] = self._val_rows
+        loss_sum, count = self._partial
+        state = {
+            "version": {"warmfit": __version__, "framework": self._backend.framework},
+            "settings": {
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+                "deterministic": self.deterministic,
+                "model": self._backend.describe(),
+            },
+            "counters": self.counters.to_dict(),
+            "epoch_partial": {"loss_sum": loss_sum, "samples": count},
+            "rng": {"host": rng["host"]},
+            "schedule": {
+                "config": self.schedule.config() if isinstance(self.schedule, Schedule) else None,
+                "described": describe(self.schedule),
+                "base_lr": self._base_lr,
+            },
+            "backend": self._backend.state_meta(),
+            "data": self._data_info,
+            "callbacks": [
+                {"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks
+            ],
+            "history": self.history.state_dict(),
+            "ledger": self.ledger.state_dict(),
+        }
+        return tensors, state
+
+    def _load_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        try:
+            counters = Counters.from_dict(dict(state["counters"]))
+            saved_cbs = state["callbacks"]
+            if [c["class"] for c in saved_cbs] != [type(cb).__name__ for cb in self.callbacks]:
+                raise StateMismatchError(
+                    "the checkpoint's callbacks are "
+                    f"{[c['class'] for c in saved_cbs]}, this Trainer's are "
+                    f"{[type(cb).__name__ for cb in self.callbacks]}. Pass the same callbacks "
+                    "in the same order."
+                )
+            self._backend.load_state(tensors, state["backend"])
+        except (KeyError, TypeError) as err:
+            raise StateMismatchError(f"the state is incomplete or malformed: {err!r}") from None
+        self.counters = counters
+        fw = {k[len("rng/"):]: v for k, v in tensors.items() if k.startswith("rng/")}
+        self._rng = {"host": state["rng"]["host"], "framework": fw}
+        if self._in_fit:
+            HostStreams.install(self._rng["host"])
+            self._backend.install_rng(fw)
+        p = state["epoch_partial"]
+        self._partial = (p["loss_sum"], p["samples"])
+        sched = state["schedule"]
+        if sched.get("config") is not None:
+            saved = from_config(sched["config"])
+            if not isinstance(self.schedule, Schedule) or saved.config() != self.schedule.config():
+                self.schedule = saved
+        self._base_lr = sched.get("base_lr", self._base_lr)
+        self._data_info = state["data"]
+        self._val_rows = np.asarray(tensors["data/val_rows"]) if "data/val_rows" in tensors else None
+        for cb, saved in zip(self.callbacks, saved_cbs, strict=True):
+            cb.load_state_dict(saved["state"])
+        self.history = History(state["history"])
+        self.ledger = Ledger(state["ledger"])
+
+    def _compare_settings(self, state: Mapping[str, Any]) -> list[str]:
+        """Differences between this Trainer's settings and a checkpoint's, one line each."""
+        saved = state.get("settings", {})
+        diffs = []
+        for key in ("batch_size", "seed", "deterministic"):
+            if key in saved and saved[key] != getattr(self, key) and key not in self.override:
+                diffs.append(f"{key}: checkpoint {saved[key]!r}, now {getattr(self, key)!r}")
+        mine = self._backend.describe()
+        for key, value in (saved.get("model") or {}).items():
+            if key != "model" and mine.get(key) != value and key not in self.override:
+                diffs.append(f"{key}: checkpoint {value!r}, now {mine.get(key)!r}")
+        self._pending_diffs = diffs
+        if diffs:
+            warnings.warn("resuming with different settings: " + "; ".join(diffs), stacklevel=3)
+        return diffs
+
+    def _resume_from_run_dir(self) -> None:
+        assert self.run_dir is not None
+        found = self.run_dir.load_latest()
+        if found is None:
+            return
+        path, tensors, state = found
+        self._compare_settings(state)
+        self._load_state(tensors, state)
+        c = self.counters
+        print(
+            f"warmfit: resumed from {path} (run {c.run}, epoch {c.epoch}, offset {c.offset}, "
+            f"step {c.global_step})",
+            flush=True,
+        )
+
+    def _checkpoint(self, *, wait: bool) -> Path | None:
+        """Snapshot the state into reused buffers and write it in the background (or wait)."""
+        if self.run_dir is None or self._writer is None or self._buffers is None:
+            return None
+        self._writer.wait()  # one save in flight; the buffers are free again
+        tensors, state = self._collect_state()
+        snapshot = self._buffers.copy(tensors)
+        metric = _monitored(self.history, self.monitor)
+        step = self.counters.global_step
+        run_dir = self.run_dir
+        result: dict[str, Path] = {}
+
+        def write() -> None:
+            result["path"] = run_dir.save(snapshot, state, step=step, metric=metric)
+
+        self._writer.submit(write)
+        if wait:
+            self._writer.wait()
+            return result.get("path")
+        return None
+
+    def _snapshot_weights(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v, copy=True) for k, v in self._backend.state_tensors().items() if k.startswith("model/")}
+
+    def _restore_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        self._backend.load_weights(weights)  # type: ignore[attr-defined]
+
+    def _append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir.root / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def _summary(self, segment: int) -> None:
+        rec = self.ledger[-1]
+        print(
+            f"fit call {rec['call']} ({rec['mode']}): {rec['epochs_done']} epochs, steps "
+            f"{rec['step_start']}-{rec['step_end']}, {rec['wall_s']:.2f}s",
+            flush=True,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Trainer({self._backend.framework}, epoch={self.epoch}, step={self.global_step}, "
+            f"run={self.counters.run}, fit_calls={self.counters.fit_calls})"
+        )
+
+
+def validation_split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(fraction, bool) or not isinstance(fraction, float):
+        raise invalid_param("validation_split", "Trainer.fit", "a float in (0, 1)", fraction)
+    return validation_split(n, fraction, seed)
+
+
+def _check_int(name: str, value: Any, owner: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise invalid_param(name, owner, f"an int >= {minimum}", value)
+
+
+def _pair(validation_data: Any) -> tuple[Any, Any]:
+    if isinstance(validation_data, (tuple, list)) and len(validation_data) == 2:
+        return validation_data[0], validation_data[1]
+    if isinstance(validation_data, (tuple, list)) and len(validation_data) == 1:
+        return validation_data[0], None
+    raise ValueError(
+        "validation_data must be a pair (x_val, y_val). Got "
+        f"{type(validation_data).__name__} of length {len(validation_data) if hasattr(validation_data, '__len__') else '?'}."
+    )
+
+
+def _final_metrics(history: History, segment: int) -> dict[str, float]:
+    rows = history.segment(segment)
+    if not rows:
+        return {}
+    return {k: v for k, v in rows[-1].items() if isinstance(v, float) and k != "lr"}
+
+
+def _monitored(history: History, monitor: str) -> float | None:
+    if not len(history):
+        return None
+    v = history[-1].get(monitor)
+    return v if isinstance(v, float) and math.isfinite(v) else None
+
+
+def _epoch_line(logs: Mapping[str, Any], target: int) -> str:
+    parts = [f"epoch {logs['epoch']}/{target}"]
+    for k, v in logs.items():
+        if isinstance(v, float) and k != "lr":
+            parts.append(f"{k}={v:.4f}")
+    parts.append(f"lr={logs['lr']:.3g}")
+    return "  ".join(parts)
+
+
+__all__ = ["MODES", "Trainer", "WarmfitError", "epoch_table"]

@@ -1,0 +1,295 @@
+"""The PyTorch Trainer: modes, bit-exact split continuation (E1, E4, E5), guardrails."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import MLP, adam, assert_same_training_state, make_data, make_trainer
+
+import warmfit
+from warmfit import schedules
+
+
+class RecordingDataset(torch.utils.data.Dataset):
+    """A map-style dataset that records which indices were read."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+        self.seen: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.seen.append(i)
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("split", [(1, 5), (3, 3), (5, 1)])
+def test_e1_split_calls_equal_one_call_arrays(data, split):
+    x, y = data
+    xv, yv = make_data(60, seed=9)
+    straight = make_trainer()
+    straight.fit(x, y, epochs=sum(split), validation_data=(xv, yv))
+    parts = make_trainer()
+    for e in split:
+        parts.fit(x, y, epochs=e, validation_data=(xv, yv))
+    assert_same_training_state(straight, parts)
+    assert [r["segment"] for r in parts.history] == [0] * split[0] + [1] * split[1]
+    assert parts.epoch == straight.epoch == 6
+    assert parts.global_step == straight.global_step == 6 * 13
+
+
+def test_e1_split_calls_equal_one_call_dataset(data):
+    x, y = data
+    straight = make_trainer()
+    straight.fit(RecordingDataset(x, y), epochs=4, validation_split=0.2)
+    parts = make_trainer()
+    ds = RecordingDataset(x, y)
+    parts.fit(ds, epochs=1, validation_split=0.2)
+    parts.fit(ds, epochs=3, validation_split=0.2)
+    assert_same_training_state(straight, parts)
+
+
+def test_e1_with_torch_lr_scheduler(data):
+    x, y = data
+
+    def sched(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+
+    a = make_trainer(schedule=sched)
+    a.fit(x, y, epochs=4)
+    b = make_trainer(schedule=sched)
+    b.fit(x, y, epochs=1)
+    b.fit(x, y, epochs=3)
+    assert_same_training_state(a, b)
+    assert a.learning_rate == 1e-2 * 0.5 ** (a.global_step // 7)
+
+
+def test_e4_dropout_draws_from_owned_stream(data):
+    """Dropout makes two calls differ; the trainer's own stream makes split == straight."""
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    t.fit(x, y, epochs=1)
+    assert torch.equal(before, torch.get_rng_state()), "fit must not perturb the caller's stream"
+
+
+def test_e1_caller_code_between_calls_cannot_perturb(data):
+    x, y = data
+    a = make_trainer()
+    a.fit(x, y, epochs=3)
+    b = make_trainer()
+    b.fit(x, y, epochs=1)
+    torch.rand(1000), np.random.rand(77), random.random()  # the caller draws in between
+    b.fit(x, y, epochs=2)
+    assert_same_training_state(a, b)
+
+
+def test_e5_validation_never_perturbs_training(data):
+    x, y = data
+    xv, yv = make_data(60, seed=9)
+    with_val = make_trainer()
+    with_val.fit(x, y, epochs=3, validation_data=(xv, yv))
+    without = make_trainer()
+    without.fit(x, y, epochs=3)
+    sa, sb = with_val.state_dict()["tensors"], without.state_dict()["tensors"]
+    for k in sa:
+        assert torch.equal(torch.from_numpy(sa[k]), torch.from_numpy(sb[k])), k
+    assert "val_loss" in with_val.history[-1] and "val_accuracy" in with_val.history[-1]
+
+
+def test_restart_equals_fresh_trainer(data):
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=3, mode="restart")
+    fresh = make_trainer()
+    fresh.fit(x, y, epochs=3)
+    assert_same_training_state(t, fresh, counters_may_differ=("fit_calls", "run"))
+    assert t.counters.run == 1 and len(t.history) == 3
+    assert [r["mode"] for r in t.ledger] == ["continue", "restart"]
+
+
+def test_restart_with_model_instance_equals_fresh(data):
+    x, y = data
+    torch.manual_seed(3)
+    model = MLP()
+    torch.manual_seed(3)
+    same_model = MLP()
+    t = make_trainer(model=model)
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=2, mode="restart")
+    fresh = make_trainer(model=same_model)
+    fresh.fit(x, y, epochs=2)
+    assert_same_training_state(t, fresh, counters_may_differ=("fit_calls", "run"))
+
+
+def test_warm_keeps_weights_fresh_optimizer_and_schedule(data):
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=2)
+    weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+    old_opt = t.optimizer
+    t.fit(x, y, epochs=1, mode="warm")
+    assert t.optimizer is not old_opt
+    assert t.epoch == 3 and t.global_step == 39
+    assert t.counters.schedule_origin == 26
+    assert [r["segment"] for r in t.history] == [0, 0, 1]
+    # Reference: the same weights, a fresh optimizer and schedule, the epoch-2 data order.
+    ref = make_trainer()
+    ref.fit(x, y, epochs=2)
+    ref._backend.init_optimizer(ref.schedule)
+    ref.counters.schedule_origin = ref.global_step
+    ref.fit(x, y, epochs=1)
+    assert_same_training_state(t, ref)
+    assert not all(torch.equal(weights[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_state_dict_roundtrip_into_new_trainer_then_continue(data):
+    x, y = data
+    straight = make_trainer()
+    straight.fit(x, y, epochs=5, validation_split=0.25)
+    first = make_trainer()
+    first.fit(x, y, epochs=2, validation_split=0.25)
+    sd = first.state_dict()
+    second = make_trainer()
+    second.load_state_dict(sd)
+    second.fit(x, y, epochs=3, validation_split=0.25)
+    assert_same_training_state(straight, second)
+
+
+def test_until_epoch_is_absolute(data):
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, until_epoch=2)
+    t.fit(x, y, until_epoch=5)
+    assert t.epoch == 5
+    with pytest.raises(ValueError, match=r"until_epoch=5 is at or below the current epoch 5: no training would occur"):
+        t.fit(x, y, until_epoch=5)
+
+
+def test_fit_call_schedule_replaces_and_is_recorded(data):
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, epochs=1, schedule=schedules.constant(1e-4))
+    assert t.learning_rate == 1e-4
+    assert t.ledger[-1]["changes"]["schedule"]["to"] == {"kind": "Constant", "lr": 1e-4}
+    assert t.ledger[-1]["mode"] == "continue"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(epochs=0), "The 'epochs' parameter of Trainer.fit must be an int >= 1. Got 0 instead."),
+        (dict(epochs=-2), "The 'epochs' parameter of Trainer.fit must be an int >= 1. Got -2 instead."),
+        (dict(epochs=1, mode="resum"), "The 'mode' parameter of Trainer.fit must be one of {'continue', 'warm', 'restart'}. Got 'resum' instead."),
+        (dict(), "Trainer.fit needs exactly one of 'epochs' (additional epochs) and 'until_epoch' (the absolute target). Got epochs=None, until_epoch=None."),
+        (dict(epochs=1, until_epoch=3), "Trainer.fit needs exactly one of 'epochs'"),
+    ],
+)
+def test_bad_arguments_raise_before_anything_changes(data, kwargs, message):
+    x, y = data
+    t = make_trainer()
+    before = t.state_dict()
+    with pytest.raises(ValueError) as err:
+        t.fit(x, y, **kwargs)
+    assert str(err.value).startswith(message)
+    after = t.state_dict()
+    assert all(np.array_equal(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
+    assert before["state"]["counters"] == after["state"]["counters"]
+
+
+def test_mismatched_lengths(data):
+    x, y = data
+    t = make_trainer()
+    with pytest.raises(ValueError, match=r"^x and y must have the same number of samples. Got 200 rows in x and 199 in y.$"):
+        t.fit(x, y[:-1], epochs=1)
+
+
+def test_continue_with_other_shape_raises_naming_both(data):
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    with pytest.raises(ValueError) as err:
+        t.fit(x[:150], y[:150], epochs=1)
+    assert str(err.value).startswith(
+        "The data of this 'continue' call has shape (150, 8), the previous call's had shape (200, 8)."
+    )
+    assert t.epoch == 1
+    t.fit(x[:150], y[:150], epochs=1, mode="warm")  # allowed in warm mode
+    assert t.epoch == 2
+
+
+def test_continue_with_changed_data_warns_with_fingerprint(data):
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    with pytest.warns(UserWarning, match=r"The training data changed since the previous fit call \(fingerprint [0-9a-f]{24}, was [0-9a-f]{24}\)"):
+        t.fit(x + 1.0, y, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.fit(x + 1.0, y, epochs=1)
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(data):
+    x, y = data
+    x = x.copy()
+    x[100:] = np.nan  # reaches a batch in epoch 0 at some step
+    t = make_trainer(schedule=None)
+    t.fit(x[:96], y[:96], epochs=1)
+    good = t.state_dict()
+    with pytest.raises(warmfit.NonFiniteLossError) as err:
+        t.fit(x, y, epochs=1, mode="warm")
+    msg = str(err.value)
+    assert msg.startswith(f"the loss became nan at global step {err.value.step} (epoch 1).")
+    assert err.value.step > good["state"]["counters"]["global_step"]
+    assert t.global_step == err.value.step - 1
+    # The weights are those after the last good step, not NaN.
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_bad_trainer_arguments():
+    with pytest.raises(ValueError, match=r"^The 'batch_size' parameter of Trainer must be an int >= 1. Got 0 instead.$"):
+        make_trainer(batch_size=0)
+    with pytest.raises(TypeError, match="must be a factory params -> torch.optim.Optimizer"):
+        warmfit.Trainer(MLP(), optimizer=torch.optim.SGD(MLP().parameters(), lr=0.1), loss="mse")
+    with pytest.raises(ValueError, match="The 'loss' parameter of Trainer must be a callable or one of"):
+        warmfit.Trainer(MLP(), optimizer=adam, loss="hinge")
+
+
+def test_evaluate_and_predict_do_not_touch_training_state(data):
+    x, y = data
+    a = make_trainer()
+    a.fit(x, y, epochs=1)
+    out = a.evaluate(x, y)
+    assert set(out) == {"loss", "accuracy"} and 0.0 <= out["accuracy"] <= 1.0
+    pred = a.predict(x)
+    assert pred.shape == (200, 3)
+    a.fit(x, y, epochs=1)
+    b = make_trainer()
+    b.fit(x, y, epochs=2)
+    assert_same_training_state(a, b)
+
+
+def test_dataset_resume_reads_no_sample_before_offset(data):
+    """E6: a resume mid-epoch starts the permutation at the offset; nothing is replayed."""
+    x, y = data
+    t = make_trainer(schedule=None)
+    t.fit(x, y, epochs=1)
+    sd = t.state_dict()
+    sd["state"]["counters"]["offset"] = 160  # 10 of 13 batches of epoch 1 done
+    u = make_trainer(schedule=None)
+    u.load_state_dict(sd)
+    ds = RecordingDataset(x, y)
+    u.fit(ds, epochs=1)
+    order = warmfit.data.epoch_permutation(7, 1, 200)
+    probes = [0, 100, 199]  # the data fingerprint reads the first, middle and last sample
+    assert ds.seen == probes + order[160:].tolist()
