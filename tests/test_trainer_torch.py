@@ -293,3 +293,16 @@ def test_dataset_resume_reads_no_sample_before_offset(data):
     order = warmfit.data.epoch_permutation(7, 1, 200)
     probes = [0, 100, 199]  # the data fingerprint reads the first, middle and last sample
     assert ds.seen == probes + order[160:].tolist()
+
+
+@pytest.mark.parametrize("cut", [1, 7, 13, 20, 26])
+def test_steps_stop_mid_epoch_and_continue_exactly(data, cut):
+    x, y = data
+    straight = make_trainer()
+    straight.fit(x, y, epochs=3, validation_data=(x[:50], y[:50]))
+    parts = make_trainer()
+    parts.fit(x, y, steps=cut, validation_data=(x[:50], y[:50]))
+    assert parts.global_step == cut
+    assert parts.cursor == warmfit.data.Cursor(cut // 13, (cut % 13) * 16)
+    parts.fit(x, y, until_epoch=3, validation_data=(x[:50], y[:50]))
+    assert_same_training_state(straight, parts)

@@ -203,6 +203,8 @@ class Trainer:
         shuffle: bool = True,
         schedule: Any = None,
         verbose: int | None = None,
+        rounds: int | None = None,
+        steps: int | None = None,
     ) -> History:
         """Train for ``epochs`` *additional* epochs (or until global epoch ``until_epoch``).
 
@@ -211,6 +213,11 @@ class Trainer:
         schedule from this call on (recorded in the ledger). An interrupted epoch counts
         as one of the ``epochs``: training always ends on an epoch boundary.
 
+        ``steps=N`` trains exactly N more optimizer steps instead, and may stop in the
+        middle of an epoch (the cursor keeps the offset; the next call finishes that
+        epoch first). ``rounds`` is the spelling of ``epochs`` for estimators that grow by rounds
+        (scikit-learn ensembles with ``warm_start``): one round is one epoch of the loop.
+
         Returns the run's :class:`~warmfit.history.History` (all epochs of the run).
         Raises ``ValueError`` before anything changes when the arguments or the data are
         wrong, :class:`~warmfit.errors.NonFiniteLossError` on a NaN/inf loss and
@@ -218,23 +225,34 @@ class Trainer:
         """
         if mode not in MODES:
             raise invalid_param("mode", "Trainer.fit", MODES, mode)
-        if (epochs is None) == (until_epoch is None):
+        if rounds is not None:
+            if epochs is not None:
+                raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
+            _check_int("rounds", rounds, "Trainer.fit", minimum=1)
+            epochs = rounds
+        if (epochs is None) + (until_epoch is None) + (steps is None) != 2:
             raise ValueError(
                 "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
                 f"'until_epoch' (the absolute target). Got epochs={epochs!r}, "
-                f"until_epoch={until_epoch!r}."
+                f"until_epoch={until_epoch!r}"
+                + (f", steps={steps!r}." if steps is not None else ".")
             )
         if epochs is not None:
             _check_int("epochs", epochs, "Trainer.fit", minimum=1)
-        else:
+        elif until_epoch is not None:
             _check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
+        else:
+            _check_int("steps", steps, "Trainer.fit", minimum=1)
         if validation_data is not None and validation_split is not None:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
         new_schedule = as_schedule(schedule) if schedule is not None else None
         start_epoch = 0 if mode == "restart" else self.counters.epoch
-        target = start_epoch + epochs if epochs is not None else until_epoch
-        if target <= start_epoch:
+        if steps is not None:
+            target = None
+        else:
+            target = start_epoch + epochs if epochs is not None else until_epoch
+        if target is not None and target <= start_epoch:
             raise ValueError(
                 f"until_epoch={until_epoch} is at or below the current epoch {start_epoch}: no "
                 "training would occur. Pass a larger until_epoch, epochs=N for N more epochs, "
@@ -304,6 +322,7 @@ class Trainer:
             "mode": mode,
             "epochs_asked": epochs,
             "until_epoch": until_epoch,
+            "steps_asked": steps,
             "epoch_start": self.counters.epoch,
             "step_start": self.counters.global_step,
             "fingerprint": fp,
@@ -321,7 +340,10 @@ class Trainer:
             with self._fit_context():
                 for cb in self.callbacks:
                     cb.on_fit_start(self, mode)
-                stopped_by = self._run_epochs(data, val_data, target, segment, mode, shuffle, verbose)
+                step_target = None if steps is None else self.counters.global_step + steps
+                stopped_by = self._run_epochs(
+                    data, val_data, target, step_target, segment, mode, shuffle, verbose
+                )
         finally:
             record.update(
                 epochs_done=self.counters.epoch - record["epoch_start"],
@@ -344,14 +366,18 @@ class Trainer:
         self,
         data: Any,
         val_data: Any,
-        target: int,
+        target: int | None,
+        step_target: int | None,
         segment: int,
         mode: str,
         shuffle: bool,
         verbose: int,
     ) -> str | None:
-        """The fit loop: epochs from the cursor to ``target``; returns why it stopped early."""
+        """The fit loop: from the cursor to epoch ``target`` (or global step ``step_target``);
+        returns why it stopped early."""
         backend, c = self._backend, self.counters
+        if target is None:
+            target = sys.maxsize
         n, bs = len(data), self.batch_size
         per_step_lr = self.schedule is not None and not isinstance(self.schedule, TorchScheduler)
         self._apply_lr()
@@ -376,7 +402,11 @@ class Trainer:
                 if self._stop_signal is not None:
                     self._fold_losses(losses, sizes)
                     self._interrupt()
+                if c.global_step == step_target:
+                    break
             self._fold_losses(losses, sizes)
+            if c.offset < n:  # stopped by steps= in the middle of the epoch
+                return None
             loss_sum, count = self._partial
             c.epoch, c.offset, self._partial = c.epoch + 1, 0, (0.0, 0)
             backend.end_epoch()
@@ -397,6 +427,8 @@ class Trainer:
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
             if stop:
                 return stop[0]
+            if c.global_step == step_target:
+                break
         return None
 
     def _fold_losses(self, losses: list[Any], sizes: list[int]) -> None:
@@ -792,7 +824,7 @@ def _monitored(history: History, monitor: str) -> float | None:
 
 
 def _epoch_line(logs: Mapping[str, Any], target: int) -> str:
-    parts = [f"epoch {logs['epoch']}/{target}"]
+    parts = [f"epoch {logs['epoch']}" + (f"/{target}" if target != sys.maxsize else "")]
     for k, v in logs.items():
         if isinstance(v, float) and k != "lr":
             parts.append(f"{k}={v:.4f}")
