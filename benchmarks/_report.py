@@ -45,9 +45,18 @@ def median(xs: list[float]) -> float:
 
 def write_section(name: str, body: str, command: str) -> None:
     """Replace the section ``name`` of BENCHMARKS.md (created if missing)."""
-    text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n\nFigures written by the scripts in `benchmarks/`; each section says how it was produced.\n"
+    text = (
+        REPORT.read_text()
+        if REPORT.exists()
+        else "# Benchmarks\n\nFigures written by the scripts in `benchmarks/`; each section "
+        "says how it was produced.\n"
+    )
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.rstrip()}\n\n_Command: `{command}` — machine: {machine()}._\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     REPORT.write_text(text)

@@ -20,16 +20,24 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interleaved, median, write_section  # noqa: E402
+from _report import interleaved, median, write_section
 
-import warmfit  # noqa: E402
+import warmfit
 
 
 def mlp(d: int, hidden: int, out: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.Linear(d, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, out),
+    )
 
 
-def case(n: int, d: int, hidden: int, out: int, bs: int, epochs: int, repeats: int) -> dict[str, float]:
+def case(
+    n: int, d: int, hidden: int, out: int, bs: int, epochs: int, repeats: int
+) -> dict[str, float]:
     rng = np.random.default_rng(0)
     x_np = rng.normal(size=(n, d)).astype(np.float32)
     y_np = rng.integers(0, out, size=n).astype(np.int64)
@@ -77,8 +85,14 @@ def main() -> None:
     repeats = 3 if args.quick else 9
     rows = []
     for label, cfg in [
-        ("small MLP 20-64-64-3, batch 64 (overhead shows most)", dict(n=8192, d=20, hidden=64, out=3, bs=64, epochs=3)),
-        ("wider MLP 256-1024-1024-10, batch 256 (compute dominates)", dict(n=8192, d=256, hidden=1024, out=10, bs=256, epochs=1)),
+        (
+            "small MLP 20-64-64-3, batch 64 (overhead shows most)",
+            dict(n=8192, d=20, hidden=64, out=3, bs=64, epochs=3),
+        ),
+        (
+            "wider MLP 256-1024-1024-10, batch 256 (compute dominates)",
+            dict(n=8192, d=256, hidden=1024, out=10, bs=256, epochs=1),
+        ),
     ]:
         r = case(repeats=repeats, **cfg)
         ratio = r["warmfit"] / r["hand"]
@@ -86,8 +100,10 @@ def main() -> None:
         rows.append(f"| {label} | {r['hand']:.3f} s | {r['warmfit']:.3f} s | **{ratio:.3f}×** |")
     body = (
         "## Step overhead: `Trainer.fit` vs a hand-written loop (CPU, 1 thread)\n\n"
-        "| case | hand-written loop | warmfit | ratio |\n|---|---|---|---|\n" + "\n".join(rows)
-        + f"\n\nMedian of {repeats} interleaved repeats, same model, data, batch size, Adam, shuffling."
+        "| case | hand-written loop | warmfit | ratio |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nMedian of {repeats} interleaved repeats; same model, data, batch size, Adam "
+        "and shuffling."
     )
     write_section("step-overhead", body, "python benchmarks/bench_step_overhead.py")
 

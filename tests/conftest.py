@@ -15,7 +15,9 @@ import warmfit
 torch.set_num_threads(1)
 
 
-def make_data(n: int = 200, d: int = 8, classes: int = 3, seed: int = 123) -> tuple[np.ndarray, np.ndarray]:
+def make_data(
+    n: int = 200, d: int = 8, classes: int = 3, seed: int = 123
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
     w = rng.normal(size=(d, classes))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import os
 import pickle
 import subprocess
@@ -34,6 +35,7 @@ from warmfit.checkpoint import (
     UnsupportedSchemaError,
     inspect_checkpoint,
     read_checkpoint,
+    snapshot_state,
     verify_run_dir,
     write_checkpoint,
 )
@@ -59,12 +61,13 @@ def sample_tensors() -> dict[str, np.ndarray]:
             info = np.iinfo(dt)
             full = rng.integers(info.min, info.max, (3, 5), dtype=dt, endpoint=True)
         out[f"{name}/matrix"] = full
-        out[f"{name}/scalar"] = full[1, 1].reshape(())
+        out[f"{name}/scalar"] = full[1:2, 1:2].reshape(())
+        out[f"{name}/numpy-scalar"] = full[2, 2]
         out[f"{name}/empty"] = np.zeros((0, 4), dtype=dt)
     out["strided"] = np.arange(40, dtype=np.float32).reshape(5, 8)[::2, ::3]
     out["fortran"] = np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4))
     out["big-endian"] = np.arange(4, dtype=">f8")
-    out["é unicode name \"quoted\""] = np.array([7], dtype=np.int32)
+    out['é unicode name "quoted"'] = np.array([7], dtype=np.int32)
     return out
 
 
@@ -128,8 +131,8 @@ def test_state_keeps_tuples_as_lists_and_nan(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("state", "message"),
     [
-        ({"opt": {"lr": np.float32(0.1)}}, r"state\['opt'\]\['lr'\] is a numpy.float32.*\.item\(\)"),
-        ({"opt": {0: {"step": 1}}}, r"state\['opt'\] has the key 0 of type int; keys .* must be str"),
+        ({"o": {"lr": np.float32(0.1)}}, r"state\['o'\]\['lr'\] is a numpy.float32.*\.item\(\)"),
+        ({"o": {0: {"step": 1}}}, r"state\['o'\] has the key 0 of type int; keys .* must be str"),
         ({"h": [1, {2}]}, r"state\['h'\]\[1\] is a builtins.set"),
         ({"a": np.zeros(3)}, r"put arrays in the tensors mapping"),
     ],
@@ -159,7 +162,7 @@ def test_bad_tensors_are_refused(tmp_path: Path, tensors: dict, error: type, mes
 
 def test_existing_path_needs_overwrite(tmp_path: Path) -> None:
     path = write_checkpoint(tmp_path / "ck", {"a": np.zeros(1)}, {"v": 1})
-    with pytest.raises(CheckpointExistsError, match="already exists. Pass overwrite=True"):
+    with pytest.raises(CheckpointExistsError, match=r"already exists\. Pass overwrite=True"):
         write_checkpoint(path, {"a": np.ones(1)}, {"v": 2})
     write_checkpoint(path, {"a": np.ones(1)}, {"v": 2}, overwrite=True)
     tensors, state = read_checkpoint(path)
@@ -255,7 +258,7 @@ def test_unknown_schema_versions(tmp_path: Path) -> None:
         f"warmfit reads {SCHEMA_VERSION}); upgrade warmfit"
     )
     rewrite_state(path, schema_version=0)
-    with pytest.raises(UnsupportedSchemaError, match="unknown schema version 0$"):
+    with pytest.raises(UnsupportedSchemaError, match=r"unknown schema version 0$"):
         read_checkpoint(path)
     rewrite_state(path, schema_version="1")
     with pytest.raises(CheckpointError, match="schema_version is '1', expected an integer"):
@@ -327,8 +330,13 @@ def step_tensors(step: int) -> dict[str, np.ndarray]:
     return {"w": np.full(16, step, dtype=np.int64)}
 
 
+def nm(path: Path) -> str:
+    """A checkpoint folder's name without its save-sequence and run prefix."""
+    return re.sub(r"^ckpt-\d{8}-run\d{3}-", "", path.name)
+
+
 def names(paths: list[Path]) -> list[str]:
-    return [p.name for p in paths]
+    return [nm(p) for p in paths]
 
 
 def test_save_names_latest_and_retention(tmp_path: Path) -> None:
@@ -338,13 +346,13 @@ def test_save_names_latest_and_retention(tmp_path: Path) -> None:
             run.save(step_tensors(step), {"step": step}, step=step, metric=metric)
         # last 2 + the best (step 20, lowest metric)
         assert names(run.checkpoints()) == [f"step-{s:012d}" for s in (20, 40, 50)]
-        assert run.best().name == "step-000000000020"
-        assert (run.checkpoints_dir / LATEST).read_text() == "step-000000000050\n"
+        assert nm(run.best()) == "step-000000000020"
+        assert (run.checkpoints_dir / LATEST).read_text() == run.checkpoints()[-1].name + "\n"
         path, tensors, state = run.load_latest()
-        assert path.name == "step-000000000050" and state == {"step": 50}
+        assert nm(path) == "step-000000000050" and state == {"step": 50}
         assert tensors["w"][0] == 50
         index = json.loads(run.index_file.read_text())["checkpoints"]
-        assert sorted(index) == names(run.checkpoints())
+        assert sorted(index) == [p.name for p in run.checkpoints()]
         assert not [n for n in os.listdir(run.checkpoints_dir) if n.startswith(".")]
 
 
@@ -353,6 +361,12 @@ def test_retention_max_mode_and_keep_best_off(tmp_path: Path) -> None:
         for step, metric in [(1, 0.5), (2, 0.9), (3, 0.7), (4, None)]:
             run.save(step_tensors(step), {}, step=step, metric=metric)
         assert names(run.checkpoints()) == ["step-000000000002", "step-000000000004"]
+    with RunDir(tmp_path / "numpy", keep_last=1) as run:  # numpy scalars are fine
+        for step, metric in [(1, 0.1), (2, 0.9)]:
+            run.save(step_tensors(step), {}, step=np.int64(step), metric=np.float32(metric))
+        assert names(run.checkpoints()) == ["step-000000000001", "step-000000000002"]
+        with pytest.raises(ValueError, match=r"'metric' parameter of RunDir\.save"):
+            run.save({}, {}, step=3, metric="low")
     with RunDir(tmp_path / "nobest", keep_last=1, keep_best=False) as run:
         for step, metric in [(1, 0.1), (2, 0.9)]:
             run.save(step_tensors(step), {}, step=step, metric=metric)
@@ -364,17 +378,17 @@ def test_retention_never_deletes_latest(tmp_path: Path) -> None:
         for step in (10, 20, 30):
             run.save(step_tensors(step), {}, step=step)
         run.save(step_tensors(5), {}, step=5)  # e.g. after a rewind: LATEST is not the highest
-        assert run.latest().name == "step-000000000005"
-        assert names(run.checkpoints()) == [f"step-{s:012d}" for s in (5, 20, 30)]
+        assert nm(run.latest()) == "step-000000000005"
+        assert names(run.checkpoints()) == [f"step-{s:012d}" for s in (30, 5)]  # save order
 
 
-def test_same_step_twice_gets_a_suffix(tmp_path: Path) -> None:
+def test_same_step_twice_gets_its_own_folder(tmp_path: Path) -> None:
     with RunDir(tmp_path, keep_last=None) as run:
         for _ in range(3):
             run.save(step_tensors(7), {}, step=7)
         run.save(step_tensors(8), {}, step=8)
         assert names(run.checkpoints()) == [
-            "step-000000000007", "step-000000000007-1", "step-000000000007-2", "step-000000000008"
+            "step-000000000007", "step-000000000007", "step-000000000007", "step-000000000008"
         ]  # fmt: skip
 
 
@@ -411,7 +425,7 @@ def test_symlink_leading_outside_is_refused(tmp_path: Path) -> None:
     outside = write_checkpoint(tmp_path / "outside", step_tensors(99), {"evil": True})
     with RunDir(tmp_path / "run") as run:
         run.save(step_tensors(1), {}, step=1)
-        link = run.checkpoints_dir / "step-000000000099"
+        link = run.checkpoints_dir / "ckpt-00000099-run000-step-000000000099"
         link.symlink_to(outside, target_is_directory=True)
         assert names(run.checkpoints()) == ["step-000000000001"]  # a link is no checkpoint
         run.latest_file.write_text(link.name)
@@ -429,7 +443,7 @@ def test_latest_naming_a_missing_folder_falls_back_with_a_warning(tmp_path: Path
         run.save(step_tensors(2), {}, step=2)
         run.latest_file.write_text("step-000000000777")
         with pytest.warns(UserWarning, match="names 'step-000000000777', which is not a"):
-            assert run.latest().name == "step-000000000002"
+            assert nm(run.latest()) == "step-000000000002"
 
 
 def test_load_latest_falls_back_to_an_older_intact_checkpoint(tmp_path: Path) -> None:
@@ -441,7 +455,7 @@ def test_load_latest_falls_back_to_an_older_intact_checkpoint(tmp_path: Path) ->
         (run.checkpoints()[1] / STATE_FILE).unlink()
         with pytest.warns(UserWarning) as record:
             path, tensors, state = run.load_latest()
-        assert path.name == "step-000000000001" and state == {"step": 1} and tensors["w"][0] == 1
+        assert nm(path) == "step-000000000001" and state == {"step": 1} and tensors["w"][0] == 1
         messages = [str(w.message) for w in record]
         assert messages == [
             f"skipping damaged checkpoint {newest}: tensors.safetensors: checksum mismatch: "
@@ -457,8 +471,13 @@ def test_load_latest_falls_back_to_an_older_intact_checkpoint(tmp_path: Path) ->
         (run.checkpoints()[0] / TENSOR_FILE).write_bytes(b"")
         with pytest.warns(UserWarning), pytest.raises(CheckpointError) as info:
             run.load_latest()
-        assert info.value.problem.startswith("no intact checkpoint: step-000000000003 (")
-        assert "step-000000000001 (tensors.safetensors: truncated: 0 bytes" in info.value.problem
+        assert info.value.problem.startswith(
+            "no intact checkpoint: ckpt-00000003-run000-step-000000000003 ("
+        )
+        assert (
+            "ckpt-00000001-run000-step-000000000001 (tensors.safetensors: truncated: 0 bytes"
+            in info.value.problem
+        )
 
 
 def test_load_latest_does_not_skip_a_newer_schema(tmp_path: Path) -> None:
@@ -480,7 +499,7 @@ def test_clean_temporary(tmp_path: Path) -> None:
         assert names(run.checkpoints()) == ["step-000000000001"]
         run.clean_temporary()
         assert sorted(os.listdir(run.checkpoints_dir)) == [
-            "LATEST", "index.json", "step-000000000001"
+            "LATEST", "ckpt-00000001-run000-step-000000000001", "index.json"
         ]  # fmt: skip
 
 
@@ -595,12 +614,12 @@ def test_failing_fsync_at_every_point_of_a_save(
             assert run.latest_file.read_text() == before
             assert names(run.checkpoints()) == ["step-000000000001", "step-000000000002"]
             path, _, state = run.load_latest()
-            assert path.name == "step-000000000002" and state == {"step": 2}
+            assert nm(path) == "step-000000000002" and state == {"step": 2}
         except UserWarning as warning:  # the save committed; deleting old ones failed
             monkeypatch.undo()
             outcomes.append("committed")
             assert "was saved, but deleting old checkpoints failed" in str(warning)
-            assert run.latest().name == "step-000000000003"
+            assert nm(run.latest()) == "step-000000000003"
         else:
             monkeypatch.undo()
             pytest.fail(f"fsync call {n} failed but nobody was told")
@@ -610,7 +629,9 @@ def test_failing_fsync_at_every_point_of_a_save(
         assert leftovers == [], (n, leftovers)
         assert all(problem is None for _, problem in verify_run_dir(run.root))
         run.unlock()
-    assert "failed" in outcomes
+    # fsyncs: tensors, state, tmp dir, parent; index (file, dir); LATEST (file, dir) all
+    # make the save fail; only the index rewrite after deleting old checkpoints commits.
+    assert outcomes == ["failed"] * 8 + ["committed"] * (total - 8), outcomes
 
 
 def test_failing_write_of_tensor_data_keeps_previous(
@@ -693,3 +714,14 @@ def test_snapshot_buffers_are_reused() -> None:
     assert buffers.nbytes == a.nbytes  # 'b' was dropped
     third = buffers.copy({"a": np.zeros((3, 3), np.float64)})
     assert third["a"] is not first["a"] and third["a"].shape == (3, 3)
+
+
+def test_snapshot_state_is_a_deep_plain_copy() -> None:
+    history = [{"loss": 0.5}]
+    state = {"history": history, "betas": (0.9, 0.999), "best": float("nan")}
+    snap = snapshot_state(state)
+    history.append({"loss": 0.4})  # training goes on
+    assert snap["history"] == [{"loss": 0.5}] and snap["betas"] == [0.9, 0.999]
+    assert np.isnan(snap["best"])
+    with pytest.raises(TypeError, match=r"state\['h'\] is a numpy.int64"):
+        snapshot_state({"h": np.int64(1)})

@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import MLP, adam, assert_same_training_state, make_data, make_trainer
 
 import warmfit
+from conftest import MLP, adam, assert_same_training_state, make_data, make_trainer
 from warmfit import schedules
 
 
@@ -171,7 +171,10 @@ def test_until_epoch_is_absolute(data):
     t.fit(x, y, until_epoch=2)
     t.fit(x, y, until_epoch=5)
     assert t.epoch == 5
-    with pytest.raises(ValueError, match=r"until_epoch=5 is at or below the current epoch 5: no training would occur"):
+    with pytest.raises(
+        ValueError,
+        match=r"until_epoch=5 is at or below the current epoch 5: no training would occur",
+    ):
         t.fit(x, y, until_epoch=5)
 
 
@@ -188,10 +191,22 @@ def test_fit_call_schedule_replaces_and_is_recorded(data):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(epochs=0), "The 'epochs' parameter of Trainer.fit must be an int >= 1. Got 0 instead."),
-        (dict(epochs=-2), "The 'epochs' parameter of Trainer.fit must be an int >= 1. Got -2 instead."),
-        (dict(epochs=1, mode="resum"), "The 'mode' parameter of Trainer.fit must be one of {'continue', 'warm', 'restart'}. Got 'resum' instead."),
-        (dict(), "Trainer.fit needs exactly one of 'epochs' (additional epochs) and 'until_epoch' (the absolute target). Got epochs=None, until_epoch=None."),
+        (
+            dict(epochs=0),
+            "The 'epochs' parameter of Trainer.fit must be an int >= 1. Got 0 instead.",
+        ),
+        (
+            dict(epochs=-2),
+            "The 'epochs' parameter of Trainer.fit must be an int >= 1. Got -2 instead.",
+        ),
+        (
+            dict(epochs=1, mode="resum"),
+            "The 'mode' parameter of Trainer.fit must be one of {'continue', 'warm', 'restart'}. Got 'resum' instead.",
+        ),
+        (
+            dict(),
+            "Trainer.fit needs exactly one of 'epochs' (additional epochs) and 'until_epoch' (the absolute target). Got epochs=None, until_epoch=None.",
+        ),
         (dict(epochs=1, until_epoch=3), "Trainer.fit needs exactly one of 'epochs'"),
     ],
 )
@@ -210,7 +225,10 @@ def test_bad_arguments_raise_before_anything_changes(data, kwargs, message):
 def test_mismatched_lengths(data):
     x, y = data
     t = make_trainer()
-    with pytest.raises(ValueError, match=r"^x and y must have the same number of samples. Got 200 rows in x and 199 in y.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^x and y must have the same number of samples. Got 200 rows in x and 199 in y.$",
+    ):
         t.fit(x, y[:-1], epochs=1)
 
 
@@ -232,7 +250,10 @@ def test_continue_with_changed_data_warns_with_fingerprint(data):
     x, y = data
     t = make_trainer()
     t.fit(x, y, epochs=1)
-    with pytest.warns(UserWarning, match=r"The training data changed since the previous fit call \(fingerprint [0-9a-f]{24}, was [0-9a-f]{24}\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"The training data changed since the previous fit call \(fingerprint [0-9a-f]{24}, was [0-9a-f]{24}\)",
+    ):
         t.fit(x + 1.0, y, epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -257,11 +278,16 @@ def test_nan_loss_stops_and_keeps_last_good_state(data):
 
 
 def test_bad_trainer_arguments():
-    with pytest.raises(ValueError, match=r"^The 'batch_size' parameter of Trainer must be an int >= 1. Got 0 instead.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^The 'batch_size' parameter of Trainer must be an int >= 1. Got 0 instead.$",
+    ):
         make_trainer(batch_size=0)
     with pytest.raises(TypeError, match="must be a factory params -> torch.optim.Optimizer"):
         warmfit.Trainer(MLP(), optimizer=torch.optim.SGD(MLP().parameters(), lr=0.1), loss="mse")
-    with pytest.raises(ValueError, match="The 'loss' parameter of Trainer must be a callable or one of"):
+    with pytest.raises(
+        ValueError, match="The 'loss' parameter of Trainer must be a callable or one of"
+    ):
         warmfit.Trainer(MLP(), optimizer=adam, loss="hinge")
 
 

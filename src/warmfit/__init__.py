@@ -7,8 +7,8 @@ crashes; the whole training state in one safe checkpoint. See ``docs/design.md``
 
 __version__ = "0.1.0"
 
-from .callbacks import Callback, EarlyStopping, ReduceLROnPlateau  # noqa: E402
-from .errors import (  # noqa: E402
+from .callbacks import Callback, EarlyStopping, ReduceLROnPlateau
+from .errors import (
     CheckpointError,
     NonFiniteLossError,
     RunDirLockedError,
@@ -16,8 +16,8 @@ from .errors import (  # noqa: E402
     TrainingInterrupted,
     WarmfitError,
 )
-from .history import History, Ledger  # noqa: E402
-from .trainer import MODES, Trainer  # noqa: E402
+from .history import History, Ledger
+from .trainer import MODES, Trainer
 
 __all__ = [
     "MODES",

@@ -23,7 +23,7 @@ safetensors.
 Layout of a run directory::
 
     <root>/lock                          fcntl.flock'd; JSON {pid, host, started}
-    <root>/checkpoints/step-000000001000/{tensors.safetensors, state.json}
+    <root>/checkpoints/ckpt-00000007-run000-step-000000001000/{tensors.safetensors, state.json}
     <root>/checkpoints/LATEST            text: the name of the newest checkpoint folder
     <root>/checkpoints/index.json        step and metric of each checkpoint (for retention)
     <root>/checkpoints/.tmp-* .trash-*   in-progress writes and deletions, never checkpoints
@@ -40,6 +40,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -72,6 +73,7 @@ __all__ = [
     "UnsupportedSchemaError",
     "inspect_checkpoint",
     "read_checkpoint",
+    "snapshot_state",
     "verify_run_dir",
     "write_checkpoint",
 ]
@@ -103,7 +105,7 @@ _NUMPY_NAMES: dict[str, str] = {code: np.dtype(k).name for k, code in _CODES.ite
 _ITEMSIZES: dict[str, int] = {code: int(k[1]) for k, code in _CODES.items()}
 _METADATA_KEY = "__metadata__"
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-_NAME_RE = re.compile(r"step-(\d{12,})(?:-(\d+))?")
+_NAME_RE = re.compile(r"ckpt-(\d{8,})-run(\d{3,})-step-(\d{12,})")
 
 
 class CheckpointExistsError(WarmfitError, FileExistsError):
@@ -142,8 +144,9 @@ def write_checkpoint(
     """Write a checkpoint folder at ``path`` atomically and durably; return ``path``.
 
     ``tensors`` maps any ``str`` (except ``"__metadata__"``, which safetensors reserves)
-    to a numpy array of dtype bool, (u)int8/16/32/64 or float16/32/64, any shape
-    including 0-d and empty. Arrays are written bit-exactly, little-endian, C order.
+    to a numpy array (or numpy scalar, stored 0-d) of dtype bool, (u)int8/16/32/64 or
+    float16/32/64, any shape including 0-d and empty. Arrays are written bit-exactly,
+    little-endian, in C order.
 
     ``state`` must be JSON data: dicts with ``str`` keys, lists, tuples (read back as
     lists), str, int, float (NaN and infinities are kept), bool and None. Anything else
@@ -172,8 +175,7 @@ def write_checkpoint(
         raise TypeError(f"state is not JSON-serialisable: {exc}") from exc
     if os.path.lexists(path) and not overwrite:
         raise CheckpointExistsError(
-            f"{path} already exists. Pass overwrite=True to replace it, or choose "
-            "another path."
+            f"{path} already exists. Pass overwrite=True to replace it, or choose another path."
         )
 
     parent = path.parent
@@ -215,7 +217,8 @@ def write_checkpoint(
     except BaseException as exc:
         # The rename may not be durable; the caller is told the save failed, so the
         # new folder must not survive as if it had succeeded.
-        _remove_dir(path)
+        with contextlib.suppress(OSError):
+            _remove_dir(path)
         if aside is not None:
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
@@ -247,6 +250,8 @@ def _prepare_tensors(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, str, 
             raise TypeError(f"tensor names must be str. Got {name!r} ({type(name).__name__}).")
         if name == _METADATA_KEY:
             raise ValueError(f"the tensor name {name!r} is reserved by the safetensors format.")
+        if isinstance(a, np.generic):  # a numpy scalar: stored as a 0-d array
+            a = np.asarray(a)
         if not isinstance(a, np.ndarray):
             raise TypeError(
                 f"tensor {name!r} must be a numpy array. Got {type(a).__module__}."
@@ -369,9 +374,7 @@ def _remove_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(
-    path: str | Path, *, verify: bool = True
-) -> tuple[dict[str, np.ndarray], dict]:
+def read_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Load ``(tensors, state)`` from a checkpoint folder. Never unpickles.
 
     Checks, in order, each failure a :class:`~warmfit.errors.CheckpointError` naming
@@ -453,12 +456,14 @@ def _read_state_doc(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(sfile, f"not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise CheckpointError(sfile, f"not a warmfit state file: a JSON {type(doc).__name__}, "
-                                     "expected an object")
+        raise CheckpointError(
+            sfile, f"not a warmfit state file: a JSON {type(doc).__name__}, expected an object"
+        )
     version = doc.get("schema_version")
     if type(version) is not int:
-        raise CheckpointError(sfile, f"not a warmfit state file: schema_version is {version!r}, "
-                                     "expected an integer")
+        raise CheckpointError(
+            sfile, f"not a warmfit state file: schema_version is {version!r}, expected an integer"
+        )
     if version > SCHEMA_VERSION:
         raise UnsupportedSchemaError(
             sfile,
@@ -472,8 +477,9 @@ def _read_state_doc(folder: Path) -> dict[str, Any]:
             raise CheckpointError(sfile, f"not a warmfit state file: missing field {key!r}")
         if type(doc[key]) is not kind:
             raise CheckpointError(
-                sfile, f"not a warmfit state file: {key} is a {type(doc[key]).__name__}, "
-                       f"expected {kind.__name__}"
+                sfile,
+                f"not a warmfit state file: {key} is a {type(doc[key]).__name__}, "
+                f"expected {kind.__name__}",
             )
     return doc
 
@@ -512,8 +518,7 @@ def _read_header(tfile: Path) -> dict[str, dict[str, Any]]:
         n = int.from_bytes(prefix, "little")
         if n > min(size - 8, _MAX_HEADER_BYTES):
             raise CheckpointError(
-                tfile, f"not a safetensors file: header length {n} does not fit a "
-                       f"{size}-byte file"
+                tfile, f"not a safetensors file: header length {n} does not fit a {size}-byte file"
             )
         raw = f.read(n)
     try:
@@ -550,21 +555,23 @@ def _open_with_safetensors(tfile: Path) -> None:
 # --------------------------------------------------------------------------- run directory
 
 
-def _sort_key(path: Path) -> tuple[int, int]:
+def _sort_key(path: Path) -> int:
+    """Save order: the sequence number every checkpoint name starts with."""
     m = _NAME_RE.fullmatch(path.name)
     assert m is not None  # only called on names checkpoints() accepted
-    return int(m.group(1)), int(m.group(2) or 0)
+    return int(m.group(1))
 
 
 class RunDir:
     """A run directory: checkpoint folders, the ``LATEST`` pointer, retention, a lock.
 
-    Checkpoints live in ``<root>/checkpoints/step-<global_step:012d>`` (a ``-<n>``
-    suffix is added if that name is taken), so name order is step order. ``LATEST``
-    (in the same folder) holds the name of the last checkpoint saved and is replaced
-    atomically; it is the commit point of :meth:`save`. A run directory holds one line
-    of training: saving a lower step than an existing one is allowed, but "newest"
-    means "highest step" for retention and for the fallback of :meth:`latest`.
+    Checkpoints live in ``<root>/checkpoints/ckpt-<seq>-run<run>-step-<global_step>``,
+    where ``seq`` counts saves, so name order is save order — also across a restart
+    (steps start again at 0 in a new run) and a rewind (training goes on from an
+    earlier step). ``LATEST`` (in the same folder) holds the name of the last
+    checkpoint saved and is replaced atomically; it is the commit point of
+    :meth:`save`. "Newest" means "saved last" for retention and for the fallback of
+    :meth:`latest`.
 
     Retention after each save keeps the ``keep_last`` newest checkpoints (``None``:
     all), plus the one with the best metric when ``keep_best`` (lowest for
@@ -605,8 +612,10 @@ class RunDir:
         self._lock_depth = 0
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r}, keep_last={self.keep_last}, " \
-               f"keep_best={self.keep_best}, monitor_mode={self.monitor_mode!r})"
+        return (
+            f"RunDir({str(self.root)!r}, keep_last={self.keep_last}, "
+            f"keep_best={self.keep_best}, monitor_mode={self.monitor_mode!r})"
+        )
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -712,8 +721,9 @@ class RunDir:
     def _safe_checkpoints_dir(self) -> Path:
         cdir = self.checkpoints_dir
         if cdir.is_symlink():
-            raise CheckpointError(cdir, "is a symbolic link; refusing to follow it out of "
-                                        "the run directory")
+            raise CheckpointError(
+                cdir, "is a symbolic link; refusing to follow it out of the run directory"
+            )
         return cdir
 
     def checkpoints(self) -> list[Path]:
@@ -742,14 +752,16 @@ class RunDir:
             or os.path.isabs(name)
         ):
             raise CheckpointError(
-                source, f"points outside the run directory: {name!r}; it must name a "
-                        f"checkpoint folder inside {cdir}"
+                source,
+                f"points outside the run directory: {name!r}; it must name a "
+                f"checkpoint folder inside {cdir}",
             )
         target = cdir / name
         if target.is_symlink() or not target.resolve().is_relative_to(cdir.resolve()):
             raise CheckpointError(
-                source, f"points outside the run directory: {name!r} is a symbolic link "
-                        f"(to {os.path.realpath(target)})"
+                source,
+                f"points outside the run directory: {name!r} is a symbolic link "
+                f"(to {os.path.realpath(target)})",
             )
         return target
 
@@ -830,9 +842,7 @@ class RunDir:
                 return path, tensors, state
             warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
             problems.append(f"{path.name} ({problem})")
-        raise CheckpointError(
-            self.checkpoints_dir, "no intact checkpoint: " + "; ".join(problems)
-        )
+        raise CheckpointError(self.checkpoints_dir, "no intact checkpoint: " + "; ".join(problems))
 
     # -- saving ---------------------------------------------------------------------
 
@@ -843,6 +853,7 @@ class RunDir:
         *,
         step: int,
         metric: float | None = None,
+        run: int = 0,
     ) -> Path:
         """Write a checkpoint for global step ``step``, point ``LATEST`` at it, then
         apply retention; return its path. Requires the lock.
@@ -856,23 +867,28 @@ class RunDir:
         while deleting old checkpoints only warns: the save itself succeeded.
         """
         self._require_lock("save")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise invalid_param("step", "RunDir.save", "an int >= 0", step)
-        if metric is not None and not isinstance(metric, (int, float)):
+        if metric is not None and (
+            isinstance(metric, bool) or not isinstance(metric, numbers.Real)
+        ):
             raise invalid_param("metric", "RunDir.save", "a float or None", metric)
+        step = int(step)
+        metric = None if metric is None or not math.isfinite(metric) else float(metric)
         cdir = self._safe_checkpoints_dir()
-        base = f"step-{step:012d}"
-        name, n = base, 0
-        while os.path.lexists(cdir / name):
-            n += 1
-            name = f"{base}-{n}"
+        found = self.checkpoints()
+        seq = _sort_key(found[-1]) + 1 if found else 1
+        name = f"ckpt-{seq:08d}-run{int(run):03d}-step-{step:012d}"
+        while os.path.lexists(cdir / name):  # a leftover of a failed deletion
+            seq += 1
+            name = f"ckpt-{seq:08d}-run{int(run):03d}-step-{step:012d}"
         path = write_checkpoint(cdir / name, tensors, state)
 
         previous = self._read_latest_raw()
         index = self._read_index()
         index[name] = {
             "step": step,
-            "metric": float(metric) if metric is not None and math.isfinite(metric) else None,
+            "metric": metric,
         }
         try:
             self._write_index(index)
@@ -915,8 +931,9 @@ class RunDir:
             return {}
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        warnings.warn(f"{self.index_file} is damaged; checkpoint metrics are forgotten",
-                      stacklevel=3)
+        warnings.warn(
+            f"{self.index_file} is damaged; checkpoint metrics are forgotten", stacklevel=3
+        )
         return {}
 
     def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
@@ -994,7 +1011,7 @@ class SnapshotBuffers:
 
         writer.wait()
         snapshot = buffers.copy(arrays)
-        writer.submit(run_dir.save, snapshot, state, step=step)
+        writer.submit(run_dir.save, snapshot, snapshot_state(state), step=step)
     """
 
     def __init__(self) -> None:
@@ -1018,6 +1035,19 @@ class SnapshotBuffers:
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
         return sum(b.nbytes for b in self._buffers.values())
+
+
+def snapshot_state(state: dict) -> dict:
+    """A deep copy of ``state`` made of fresh plain containers, exactly as
+    :func:`read_checkpoint` will return it (tuples become lists). Raises
+    :class:`TypeError` naming the key path, like :func:`write_checkpoint`.
+
+    Call it on the training thread before handing ``state`` to :class:`AsyncWriter`:
+    the writer thread serialises ``state`` while training goes on, so any list or dict
+    training still mutates (history, ledger) must not be shared with it.
+    """
+    _check_json(state, "")
+    return json.loads(json.dumps(state, allow_nan=True))
 
 
 class AsyncWriter:
@@ -1069,8 +1099,10 @@ class AsyncWriter:
             self._thread = None
         error, self._error = self._error, None
         if error is not None:
-            detail = str(error) if isinstance(error, OSError | WarmfitError) else (
-                f"{type(error).__name__}: {error}"
+            detail = (
+                str(error)
+                if isinstance(error, OSError | WarmfitError)
+                else (f"{type(error).__name__}: {error}")
             )
             raise SaveFailedError(f"previous checkpoint save failed: {detail}") from error
 

@@ -60,9 +60,7 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def epoch_batches(
-    order: np.ndarray, batch_size: int, offset: int = 0
-) -> Iterator[np.ndarray]:
+def epoch_batches(order: np.ndarray, batch_size: int, offset: int = 0) -> Iterator[np.ndarray]:
     """Global batches of ``order`` starting at sample ``offset``: slices, never copies.
 
     ``offset`` must lie on a batch boundary of this batch size (checked by the caller
@@ -104,7 +102,7 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
             f"The 'validation_split' parameter of Trainer.fit must be a float in (0, 1). "
             f"Got {fraction!r} instead."
         )
-    n_val = int(round(n * fraction))
+    n_val = round(n * fraction)
     if n_val == 0 or n_val == n:
         raise ValueError(
             f"validation_split={fraction} of {n} samples leaves "

@@ -46,7 +46,9 @@ def run(run_dir: str | None = None, verbose: int = 1) -> Trainer:
         digits_mlp,
         optimizer=adam,
         loss="cross_entropy",
-        schedule=schedules.warmup(steps_per_epoch, schedules.cosine(3e-3, horizon=12 * steps_per_epoch)),
+        schedule=schedules.warmup(
+            steps_per_epoch, schedules.cosine(3e-3, horizon=12 * steps_per_epoch)
+        ),
         batch_size=64,
         seed=0,
         metrics=["accuracy"],
@@ -59,7 +61,10 @@ def run(run_dir: str | None = None, verbose: int = 1) -> Trainer:
     trainer.fit(x, y, epochs=3, validation_split=0.2)
     print("\n== fit(epochs=2, mode='warm'): weights kept; fresh Adam; the schedule starts again")
     trainer.fit(x, y, epochs=2, validation_split=0.2, mode="warm")
-    print("\n== fit(epochs=3, mode='restart'): a new run from the seed; the old one stays in the ledger")
+    print(
+        "\n== fit(epochs=3, mode='restart'): a new run from the seed; "
+        "the old one stays in the ledger"
+    )
     trainer.fit(x, y, epochs=3, validation_split=0.2, mode="restart")
     test = trainer.evaluate(x_test, y_test)
     print("\n== The ledger: one row per fit call")

@@ -101,16 +101,18 @@ class Ledger:
         rows = []
         for r in self.records:
             final = r.get("final") or {}
-            rows.append([
-                str(r.get("call", "")),
-                str(r.get("run", "")),
-                str(r.get("mode", "")),
-                str(r.get("epochs_asked", "")),
-                str(r.get("epochs_done", "")),
-                f"{r.get('step_start', '')}-{r.get('step_end', '')}",
-                f"{r.get('wall_s', 0):.2f}",
-                " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)),
-            ])
+            rows.append(
+                [
+                    str(r.get("call", "")),
+                    str(r.get("run", "")),
+                    str(r.get("mode", "")),
+                    str(r.get("epochs_asked", "")),
+                    str(r.get("epochs_done", "")),
+                    f"{r.get('step_start', '')}-{r.get('step_end', '')}",
+                    f"{r.get('wall_s', 0):.2f}",
+                    " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)),
+                ]
+            )
         return format_table(cols, rows)
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -32,7 +32,10 @@ class Schedule:
 
     def config(self) -> dict[str, Any]:
         """A JSON description from which :func:`from_config` rebuilds an equal schedule."""
-        d = {k: (v.config() if isinstance(v, Schedule) else v) for k, v in asdict_shallow(self).items()}
+        d = {
+            k: (v.config() if isinstance(v, Schedule) else v)
+            for k, v in asdict_shallow(self).items()
+        }
         return {"kind": type(self).__name__, **d}
 
     def __repr__(self) -> str:
@@ -211,7 +214,9 @@ def from_config(config: dict[str, Any]) -> Schedule:
     kind = config["kind"]
     args = {k: v for k, v in config.items() if k != "kind"}
     if kind == "Sequential":
-        return Sequential(tuple(from_config(s) for s in args["schedules"]), tuple(args["boundaries"]))
+        return Sequential(
+            tuple(from_config(s) for s in args["schedules"]), tuple(args["boundaries"])
+        )
     for key in ("then", "schedule"):
         if key in args:
             args[key] = from_config(args[key])
@@ -278,7 +283,11 @@ def describe(schedule: object) -> Any:
     if isinstance(schedule, Schedule):
         return schedule.config()
     if isinstance(schedule, TorchScheduler):
-        return {"kind": "torch", "factory": _qualname(schedule.factory), "interval": schedule.interval}
+        return {
+            "kind": "torch",
+            "factory": _qualname(schedule.factory),
+            "interval": schedule.interval,
+        }
     return {"kind": "function", "name": _qualname(schedule)}
 
 

@@ -43,7 +43,10 @@ MANIFEST: dict[str, tuple[str, str]] = {
 def derive_seed(seed: int, stream: str, *extra: int) -> int:
     """A 63-bit seed for ``stream``, independent of every other stream's."""
     ss = np.random.SeedSequence([int(seed), STREAM_IDS[stream], *map(int, extra)])
-    return int(ss.generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64))
+    return int(
+        ss.generate_state(2, dtype=np.uint32).astype(np.uint64)
+        @ np.array([1 << 31, 1], dtype=np.uint64)
+    )
 
 
 @dataclass
@@ -66,7 +69,9 @@ class Counters:
         names = {f.name for f in fields(cls)}
         unknown, missing = set(d) - names, names - set(d)
         if unknown or missing:
-            raise ValueError(f"counters: unexpected keys {sorted(unknown)}, missing keys {sorted(missing)}")
+            raise ValueError(
+                f"counters: unexpected keys {sorted(unknown)}, missing keys {sorted(missing)}"
+            )
         bad = {k: v for k, v in d.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0}
         if bad:
             raise ValueError(f"counters must be non-negative integers; got {bad}")
@@ -84,7 +89,10 @@ class HostStreams:
 
     @staticmethod
     def capture() -> dict[str, Any]:
-        return {"python": _py_to_json(random.getstate()), "numpy": _np_to_json(np.random.get_state())}
+        return {
+            "python": _py_to_json(random.getstate()),
+            "numpy": _np_to_json(np.random.get_state()),
+        }
 
     @staticmethod
     def install(state: dict[str, Any]) -> None:

@@ -508,7 +508,10 @@ class Trainer:
         self._backend.init_optimizer(self.schedule)
         self._base_lr = self._backend.learning_rate()
         self.counters = Counters(run=run)
-        self._rng = {"host": HostStreams.seeded(self.seed), "framework": self._backend.seeded_rng(self.seed)}
+        self._rng = {
+            "host": HostStreams.seeded(self.seed),
+            "framework": self._backend.seeded_rng(self.seed),
+        }
         self.history = History()
         self._partial: tuple[float, int] = (0.0, 0)
         self._data_info: dict[str, Any] | None = None
@@ -520,7 +523,9 @@ class Trainer:
             cb.reset()
 
     def _lr_at(self, step: int) -> float:
-        base = self.schedule(step - self.counters.schedule_origin) if self.schedule else self._base_lr
+        base = (
+            self.schedule(step - self.counters.schedule_origin) if self.schedule else self._base_lr
+        )
         for cb in self.callbacks:
             if isinstance(cb, ReduceLROnPlateau):
                 base = cb.lr_scale(base)
@@ -530,7 +535,9 @@ class Trainer:
         """Set the learning rate for the next step (schedule x plateau reductions)."""
         if isinstance(self.schedule, TorchScheduler):
             return
-        if self.schedule is not None or any(isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks):
+        if self.schedule is not None or any(
+            isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks
+        ):
             self._backend.set_learning_rate(self._lr_at(self.counters.global_step))
 
     @contextlib.contextmanager
@@ -688,7 +695,7 @@ class Trainer:
         except (KeyError, TypeError) as err:
             raise StateMismatchError(f"the state is incomplete or malformed: {err!r}") from None
         self.counters = counters
-        fw = {k[len("rng/"):]: v for k, v in tensors.items() if k.startswith("rng/")}
+        fw = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
         self._rng = {"host": state["rng"]["host"], "framework": fw}
         if self._in_fit:
             HostStreams.install(self._rng["host"])
@@ -702,7 +709,9 @@ class Trainer:
                 self.schedule = saved
         self._base_lr = sched.get("base_lr", self._base_lr)
         self._data_info = state["data"]
-        self._val_rows = np.asarray(tensors["data/val_rows"]) if "data/val_rows" in tensors else None
+        self._val_rows = (
+            np.asarray(tensors["data/val_rows"]) if "data/val_rows" in tensors else None
+        )
         for cb, saved in zip(self.callbacks, saved_cbs, strict=True):
             cb.load_state_dict(saved["state"])
         self.history = History(state["history"])
@@ -745,14 +754,15 @@ class Trainer:
             return None
         self._writer.wait()  # one save in flight; the buffers are free again
         tensors, state = self._collect_state()
-        snapshot = self._buffers.copy(tensors)
+        snapshot = self._buffers.copy(tensors)  # the only work training waits for
+        state = ckpt.snapshot_state(state)
         metric = _monitored(self.history, self.monitor)
-        step = self.counters.global_step
+        step, run = self.counters.global_step, self.counters.run
         run_dir = self.run_dir
         result: dict[str, Path] = {}
 
         def write() -> None:
-            result["path"] = run_dir.save(snapshot, state, step=step, metric=metric)
+            result["path"] = run_dir.save(snapshot, state, step=step, metric=metric, run=run)
 
         self._writer.submit(write)
         if wait:
@@ -761,7 +771,11 @@ class Trainer:
         return None
 
     def _snapshot_weights(self) -> dict[str, np.ndarray]:
-        return {k: np.array(v, copy=True) for k, v in self._backend.state_tensors().items() if k.startswith("model/")}
+        return {
+            k: np.array(v, copy=True)
+            for k, v in self._backend.state_tensors().items()
+            if k.startswith("model/")
+        }
 
     def _restore_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         self._backend.load_weights(weights)  # type: ignore[attr-defined]
@@ -805,8 +819,12 @@ def _pair(validation_data: Any) -> tuple[Any, Any]:
         return validation_data[0], None
     raise ValueError(
         "validation_data must be a pair (x_val, y_val). Got "
-        f"{type(validation_data).__name__} of length {len(validation_data) if hasattr(validation_data, '__len__') else '?'}."
+        f"{type(validation_data).__name__} of length {_length(validation_data)}."
     )
+
+
+def _length(obj: Any) -> str:
+    return str(len(obj)) if hasattr(obj, "__len__") else "?"
 
 
 def _final_metrics(history: History, segment: int) -> dict[str, float]:

@@ -72,11 +72,9 @@ class Backend(Protocol):
     def train_mode(self, training: bool) -> None:
         """Switch layers such as dropout between training and inference behaviour."""
 
-    def set_learning_rate(self, lr: float) -> None:
-        ...
+    def set_learning_rate(self, lr: float) -> None: ...
 
-    def learning_rate(self) -> float:
-        ...
+    def learning_rate(self) -> float: ...
 
     def train_step(self, batch: Any) -> Any:
         """One optimizer step; returns a loss handle for :meth:`read_losses` (or None)."""
@@ -90,8 +88,7 @@ class Backend(Protocol):
     def evaluate(self, data: Any, batch_size: int) -> dict[str, float]:
         """Loss and metrics on ``data``; never changes the training state."""
 
-    def predict(self, x: Any, batch_size: int) -> Any:
-        ...
+    def predict(self, x: Any, batch_size: int) -> Any: ...
 
     # -- state ----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, np.ndarray]:

@@ -172,7 +172,9 @@ class TorchBackend:
     def install_rng(self, state: Mapping[str, np.ndarray]) -> None:
         torch.set_rng_state(torch.from_numpy(np.asarray(state["torch_cpu"], dtype=np.uint8).copy()))
         if self.device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"]).copy()), self.device)
+            torch.cuda.set_rng_state(
+                torch.from_numpy(np.asarray(state["cuda"]).copy()), self.device
+            )
 
     # -- data ------------------------------------------------------------------------
     def prepare(self, x: Any, y: Any) -> TensorData | DatasetData:
@@ -183,12 +185,16 @@ class TorchBackend:
                     "pass y=None."
                 )
             if not hasattr(x, "__len__"):
-                raise TypeError("warmfit needs a map-style Dataset with __len__ (got an iterable one).")
+                raise TypeError(
+                    "warmfit needs a map-style Dataset with __len__ (got an iterable one)."
+                )
             return DatasetData(x)
         xt = _as_tensor(x, "x", self.device)
         yt = None if y is None else _as_tensor(y, "y", self.device)
         if xt.ndim == 0:
-            raise ValueError(f"x must have at least one dimension (samples first). Got a scalar {x!r}.")
+            raise ValueError(
+                f"x must have at least one dimension (samples first). Got a scalar {x!r}."
+            )
         if yt is not None and len(yt) != len(xt):
             raise ValueError(
                 f"x and y must have the same number of samples. Got {len(xt)} rows in x and "
@@ -208,10 +214,16 @@ class TorchBackend:
         if isinstance(data, DatasetData):
             ds = data.dataset
             probes = [ds[i] for i in sorted({0, len(ds) // 2, len(ds) - 1})]
-            arrays = [np.asarray(t.cpu() if torch.is_tensor(t) else t) for p in probes for t in _flat(p)]
+            arrays = [
+                np.asarray(t.cpu() if torch.is_tensor(t) else t) for p in probes for t in _flat(p)
+            ]
             first = arrays[0] if arrays else np.zeros(0)
             return fingerprint(np.asarray(len(ds)), *arrays), [len(ds), *first.shape]
-        x = data.x.detach().cpu().numpy() if data.x.dtype != torch.bfloat16 else data.x.float().cpu().numpy()
+        x = (
+            data.x.detach().cpu().numpy()
+            if data.x.dtype != torch.bfloat16
+            else data.x.float().cpu().numpy()
+        )
         y = None if data.y is None else data.y.detach().cpu().numpy()
         return fingerprint(x, y), list(data.x.shape)
 
@@ -314,7 +326,10 @@ class TorchBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            outs = [self.model(xb) for xb, _ in self.batches(data, np.arange(len(data)), 0, batch_size, 0)]
+            outs = [
+                self.model(xb)
+                for xb, _ in self.batches(data, np.arange(len(data)), 0, batch_size, 0)
+            ]
             return torch.cat(outs) if outs else torch.empty(0)
         finally:
             self.model.train(was_training)
@@ -353,7 +368,7 @@ class TorchBackend:
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         # Check everything first: a mismatch must leave the trainer untouched.
         own = self.model.state_dict()
-        saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
         _check_keys(own, saved)
         opt_meta = meta["optimizer"]
         if opt_meta["class"] != type(self.optimizer).__name__:
@@ -371,7 +386,7 @@ class TorchBackend:
             )
         dtypes = meta.get("dtypes", {})
         self.load_weights(tensors, dtypes)
-        initial = {k[len("initial/"):]: v for k, v in tensors.items() if k.startswith("initial/")}
+        initial = {k[len("initial/") :]: v for k, v in tensors.items() if k.startswith("initial/")}
         if initial and self.model_factory is None:
             self.initial = {k: _from_numpy(v, dtypes.get(k)) for k, v in initial.items()}
         state: dict[int, dict[str, Any]] = {}
@@ -389,10 +404,12 @@ class TorchBackend:
         if self.scheduler is not None and meta.get("scheduler") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
 
-    def load_weights(self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None) -> None:
+    def load_weights(
+        self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None
+    ) -> None:
         """Load the ``model/*`` entries of ``tensors`` (copies) into the model."""
         own = self.model.state_dict()
-        saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
         _check_keys(own, saved)
         dtypes = dtypes or {k: str(v.dtype) for k, v in own.items()}
         with torch.no_grad():
@@ -400,7 +417,9 @@ class TorchBackend:
 
     def describe(self) -> dict[str, Any]:
         groups = self.optimizer.state_dict()["param_groups"] if self.optimizer else []  # type: ignore[union-attr]
-        hyper = [{k: _jsonable(v) for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+        hyper = [
+            {k: _jsonable(v) for k, v in g.items() if k not in ("params", "lr")} for g in groups
+        ]
         return {
             "framework": "torch",
             "model": {k: list(v.shape) for k, v in self.model.state_dict().items()},
@@ -434,7 +453,9 @@ def _resolve_metrics(metrics: Any) -> dict[str, Callable]:
     for m in metrics or ():
         if isinstance(m, str):
             if m not in _METRICS:
-                raise ValueError(f"Unknown metric {m!r}. Expected one of {set(_METRICS)} or a callable.")
+                raise ValueError(
+                    f"Unknown metric {m!r}. Expected one of {set(_METRICS)} or a callable."
+                )
             out[m] = _METRICS[m]
         else:
             out[_name(m)] = m
@@ -489,7 +510,8 @@ def _check_keys(own: Mapping[str, torch.Tensor], saved: Mapping[str, np.ndarray]
         if shapes:
             parts.append("shape mismatch: " + "; ".join(shapes))
         raise StateMismatchError(
-            "the checkpoint does not match the model: " + " | ".join(parts)
+            "the checkpoint does not match the model: "
+            + " | ".join(parts)
             + ". Build the model with the architecture that wrote the checkpoint."
         )
 
