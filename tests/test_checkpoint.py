@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import re
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
