@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import MLP, make_data, make_trainer  # noqa: E402
+from conftest import MLP, make_data, make_trainer
 
 
 class SlowMLP(MLP):

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LONG, make_data, make_trainer
 
 import warmfit
+from conftest import LONG, make_data, make_trainer
 from warmfit.checkpoint import read_checkpoint
 
 WORKER = Path(__file__).resolve().parent / "_worker.py"
@@ -119,7 +119,7 @@ def test_e3_kill9_at_random_moments_then_resume_is_exact(tmp_path, straight, tri
             proc.kill()
             kills += 1
         proc.communicate(timeout=60)
-    code, out, err = finish(worker(run, EPOCHS, "--out", str(tmp_path / "final")))
+    code, _out, err = finish(worker(run, EPOCHS, "--out", str(tmp_path / "final")))
     assert code == 0, err
     assert kills >= 1
     assert_equal_to_straight(tmp_path / "final", straight)
