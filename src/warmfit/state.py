@@ -82,9 +82,11 @@ class HostStreams:
     """Python's ``random`` and NumPy's legacy global generator, as plain JSON data."""
 
     @staticmethod
-    def seeded(seed: int) -> dict[str, Any]:
-        py = random.Random(derive_seed(seed, "python"))
-        np_state = np.random.RandomState(derive_seed(seed, "numpy") % (1 << 32)).get_state()
+    def seeded(seed: int, rank: int = 0) -> dict[str, Any]:
+        """The streams right after seeding; rank 0's are those of a single process."""
+        extra = (rank,) if rank else ()
+        py = random.Random(derive_seed(seed, "python", *extra))
+        np_state = np.random.RandomState(derive_seed(seed, "numpy", *extra) % (1 << 32)).get_state()
         return {"python": _py_to_json(py.getstate()), "numpy": _np_to_json(np_state)}
 
     @staticmethod

@@ -136,6 +136,8 @@ class Trainer:
             kwargs["num_workers"] = num_workers
         self._backend = select(model, **kwargs)
         self._backend._seed = seed  # type: ignore[attr-defined]
+        self.world_size: int = getattr(self._backend, "world_size", 1)
+        self.rank: int = getattr(self._backend, "rank", 0)
         self.batch_size = batch_size
         self.seed = seed
         self.schedule = as_schedule(schedule)
@@ -156,8 +158,9 @@ class Trainer:
         if run_dir is not None:
             self.run_dir = ckpt.RunDir(run_dir, keep_last=keep_last, monitor_mode=monitor_mode)
             self._writer, self._buffers = ckpt.AsyncWriter(), ckpt.SnapshotBuffers()
-            self.run_dir.lock()
-            self.run_dir.clean_temporary()
+            if self.rank == 0:  # one writer: rank 0 writes the replicated state
+                self.run_dir.lock()
+                self.run_dir.clean_temporary()
             self._resume_from_run_dir()
 
     # -- public state ------------------------------------------------------------------
@@ -331,7 +334,7 @@ class Trainer:
             "seed": self.seed,
             "schedule": describe(self.schedule),
             "deterministic": self.deterministic,
-            "world_size": 1,
+            "world_size": self.world_size,
             "changes": changes,
         }
         started = time.perf_counter()
@@ -358,7 +361,7 @@ class Trainer:
             cb.on_fit_end(self)
         if self.run_dir is not None:
             self._checkpoint(wait=True)
-        if verbose:
+        if verbose and self.rank == 0:
             self._summary(segment)
         return self.history
 
@@ -376,6 +379,7 @@ class Trainer:
         """The fit loop: from the cursor to epoch ``target`` (or global step ``step_target``);
         returns why it stopped early."""
         backend, c = self._backend, self.counters
+        distributed = self.world_size > 1  # a stop must be agreed by every rank
         if target is None:
             target = sys.maxsize
         n, bs = len(data), self.batch_size
@@ -399,7 +403,11 @@ class Trainer:
                 if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
                     self._fold_losses(losses, sizes)
                     self._checkpoint(wait=False)
-                if self._stop_signal is not None:
+                if (
+                    self._stop_signal is not None
+                    if not distributed
+                    else backend.any_rank(self._stop_signal is not None)  # type: ignore[attr-defined]
+                ):
                     self._fold_losses(losses, sizes)
                     self._interrupt()
                 if c.global_step == step_target:
@@ -422,7 +430,7 @@ class Trainer:
             logs["lr"] = backend.learning_rate()
             self.history.append(logs)
             self._append_jsonl(f"history-run{c.run}.jsonl", logs)
-            if verbose:
+            if verbose and self.rank == 0:
                 print(_epoch_line(logs, target), flush=True)
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
             if stop:
@@ -509,7 +517,7 @@ class Trainer:
         self._base_lr = self._backend.learning_rate()
         self.counters = Counters(run=run)
         self._rng = {
-            "host": HostStreams.seeded(self.seed),
+            "host": HostStreams.seeded(self.seed, self.rank),
             "framework": self._backend.seeded_rng(self.seed),
         }
         self.history = History()
@@ -558,7 +566,11 @@ class Trainer:
             yield
         finally:
             self._in_fit = False
-            self._rng = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
+            if train:  # evaluate/predict never move the training streams
+                self._rng = {
+                    "host": HostStreams.capture(),
+                    "framework": self._backend.capture_rng(),
+                }
             HostStreams.install(caller["host"])
             self._backend.install_rng(caller["framework"])
             if handlers is not None:
@@ -595,7 +607,8 @@ class Trainer:
         name, self._stop_signal = self._stop_signal, None
         path = self._checkpoint(wait=True) if self.run_dir is not None else None
         err = TrainingInterrupted(name or "signal", path, self.counters.global_step)
-        print(f"warmfit: {err}", file=sys.stderr, flush=True)
+        if self.rank == 0:
+            print(f"warmfit: {err}", file=sys.stderr, flush=True)
         raise err
 
     def _validate(self, val_data: Any) -> dict[str, float]:
@@ -651,6 +664,13 @@ class Trainer:
         tensors = dict(self._backend.state_tensors())
         for name, arr in rng["framework"].items():
             tensors[f"rng/{name}"] = arr
+        host_ranks = {}
+        if self.world_size > 1:  # every rank's own streams; rank 0's are the ones above
+            for r, (host, framework) in enumerate(self._gather_rank_streams(rng)):
+                if r:
+                    host_ranks[str(r)] = host
+                    for name, arr in framework.items():
+                        tensors[f"rng/rank{r}/{name}"] = arr
         if self._val_rows is not None:
             tensors["data/val_rows"] = self._val_rows
         loss_sum, count = self._partial
@@ -664,7 +684,7 @@ class Trainer:
             },
             "counters": self.counters.to_dict(),
             "epoch_partial": {"loss_sum": loss_sum, "samples": count},
-            "rng": {"host": rng["host"]},
+            "rng": {"host": rng["host"], **({"host_ranks": host_ranks} if host_ranks else {})},
             "schedule": {
                 "config": self.schedule.config() if isinstance(self.schedule, Schedule) else None,
                 "described": describe(self.schedule),
@@ -695,11 +715,10 @@ class Trainer:
         except (KeyError, TypeError) as err:
             raise StateMismatchError(f"the state is incomplete or malformed: {err!r}") from None
         self.counters = counters
-        fw = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
-        self._rng = {"host": state["rng"]["host"], "framework": fw}
+        self._rng = self._rank_streams(tensors, state["rng"])
         if self._in_fit:
             HostStreams.install(self._rng["host"])
-            self._backend.install_rng(fw)
+            self._backend.install_rng(self._rng["framework"])
         p = state["epoch_partial"]
         self._partial = (p["loss_sum"], p["samples"])
         sched = state["schedule"]
@@ -716,6 +735,47 @@ class Trainer:
             cb.load_state_dict(saved["state"])
         self.history = History(state["history"])
         self.ledger = Ledger(state["ledger"])
+
+    def _gather_rank_streams(
+        self, rng: Mapping[str, Any]
+    ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        """Every rank's random streams, gathered as JSON bytes (no pickle)."""
+        payload = json.dumps(
+            {
+                "host": rng["host"],
+                "framework": {k: v.tobytes().hex() for k, v in rng["framework"].items()},
+            }
+        ).encode()
+        out = []
+        for blob in self._backend.gather_bytes(payload):  # type: ignore[attr-defined]
+            doc = json.loads(blob)
+            fw = {
+                k: np.frombuffer(bytes.fromhex(v), dtype=np.uint8).copy()
+                for k, v in doc["framework"].items()
+            }
+            out.append((doc["host"], fw))
+        return out
+
+    def _rank_streams(
+        self, tensors: Mapping[str, np.ndarray], saved: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """This rank's streams from a checkpoint. A rank the checkpoint has no streams for
+        (resuming at a larger world size) starts fresh streams derived from the seed, its
+        rank and the step: the data order stays exact, in-model randomness cannot."""
+        if self.rank == 0:
+            fw = {
+                k[len("rng/") :]: v
+                for k, v in tensors.items()
+                if k.startswith("rng/") and not k.startswith("rng/rank")
+            }
+            return {"host": saved["host"], "framework": fw}
+        prefix = f"rng/rank{self.rank}/"
+        fw = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        host = saved.get("host_ranks", {}).get(str(self.rank))
+        if fw and host is not None:
+            return {"host": host, "framework": fw}
+        seed = self.seed + 1_000_003 * self.rank + self.counters.global_step
+        return {"host": HostStreams.seeded(seed), "framework": self._backend.seeded_rng(seed)}
 
     def _compare_settings(self, state: Mapping[str, Any]) -> list[str]:
         """Differences between this Trainer's settings and a checkpoint's, one line each."""
@@ -742,18 +802,21 @@ class Trainer:
         self._compare_settings(state)
         self._load_state(tensors, state)
         c = self.counters
-        print(
-            f"warmfit: resumed from {path} (run {c.run}, epoch {c.epoch}, offset {c.offset}, "
-            f"step {c.global_step})",
-            flush=True,
-        )
+        if self.rank == 0:
+            print(
+                f"warmfit: resumed from {path} (run {c.run}, epoch {c.epoch}, "
+                f"offset {c.offset}, step {c.global_step})",
+                flush=True,
+            )
 
     def _checkpoint(self, *, wait: bool) -> Path | None:
         """Snapshot the state into reused buffers and write it in the background (or wait)."""
         if self.run_dir is None or self._writer is None or self._buffers is None:
             return None
         self._writer.wait()  # one save in flight; the buffers are free again
-        tensors, state = self._collect_state()
+        tensors, state = self._collect_state()  # a collective under DDP: every rank calls it
+        if self.rank != 0:
+            return None
         snapshot = self._buffers.copy(tensors)  # the only work training waits for
         state = ckpt.snapshot_state(state)
         metric = _monitored(self.history, self.monitor)
@@ -781,7 +844,7 @@ class Trainer:
         self._backend.load_weights(weights)  # type: ignore[attr-defined]
 
     def _append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or self.rank != 0:
             return
         with open(self.run_dir.root / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=str) + "\n")

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import epoch_batches, fingerprint
+from ..data import epoch_batches, fingerprint, shard
+from ..distributed import DistContext
 from ..errors import StateMismatchError
 from ..schedules import TorchScheduler
 from ..state import derive_seed
@@ -66,14 +67,18 @@ class DatasetData:
 
 
 class _OrderSampler(torch.utils.data.Sampler):
-    """Yields the epoch's global batches from the offset on: warmfit's order, O(1) start."""
+    """Yields this rank's part of the epoch's global batches from the offset on:
+    warmfit's order, O(1) start."""
 
-    def __init__(self, order: np.ndarray, offset: int, batch_size: int) -> None:
+    def __init__(
+        self, order: np.ndarray, offset: int, batch_size: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.order, self.offset, self.batch_size = order, offset, batch_size
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
         for idx in epoch_batches(self.order, self.batch_size, self.offset):
-            yield idx.tolist()
+            yield shard(idx, self.rank, self.world).tolist()
 
     def __len__(self) -> int:
         return -(-(len(self.order) - self.offset) // self.batch_size)
@@ -99,6 +104,9 @@ class TorchBackend:
                 f"so that 'warm' and 'restart' can build a fresh one. Got {optimizer!r} instead."
             )
         self.device = torch.device(device)
+        self.dist = DistContext.from_env(self.device)
+        self.device = self.dist.device
+        self.ddp: nn.Module | None = None
         self.optimizer_factory = optimizer
         self.loss_fn = _resolve_loss(loss)
         self.loss_name = loss if isinstance(loss, str) else _name(loss)
@@ -118,7 +126,23 @@ class TorchBackend:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.scheduler_interval = "step"
-        self.check_each_step = self.device.type == "cpu"
+        # On the CPU reading a loss is free, so a NaN is caught before the optimizer
+        # step. Under DDP a rank cannot stop alone: losses are read at readout points.
+        self.check_each_step = self.device.type == "cpu" and not self.dist.active
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    def any_rank(self, flag: bool) -> bool:
+        return self.dist.any_rank(flag)
+
+    def gather_bytes(self, payload: bytes) -> list[bytes]:
+        return self.dist.gather_bytes(payload)
 
     # -- construction, warm and restart --------------------------------------------
     def init_model(self, seed: int, *, first: bool) -> None:
@@ -139,6 +163,11 @@ class TorchBackend:
             assert self.initial is not None
             with torch.no_grad():
                 self.model.load_state_dict(self.initial)
+        if self.dist.active and self.ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
     def init_optimizer(self, schedule: Any) -> None:
         self.optimizer = self.optimizer_factory(self.model.parameters())
@@ -156,10 +185,14 @@ class TorchBackend:
             self.scheduler_interval = schedule.interval
 
     def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
-        gen = torch.Generator().manual_seed(derive_seed(seed, "torch"))
+        # Rank 0's streams are those of a single process; other ranks get their own.
+        extra = (self.dist.rank,) if self.dist.rank else ()
+        gen = torch.Generator().manual_seed(derive_seed(seed, "torch", *extra))
         state = {"torch_cpu": gen.get_state().numpy().copy()}
         if torch.cuda.is_available() and self.device.type == "cuda":
-            cuda = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "cuda"))
+            cuda = torch.Generator(device=self.device).manual_seed(
+                derive_seed(seed, "cuda", *extra)
+            )
             state["cuda"] = cuda.get_state().numpy().copy()
         return state
 
@@ -233,8 +266,14 @@ class TorchBackend:
         if isinstance(data, DatasetData):
             yield from self._loader_batches(data, order, offset, batch_size, epoch)
             return
-        order_t = torch.from_numpy(order).to(self.device)
         x, y = data.x, data.y
+        if self.dist.active:
+            for idx in epoch_batches(order, batch_size, offset):
+                local = torch.from_numpy(shard(idx, self.dist.rank, self.dist.world_size))
+                local = local.to(self.device)
+                yield (x[local], None if y is None else y[local], len(idx))
+            return
+        order_t = torch.from_numpy(order).to(self.device)
         for start in range(offset, len(order_t), batch_size):
             idx = order_t[start : start + batch_size]
             yield (x[idx], None if y is None else y[idx])
@@ -245,18 +284,20 @@ class TorchBackend:
         # The loader's own generator seeds its workers; giving it one keeps it off the
         # trainer's global torch stream, so split and straight runs draw the same numbers.
         gen = torch.Generator().manual_seed(derive_seed(self._seed, "loader", epoch, offset))
+        rank, world = self.dist.rank, self.dist.world_size
         loader = torch.utils.data.DataLoader(
             data.dataset,
-            batch_sampler=_OrderSampler(order, offset, batch_size),
+            batch_sampler=_OrderSampler(order, offset, batch_size, rank, world),
             num_workers=self.num_workers,
             generator=gen,
             pin_memory=self.device.type == "cuda",
         )
-        for batch in loader:
+        global_sizes = (len(b) for b in epoch_batches(order, batch_size, offset))
+        for batch, size in zip(loader, global_sizes, strict=False):
             xb, yb = batch if isinstance(batch, (list, tuple)) else (batch, None)
             xb = xb.to(self.device, non_blocking=True)
             yb = None if yb is None else yb.to(self.device, non_blocking=True)
-            yield (xb, yb)
+            yield (xb, yb, size) if self.dist.active else (xb, yb)
 
     _seed = 0  # set by the Trainer; only the DataLoader worker seed uses it
 
@@ -273,6 +314,8 @@ class TorchBackend:
         return float(lr.item() if torch.is_tensor(lr) else lr)
 
     def train_step(self, batch: Any) -> Any:
+        if self.dist.active:
+            return self._ddp_step(*batch)
         xb, yb = batch
         out = self.model(xb)
         loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
@@ -289,6 +332,29 @@ class TorchBackend:
             self.scheduler.step()
         return value
 
+    def _ddp_step(self, xb: torch.Tensor, yb: torch.Tensor | None, global_n: int) -> Any:
+        """One step on this rank's shard of a global batch.
+
+        DDP averages gradients over ranks; weighting each rank's mean loss by
+        ``world * local_n / global_n`` makes that average the gradient of the mean loss
+        over the whole global batch, whatever the split — so the batch composition and
+        the update do not depend on the world size (up to float summation order).
+        """
+        assert self.ddp is not None
+        local_n = len(xb)
+        if local_n:
+            out = self.ddp(xb)
+            mean = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+            part = mean * (local_n / global_n)
+        else:  # a short last batch left this rank nothing: join the all-reduce with zeros
+            part = sum(p.sum() for p in self.model.parameters()) * 0.0
+        self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        (part * self.dist.world_size).backward()
+        self.optimizer.step()  # type: ignore[union-attr]
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+        return part.detach()
+
     def end_epoch(self) -> None:
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
@@ -298,7 +364,27 @@ class TorchBackend:
             return np.zeros(0)
         if isinstance(handles[0], float):
             return np.asarray(handles, dtype=np.float64)
-        return torch.stack(handles).double().cpu().numpy()
+        stacked = torch.stack(handles).double()
+        if self.dist.active:  # each rank holds its share of every global batch's mean
+            stacked = self.dist.all_sum(stacked)
+        return stacked.cpu().numpy()
+
+    def _all_rows(self, data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        """Every row in order, unsharded: evaluation and prediction run whole on each rank."""
+        if isinstance(data, DatasetData):
+            loader = torch.utils.data.DataLoader(
+                data.dataset,
+                batch_size=batch_size,
+                num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(0),  # keeps off the global stream
+            )
+            for batch in loader:
+                xb, yb = batch if isinstance(batch, (list, tuple)) else (batch, None)
+                yield xb.to(self.device), None if yb is None else yb.to(self.device)
+            return
+        for start in range(0, len(data), batch_size):
+            xb = data.x[start : start + batch_size]
+            yield xb, None if data.y is None else data.y[start : start + batch_size]
 
     @torch.no_grad()
     def evaluate(self, data: Any, batch_size: int) -> dict[str, float]:
@@ -306,9 +392,8 @@ class TorchBackend:
         self.model.eval()
         try:
             n = len(data)
-            order = np.arange(n, dtype=np.int64)
             totals: dict[str, torch.Tensor] = {}
-            for xb, yb in self.batches(data, order, 0, batch_size, epoch=0):
+            for xb, yb in self._all_rows(data, batch_size):
                 out = self.model(xb)
                 w = len(xb)
                 vals = {"loss": self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)}
@@ -326,10 +411,7 @@ class TorchBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            outs = [
-                self.model(xb)
-                for xb, _ in self.batches(data, np.arange(len(data)), 0, batch_size, 0)
-            ]
+            outs = [self.model(xb) for xb, _ in self._all_rows(data, batch_size)]
             return torch.cat(outs) if outs else torch.empty(0)
         finally:
             self.model.train(was_training)
