@@ -482,9 +482,19 @@ class Trainer:
         self._load_state(state_dict["tensors"], state_dict["state"])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a checkpoint folder at ``path`` (atomically; see :mod:`warmfit.checkpoint`)."""
+        """Write a checkpoint folder at ``path`` (atomically; see :mod:`warmfit.checkpoint`).
+
+        Under torchrun every rank must call it (the ranks' random streams are gathered);
+        rank 0 writes.
+        """
         tensors, state = self._collect_state()
-        return ckpt.write_checkpoint(path, tensors, state)
+        if self.rank != 0:
+            self._backend.dist.barrier()  # type: ignore[attr-defined]
+            return Path(path)
+        written = ckpt.write_checkpoint(path, tensors, state)
+        if self.world_size > 1:
+            self._backend.dist.barrier()  # type: ignore[attr-defined]
+        return written
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Any, **kwargs: Any) -> Trainer:

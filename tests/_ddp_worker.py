@@ -1,0 +1,82 @@
+"""A training process for the distributed tests, started by torchrun (or plainly, as a
+world of one): ``_ddp_worker.py RUN_DIR UNTIL_EPOCH [--dropout P] [--slow S] [--out PATH]
+[--seen DIR]``.
+
+Trains the conftest MLP on a map-style dataset that records which samples this rank
+read (written to ``--seen/rank<r>.json``), resuming from RUN_DIR if it holds a
+checkpoint; rank 0 writes the final state to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from conftest import MLP, make_data, make_trainer  # noqa: E402
+
+
+class Recording(torch.utils.data.Dataset):
+    def __init__(self, x, y, delay: float) -> None:  # type: ignore[no-untyped-def]
+        self.x, self.y, self.delay = torch.from_numpy(x), torch.from_numpy(y), delay
+        self.seen: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        self.seen.append(int(i))
+        if self.delay:
+            time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("until_epoch", type=int)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--seen", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    x, y = make_data(192)
+    data = Recording(x, y, args.slow)
+    trainer = make_trainer(
+        model=lambda: MLP(p=args.dropout), run_dir=args.run_dir, checkpoint_every=None
+    )
+    if args.seen:
+        Path(args.seen).mkdir(parents=True, exist_ok=True)
+        (Path(args.seen) / f"pid{rank}").write_text(str(os.getpid()))
+    data.seen.clear()  # the fingerprint probes of a resume are not training reads
+    start = trainer.global_step
+    print(f"rank {rank} of {trainer.world_size} started at step {start}", flush=True)
+    try:
+        trainer.fit(data, until_epoch=args.until_epoch, verbose=0)
+    finally:
+        if args.seen:
+            probes = {0, len(data) // 2, len(data) - 1}
+            reads = data.seen
+            # fit() fingerprints the dataset first: its three probe reads come first
+            if len(reads) >= 3 and set(reads[:3]) == probes:
+                reads = reads[3:]
+            (Path(args.seen) / f"rank{rank}.json").write_text(
+                json.dumps({"start_step": start, "reads": reads})
+            )
+    if args.out:
+        trainer.save(args.out)  # every rank calls it; rank 0 writes
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

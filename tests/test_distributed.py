@@ -1,0 +1,163 @@
+"""E7 with real torchrun, gloo and 2 processes on the CPU.
+
+- Same world size: a resumed run equals an uninterrupted one bit for bit.
+- Another world size: the same global sample order and batch composition; the weights
+  agree within a float tolerance, because the gradient of a global batch is summed in
+  another order (per-rank partial sums, then an all-reduce). See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import MLP, make_data, make_trainer
+
+import warmfit
+from warmfit.checkpoint import read_checkpoint
+from warmfit.data import epoch_batches, epoch_permutation, shard
+
+WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
+N, BS, SEED = 192, 16, 7
+STEPS_PER_EPOCH = N // BS
+#: Cross-world-size tolerance on every parameter after 2 epochs of Adam (measured
+#: differences are ~1e-6; see docs/design.md, "Distributed").
+ATOL = 1e-4
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def launch(world: int, run_dir: Path, until: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if world == 1:
+        cmd = [sys.executable, str(WORKER)]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={world}", str(WORKER),
+        ]  # fmt: skip
+    return subprocess.Popen(
+        [*cmd, str(run_dir), str(until), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def run(world: int, run_dir: Path, until: int, *extra: str) -> str:
+    proc = launch(world, run_dir, until, *extra)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def straight_single(until: int, dropout: float = 0.0) -> dict:
+    x, y = make_data(N)
+    t = make_trainer(model=lambda: MLP(p=dropout))
+    from _ddp_worker import Recording
+
+    t.fit(Recording(x, y, 0.0), until_epoch=until, verbose=0)
+    return t.state_dict()
+
+
+def weights(tensors: dict) -> dict[str, np.ndarray]:
+    return {k: v for k, v in tensors.items() if k.startswith("model/")}
+
+
+def expected_reads(rank: int, world: int, start_step: int, until_epoch: int) -> list[int]:
+    """What rank ``rank`` must read: its shard of every global batch from ``start_step``."""
+    reads: list[int] = []
+    epoch, offset = divmod(start_step, STEPS_PER_EPOCH)
+    for e in range(epoch, until_epoch):
+        order = epoch_permutation(SEED, e, N)
+        for batch in epoch_batches(order, BS, offset * BS if e == epoch else 0):
+            reads += shard(batch, rank, world).tolist()
+    return reads
+
+
+def reads_of(seen: Path, rank: int) -> tuple[int, list[int]]:
+    doc = json.loads((seen / f"rank{rank}.json").read_text())
+    return doc["start_step"], doc["reads"]
+
+
+def test_two_processes_match_one_on_the_same_global_batches(tmp_path):
+    run(2, tmp_path / "run", 2, "--out", str(tmp_path / "final"), "--seen", str(tmp_path / "seen"))
+    for rank in (0, 1):
+        start, reads = reads_of(tmp_path / "seen", rank)
+        assert start == 0 and reads == expected_reads(rank, 2, 0, 2)
+    tensors, state = read_checkpoint(tmp_path / "final")
+    ref = straight_single(2)
+    assert state["counters"]["global_step"] == 2 * STEPS_PER_EPOCH
+    for k, v in weights(ref["tensors"]).items():
+        assert np.allclose(tensors[k], v, rtol=0, atol=ATOL), k
+    assert state["ledger"][-1]["world_size"] == 2
+
+
+def test_same_world_size_resume_is_bit_exact_with_dropout(tmp_path):
+    run(2, tmp_path / "straight", 2, "--dropout", "0.2", "--out", str(tmp_path / "a"))
+    run(2, tmp_path / "split", 1, "--dropout", "0.2")
+    out = run(2, tmp_path / "split", 2, "--dropout", "0.2", "--out", str(tmp_path / "b"))
+    assert f"started at step {STEPS_PER_EPOCH}" in out
+    a, sa = read_checkpoint(tmp_path / "a")
+    b, sb = read_checkpoint(tmp_path / "b")
+    assert sorted(a) == sorted(b) and "rng/rank1/torch_cpu" in a
+    for k in a:
+        assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k])), k
+    assert sa["rng"] == sb["rng"]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_keeps_the_global_order(tmp_path, before, after):
+    run(before, tmp_path / "run", 1)
+    seen = tmp_path / "seen"
+    run(after, tmp_path / "run", 2, "--out", str(tmp_path / "final"), "--seen", str(seen))
+    for rank in range(after):
+        start, reads = reads_of(seen, rank)
+        assert start == STEPS_PER_EPOCH
+        assert reads == expected_reads(rank, after, STEPS_PER_EPOCH, 2)
+    tensors, state = read_checkpoint(tmp_path / "final")
+    assert [r["world_size"] for r in state["ledger"]] == [before, after]
+    ref = straight_single(2)
+    for k, v in weights(ref["tensors"]).items():
+        assert np.allclose(tensors[k], v, rtol=0, atol=ATOL), k
+
+
+def test_sigterm_on_one_rank_stops_all_at_one_step_then_resumes_exactly(tmp_path):
+    run(2, tmp_path / "straight", 3, "--out", str(tmp_path / "a"))
+    seen = tmp_path / "seen"
+    proc = launch(2, tmp_path / "run", 3, "--slow", "0.01", "--seen", str(seen))
+    deadline = time.time() + 120
+    while not (seen / "pid1").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # 36 steps of ~80 ms: somewhere in the first or second epoch
+    os.kill(int((seen / "pid1").read_text()), signal.SIGTERM)  # one rank only
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "training stopped by SIGTERM at global step" in err
+    _, state = read_checkpoint(warmfit.checkpoint.RunDir(tmp_path / "run").latest())
+    stopped = state["counters"]["global_step"]
+    assert 0 < stopped < 3 * STEPS_PER_EPOCH
+    # both ranks stopped after the same step: each read exactly its shards up to it
+    for rank in (0, 1):
+        _, reads = reads_of(seen, rank)
+        expected = expected_reads(rank, 2, 0, 3)
+        per_step = len(expected) // (3 * STEPS_PER_EPOCH)
+        assert reads == expected[: stopped * per_step]
+    run(2, tmp_path / "run", 3, "--out", str(tmp_path / "b"))
+    a, _ = read_checkpoint(tmp_path / "a")
+    b, _ = read_checkpoint(tmp_path / "b")
+    for k in a:
+        assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k])), k
