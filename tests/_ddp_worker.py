@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from conftest import MLP, make_data, make_trainer  # noqa: E402
+import torch
+
+from conftest import MLP, make_data, make_trainer
 
 
 class Recording(torch.utils.data.Dataset):

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MLP, make_data, make_trainer
 
 import warmfit
+from conftest import MLP, make_data, make_trainer
 from warmfit.checkpoint import read_checkpoint
 from warmfit.data import epoch_batches, epoch_permutation, shard
 
@@ -144,7 +144,7 @@ def test_sigterm_on_one_rank_stops_all_at_one_step_then_resumes_exactly(tmp_path
         time.sleep(0.1)
     time.sleep(1.0)  # 36 steps of ~80 ms: somewhere in the first or second epoch
     os.kill(int((seen / "pid1").read_text()), signal.SIGTERM)  # one rank only
-    out, err = proc.communicate(timeout=240)
+    _out, err = proc.communicate(timeout=240)
     assert proc.returncode != 0
     assert "training stopped by SIGTERM at global step" in err
     _, state = read_checkpoint(warmfit.checkpoint.RunDir(tmp_path / "run").latest())
