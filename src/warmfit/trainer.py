@@ -505,6 +505,97 @@ class Trainer:
         trainer._load_state(tensors, state)
         return trainer
 
+    def rewind(
+        self,
+        to: str | os.PathLike[str] = "best",
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+    ) -> Path:
+        """Restore the whole state — weights, optimizer, counters, random streams,
+        callbacks, history — from a checkpoint of the run directory, so that a following
+        ``continue`` is exact from there. Recorded in the ledger.
+
+        ``to="best"`` (by ``monitor``), ``"latest"``, a checkpoint path; or ``epoch=K``
+        (the checkpoint at the end of global epoch K) or ``step=S``.
+        """
+        if self.run_dir is None:
+            raise ValueError(
+                "rewind needs checkpoints: construct the Trainer with run_dir=... (or use "
+                "load_state_dict with a state_dict() you kept)."
+            )
+        if self._writer is not None:
+            self._writer.wait()
+        path = self._find_checkpoint(to, epoch, step)
+        tensors, state = ckpt.read_checkpoint(path)
+        ledger = self.ledger
+        self._load_state(tensors, state)
+        self.ledger = ledger  # the ledger records everything, the rewind included
+        record = {
+            "call": len(self.ledger),
+            "run": self.counters.run,
+            "mode": "rewind",
+            "to": Path(path).name,
+            "epoch_start": self.counters.epoch,
+            "step_start": self.counters.global_step,
+            "step_end": self.counters.global_step,
+            "epochs_done": 0,
+            "wall_s": 0.0,
+            "final": _final_metrics(self.history, self.history[-1]["segment"])
+            if len(self.history)
+            else {},
+        }
+        self.ledger.append(record)
+        self._append_jsonl("ledger.jsonl", record)
+        if self.verbose and self.rank == 0:
+            print(
+                f"warmfit: rewound to {path} (epoch {self.counters.epoch}, "
+                f"step {self.counters.global_step})",
+                flush=True,
+            )
+        return Path(path)
+
+    def _find_checkpoint(self, to: Any, epoch: int | None, step: int | None) -> Path:
+        assert self.run_dir is not None
+        if epoch is not None or step is not None:
+            for path in reversed(self.run_dir.checkpoints()):
+                c = ckpt._read_state_doc(path)["state"]["counters"]  # state.json only
+                if c["run"] != self.counters.run:
+                    continue
+                if (epoch is not None and c["epoch"] == epoch and c["offset"] == 0) or (
+                    step is not None and c["global_step"] == step
+                ):
+                    return path
+            kept = [p.name for p in self.run_dir.checkpoints()]
+            raise ValueError(
+                f"No checkpoint of run {self.counters.run} at "
+                f"{'epoch ' + str(epoch) if epoch is not None else 'step ' + str(step)}. "
+                f"Checkpoints kept: {kept}. Raise keep_last, or rewind to one of them."
+            )
+        if to == "best":
+            found = self.run_dir.best()
+        elif to == "latest":
+            found = self.run_dir.latest()
+        else:
+            found = Path(to)
+        if found is None:
+            raise ValueError(f"There is no {to!r} checkpoint in {self.run_dir.root} yet.")
+        return found
+
+    def plot_history(self, path: str | os.PathLike[str]) -> Path:
+        """Learning curves of the current run: train and validation loss over global
+        epochs, fit-call boundaries labelled with their mode, the best epoch marked, the
+        learning rate on a second axis. Writes a PNG."""
+        from .plots import plot_history
+
+        return plot_history(
+            self.history.records,
+            self.ledger.records,
+            path,
+            monitor=self.monitor,
+            mode=self.monitor_mode,
+        )
+
     def close(self) -> None:
         """Wait for a save in flight and release the run directory's lock."""
         if self._writer is not None:
