@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -70,7 +71,8 @@ def assert_same_training_state(
     assert ca == cb
     for key in ("rng", "epoch_partial", "backend", "callbacks", "schedule"):
         assert sa["state"][key] == sb["state"][key], f"state[{key!r}] differs"
-    assert a.learning_rate == b.learning_rate
+    lr_a, lr_b = a.learning_rate, b.learning_rate
+    assert lr_a == lr_b or (math.isnan(lr_a) and math.isnan(lr_b))
     assert _history_values(a) == _history_values(b)
 
 

@@ -92,6 +92,9 @@ class Trainer:
     deterministic:
         Turn on ``torch.use_deterministic_algorithms`` during fit (needed for bit-exact
         results on a GPU); recorded in the ledger.
+    backend_options:
+        Options for the backend only, e.g. ``{"estimators_per_round": 10}`` for a
+        scikit-learn ensemble.
     override:
         Settings you changed on purpose since the checkpoint in ``run_dir`` was written
         (e.g. ``("batch_size",)``); without it such a change is an error on ``continue``.
@@ -118,6 +121,7 @@ class Trainer:
         num_workers: int = 0,
         override: Iterable[str] = (),
         verbose: int = 1,
+        backend_options: Mapping[str, Any] | None = None,
     ) -> None:
         _check_int("batch_size", batch_size, "Trainer", minimum=1)
         _check_int("seed", seed, "Trainer", minimum=0)
@@ -134,6 +138,7 @@ class Trainer:
             kwargs["metrics"] = metrics
         if num_workers:
             kwargs["num_workers"] = num_workers
+        kwargs.update(backend_options or {})
         self._backend = select(model, **kwargs)
         self._backend._seed = seed  # type: ignore[attr-defined]
         self.world_size: int = getattr(self._backend, "world_size", 1)
@@ -208,6 +213,7 @@ class Trainer:
         verbose: int | None = None,
         rounds: int | None = None,
         steps: int | None = None,
+        new_data: bool = False,
     ) -> History:
         """Train for ``epochs`` *additional* epochs (or until global epoch ``until_epoch``).
 
@@ -218,7 +224,9 @@ class Trainer:
 
         ``steps=N`` trains exactly N more optimizer steps instead, and may stop in the
         middle of an epoch (the cursor keeps the offset; the next call finishes that
-        epoch first). ``rounds`` is the spelling of ``epochs`` for estimators that grow by rounds
+        epoch first). ``new_data=True`` declares a new chunk of a stream (as scikit-learn's
+        ``partial_fit``): the same-data check of ``continue`` is skipped; the cursor must
+        be on an epoch boundary. ``rounds`` is the spelling of ``epochs`` for estimators that grow by rounds
         (scikit-learn ensembles with ``warm_start``): one round is one epoch of the loop.
 
         Returns the run's :class:`~warmfit.history.History` (all epochs of the run).
@@ -228,6 +236,9 @@ class Trainer:
         """
         if mode not in MODES:
             raise invalid_param("mode", "Trainer.fit", MODES, mode)
+        check_mode = getattr(self._backend, "check_mode", None)
+        if check_mode is not None:  # a backend that cannot honour a mode says so first
+            check_mode(mode)
         if rounds is not None:
             if epochs is not None:
                 raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
@@ -268,7 +279,13 @@ class Trainer:
         val_rows = None
         if validation_split is not None:
             train_rows, val_rows = validation_split_rows(n_total, validation_split, self.seed)
-        self._check_data(mode, fp, shape, validation_split)
+        if new_data and self.counters.offset:
+            raise ValueError(
+                "new_data=True needs the cursor on an epoch boundary; finish the epoch first "
+                "(fit the previous data with until_epoch=trainer.epoch + 1) or use mode='warm'."
+            )
+        if not new_data:
+            self._check_data(mode, fp, shape, validation_split)
         if self._pending_diffs and mode == "continue":
             breaking = [d for d in self._pending_diffs if d.split(":")[0] in EXACTNESS_SETTINGS]
             if breaking:

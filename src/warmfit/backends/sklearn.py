@@ -1,0 +1,639 @@
+"""scikit-learn backend: estimators that learn through ``partial_fit`` or grow by rounds.
+
+Two kinds of estimator, one contract (``docs/sklearn.md``):
+
+- **partial_fit estimators** (SGD*, Perceptron, PassiveAggressive*, MLP*, the naive Bayes
+  family, MiniBatchKMeans, IncrementalPCA, ...): one epoch is one pass of ``partial_fit``
+  over warmfit's seeded batches, one call per batch (``classes=`` on the first call).
+- **round estimators** (RandomForest*/ExtraTrees*, GradientBoosting*,
+  HistGradientBoosting*, Bagging*): one round (one epoch of the loop, one step) is one
+  ``fit`` with ``warm_start=True`` that grows ``estimators_per_round`` more estimators
+  (``n_estimators``; ``max_iter`` for HistGradientBoosting).
+
+Owns: the estimator, its modes (``warm`` resets SGD's ``t_``/averages and MLP's
+optimizer; round estimators and estimators without optimizer state refuse ``warm``),
+and its state, which travels as one array: the estimator in skops' secure format
+(``model/skops``, uint8). Loading never unpickles; only skops' default-trusted types and
+:data:`TRUSTED_TYPES` are accepted. The dump is canonical (object ids renumbered, fixed
+zip timestamps), so equal estimators give identical bytes.
+
+Randomness: an estimator draws from its ``random_state``. An int or a RandomState
+instance is part of the estimator (and of its skops state); ``None`` means NumPy's global
+generator, which the Trainer swaps for its own seeded stream during fit. Forests and
+Bagging re-draw their tree seeds on every warm-start ``fit``; for them a non-int
+``random_state`` is replaced, for the duration of each round, by a generator rebuilt
+from a fixed state, so that rounds add up exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..data import fingerprint
+from ..errors import CheckpointError, StateMismatchError
+from ..state import derive_seed
+
+#: Types beyond skops' defaults that a checkpoint may contain. Anything else is refused.
+TRUSTED_TYPES = [
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+]
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_FILE_RE = re.compile(r"^(\d+)(\.\w+)$")
+
+
+class ArrayData:
+    """Training rows as numpy arrays; ``len`` is the number of rows."""
+
+    def __init__(self, x: Any, y: np.ndarray | None) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class RoundData(ArrayData):
+    """The whole data set as one indivisible unit: a round fits on all of it, so its
+    length (the Trainer's samples per epoch) is 1 and one epoch is one step."""
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _ensemble_key(est: Any) -> str | None:
+    """``"n_estimators"``/``"max_iter"`` for estimators that grow with warm_start."""
+    from sklearn.ensemble import BaseEnsemble
+    from sklearn.ensemble._gb import BaseGradientBoosting
+    from sklearn.ensemble._hist_gradient_boosting.gradient_boosting import (
+        BaseHistGradientBoosting,
+    )
+
+    if isinstance(est, BaseHistGradientBoosting):
+        return "max_iter"
+    if isinstance(est, (BaseGradientBoosting, BaseEnsemble)) and "warm_start" in est.get_params():
+        return "n_estimators"
+    return None
+
+
+def _reseeds_each_fit(est: Any) -> bool:
+    """Forests and Bagging draw their seeds from ``check_random_state(random_state)`` on
+    every warm-start fit (skipping one draw per existing estimator)."""
+    from sklearn.ensemble import BaseEnsemble
+    from sklearn.ensemble._gb import BaseGradientBoosting
+
+    return isinstance(est, BaseEnsemble) and not isinstance(est, BaseGradientBoosting)
+
+
+class SklearnBackend:
+    framework = "sklearn"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str = "cpu",
+        optimizer: Any = None,
+        loss: Any = None,
+        metrics: Any = (),
+        num_workers: int = 0,
+        estimators_per_round: int = 1,
+    ) -> None:
+        name = type(model).__name__
+        if optimizer is not None or loss is not None:
+            given = [n for n, v in (("optimizer", optimizer), ("loss", loss)) if v is not None]
+            raise TypeError(
+                f"{name} is a scikit-learn estimator: it has its own optimizer and loss (set "
+                f"them through its parameters, e.g. {name}(learning_rate_init=...)). Do not pass "
+                f"{' or '.join(repr(g) for g in given)} to Trainer."
+            )
+        if str(device) != "cpu":
+            raise ValueError(
+                f"The 'device' parameter of Trainer must be 'cpu' for scikit-learn estimators. "
+                f"Got {device!r} instead."
+            )
+        if num_workers:
+            raise ValueError(
+                "The 'num_workers' parameter of Trainer has no meaning for scikit-learn "
+                f"estimators (use the estimator's n_jobs). Got {num_workers!r} instead."
+            )
+        if (
+            isinstance(estimators_per_round, bool)
+            or not isinstance(estimators_per_round, int)
+            or (estimators_per_round < 1)
+        ):
+            raise ValueError(
+                "The 'estimators_per_round' parameter of SklearnBackend must be an int >= 1. "
+                f"Got {estimators_per_round!r} instead."
+            )
+        self.model = model
+        self.round_key = _ensemble_key(model)
+        if self.round_key is None and not hasattr(model, "partial_fit"):
+            raise TypeError(
+                f"{name} has no partial_fit and does not grow with warm_start, so warmfit "
+                "cannot give its fit calls a continue/warm/restart meaning. Supported: "
+                "estimators with partial_fit (SGDClassifier, MLPClassifier, GaussianNB, "
+                "MiniBatchKMeans, IncrementalPCA, ...) and RandomForest/ExtraTrees, "
+                "GradientBoosting, HistGradientBoosting and Bagging estimators."
+            )
+        self.kind = "rounds" if self.round_key is not None else "partial_fit"
+        self.estimators_per_round = estimators_per_round
+        self.metrics = _resolve_metrics(metrics)
+        self.classes: np.ndarray | None = None
+        self._pristine: Any = None
+        self._round_rng: Any = None
+        self._fresh = True
+        self._pending_warm = False
+        self._global_rng_attrs: list[str] = []
+
+    _seed = 0  # set by the Trainer
+
+    # -- modes ---------------------------------------------------------------------
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this estimator can honour."""
+        if self.kind == "partial_fit" and self._optimizer_kind() is not None:
+            return ("continue", "warm", "restart")
+        return ("continue", "restart")
+
+    def _optimizer_kind(self) -> str | None:
+        from sklearn.linear_model._stochastic_gradient import BaseSGD
+        from sklearn.neural_network._multilayer_perceptron import BaseMultilayerPerceptron
+
+        if isinstance(self.model, BaseSGD):
+            return "sgd"
+        if isinstance(self.model, BaseMultilayerPerceptron):
+            return "mlp"
+        return None
+
+    def check_mode(self, mode: str) -> None:
+        """Refuse a mode this estimator cannot honour (before anything changes)."""
+        if mode not in self.modes:
+            why = (
+                "it grows by rounds and has no optimizer state to reset"
+                if self.kind == "rounds"
+                else "its partial_fit state is sufficient statistics, not weights plus an optimizer"
+            )
+            raise ValueError(
+                f"mode={mode!r} is not supported for {type(self.model).__name__}: {why}. "
+                f"Supported modes: {self.modes}."
+            )
+
+    # -- construction, warm and restart --------------------------------------------
+    def init_model(self, seed: int, *, first: bool) -> None:
+        from sklearn.base import clone
+
+        if first:
+            self._pristine = clone(self.model)
+        else:
+            _become(self.model, clone(self._pristine))
+        self.classes = None
+        rs = self._pristine.random_state if hasattr(self._pristine, "random_state") else 0
+        if self.kind == "rounds" and _reseeds_each_fit(self.model) and not _is_int(rs):
+            base = (
+                np.random.RandomState(derive_seed(seed, "init", 1) % (1 << 32))
+                if rs is None
+                else rs
+            )
+            self._round_rng = base.get_state(legacy=True)
+        else:
+            self._round_rng = None
+        self._fresh = True
+
+    def init_optimizer(self, schedule: Any) -> None:
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"A schedule must be a function of the global step. Got {schedule!r}.")
+        if self._fresh:  # right after init_model: nothing to reset
+            self._fresh = False
+            return
+        self.check_mode("warm")
+        self._pending_warm = True  # applied by batches(), once the data is checked
+
+    def _reset_optimizer(self) -> None:
+        self._pending_warm = False
+        est = self.model
+        if self._optimizer_kind() == "sgd" and hasattr(est, "coef_"):
+            # What SGD's own warm-start fit resets: the step counter and the averages.
+            est.t_ = 1.0
+            if est.average and getattr(est, "_standard_coef", None) is not None:
+                est.coef_, est.intercept_ = est._standard_coef, est._standard_intercept
+                est._average_coef = np.zeros_like(est.coef_)
+                est._average_intercept = np.zeros_like(est.intercept_)
+        elif self._optimizer_kind() == "mlp" and hasattr(est, "_optimizer"):
+            del est._optimizer  # rebuilt by the next partial_fit (fresh Adam moments)
+
+    def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
+        return {}  # estimators draw from random_state or NumPy's global (host) stream
+
+    def capture_rng(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def install_rng(self, state: Mapping[str, np.ndarray]) -> None:
+        pass
+
+    # -- data ------------------------------------------------------------------------
+    def prepare(self, x: Any, y: Any) -> ArrayData:
+        name = type(self.model).__name__
+        self._pending_warm = False  # a warm call that failed its data check is over
+        xa = x if _is_sparse(x) else np.asarray(x)
+        if xa.ndim != 2:
+            raise ValueError(
+                f"x must be a 2-D array (samples, features) for {name}. Got shape {xa.shape}."
+            )
+        if xa.shape[0] == 0:
+            raise ValueError("x has no samples: nothing to train on.")
+        if not _is_sparse(xa) and (xa.dtype == object or xa.dtype.kind in "USV"):
+            raise TypeError(f"x must be numeric for {name}. Got dtype {xa.dtype}.")
+        ya = None if y is None else np.asarray(y)
+        if ya is not None and len(ya) != xa.shape[0]:
+            raise ValueError(
+                f"x and y must have the same number of samples. Got {xa.shape[0]} rows in x "
+                f"and {len(ya)} in y."
+            )
+        from sklearn.base import is_classifier
+
+        if is_classifier(self.model) and self.kind == "partial_fit" and ya is None:
+            raise ValueError(f"{name} is a classifier: pass the labels y.")
+        cls = RoundData if self.kind == "rounds" else ArrayData
+        return cls(xa, ya)
+
+    def _check_training_data(self, data: ArrayData) -> None:
+        """Before the first step of a call (after the mode is applied): the estimator can
+        go on with these features and classes. Nothing has changed yet when it raises."""
+        from sklearn.base import is_classifier
+
+        name = type(self.model).__name__
+        n_in = getattr(self.model, "n_features_in_", None)
+        if n_in is not None and data.x.shape[1] != n_in:
+            raise ValueError(
+                f"x has {data.x.shape[1]} features, but {name} was trained on {n_in}. Pass "
+                "data with the same features, or fit with mode='restart'."
+            )
+        if not is_classifier(self.model) or data.y is None:
+            return
+        seen = np.unique(data.y)
+        known = getattr(self.model, "classes_", None)
+        if known is None:
+            known = self.classes if self.classes is not None else seen
+        new = np.setdiff1d(seen, known)
+        if len(new):
+            raise ValueError(
+                f"y has classes {new.tolist()} that {name} was not trained with (its classes "
+                f"are {np.asarray(known).tolist()}). partial_fit cannot add classes; fit with "
+                "mode='restart' on data with every class."
+            )
+        self.classes = np.asarray(known)
+
+    def subset(self, data: Any, rows: np.ndarray) -> Any:
+        if isinstance(data, RoundData):
+            raise ValueError(
+                f"validation_split is not available for {type(self.model).__name__} (a "
+                "round fits on the whole data at once). Pass validation_data=(x_val, y_val)."
+            )
+        return ArrayData(data.x[rows], None if data.y is None else data.y[rows])
+
+    def fingerprint(self, data: Any) -> tuple[str, list[int]]:
+        x = data.x.toarray() if _is_sparse(data.x) else data.x
+        return fingerprint(x, data.y), list(data.x.shape)
+
+    def batches(
+        self, data: Any, order: np.ndarray, offset: int, batch_size: int, epoch: int
+    ) -> Iterator[Any]:
+        if isinstance(data, RoundData):
+            if offset == 0:
+                yield (data.x, data.y)
+            return
+        self._check_training_data(data)
+        if self._pending_warm:
+            self._reset_optimizer()
+        x, y = data.x, data.y
+        for start in range(offset, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield (x[idx], None if y is None else y[idx])
+
+    # -- training --------------------------------------------------------------------
+    def train_mode(self, training: bool) -> None:
+        pass
+
+    def learning_rate(self) -> float:
+        """The step size the estimator would use next (nan if it has none)."""
+        est, kind = self.model, self._optimizer_kind()
+        if kind == "sgd":
+            t = 1.0 if self._pending_warm else getattr(est, "t_", 1.0)
+            if est.learning_rate == "optimal":
+                return float("nan")  # needs sklearn's private optimal_init; not reported
+            if est.learning_rate == "invscaling":
+                return float(est.eta0 / math.pow(t, est.power_t))
+            return float(est.eta0)
+        if kind == "mlp":
+            opt = getattr(est, "_optimizer", None)
+            if est.solver == "sgd" and opt is not None:
+                return float(opt.learning_rate)
+            return float(est.learning_rate_init)
+        lr = getattr(est, "learning_rate", None)
+        return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else math.nan
+
+    def set_learning_rate(self, lr: float) -> None:
+        est, kind = self.model, self._optimizer_kind()
+        if kind == "sgd" and est.learning_rate == "constant":
+            est.eta0 = lr
+        elif kind == "mlp" and est.solver in ("adam", "sgd"):
+            est.learning_rate_init = lr
+            opt = getattr(est, "_optimizer", None)
+            if opt is not None:
+                opt.learning_rate_init = lr
+                opt.learning_rate = lr
+        else:
+            raise ValueError(
+                f"A warmfit schedule or ReduceLROnPlateau needs a learning rate it can set; "
+                f"{type(self.model).__name__} has none warmfit can set (SGD estimators need "
+                "learning_rate='constant'; MLP estimators need solver='adam' or 'sgd'). "
+                "Use the estimator's own schedule instead."
+            )
+
+    def train_step(self, batch: Any) -> Any:
+        xb, yb = batch
+        if self.kind == "rounds":
+            self._grow(xb, yb)
+            return None
+        est = self.model
+        kwargs = {}
+        if self.classes is not None and not hasattr(est, "classes_"):
+            kwargs["classes"] = self.classes
+        if yb is None:
+            est.partial_fit(xb, **kwargs)
+        else:
+            est.partial_fit(xb, yb, **kwargs)
+        loss = getattr(est, "loss_", None)  # MLP: the loss of this batch, already computed
+        return float(loss) if loss is not None else None
+
+    def _grow(self, x: Any, y: Any) -> None:
+        est, key = self.model, self.round_key
+        assert key is not None
+        if key == "max_iter":
+            done = getattr(est, "n_iter_", 0)
+        elif hasattr(est, "estimators_"):
+            done = est.n_estimators_ if hasattr(est, "n_estimators_") else len(est.estimators_)
+        else:
+            done = 0
+        saved = {"warm_start": est.warm_start, "random_state": est.random_state}
+        params: dict[str, Any] = {"warm_start": True, key: done + self.estimators_per_round}
+        if self._round_rng is not None:
+            rng = np.random.RandomState()
+            rng.set_state(self._round_rng)
+            params["random_state"] = rng
+        est.set_params(**params)
+        try:
+            est.fit(x, y)
+        finally:
+            est.set_params(**saved)
+
+    def end_epoch(self) -> None:
+        pass
+
+    def read_losses(self, handles: list[Any]) -> np.ndarray | None:
+        if not handles or any(h is None for h in handles):
+            return None
+        return np.asarray(handles, dtype=np.float64)
+
+    def evaluate(self, data: Any, batch_size: int) -> dict[str, float]:
+        from sklearn import metrics as skm
+        from sklearn.base import is_classifier, is_regressor
+
+        est, x, y = self.model, data.x, data.y
+        out: dict[str, float] = {}
+        if is_classifier(est) and y is not None:
+            pred = est.predict(x)
+            if hasattr(est, "predict_proba"):
+                out["loss"] = float(skm.log_loss(y, est.predict_proba(x), labels=est.classes_))
+            else:
+                out["loss"] = float(skm.zero_one_loss(y, pred))
+            out["accuracy"] = float(skm.accuracy_score(y, pred))
+        elif is_regressor(est) and y is not None:
+            pred = est.predict(x)
+            out["loss"] = float(skm.mean_squared_error(y, pred))
+        elif hasattr(est, "inverse_transform"):  # IncrementalPCA: reconstruction error
+            pred = None
+            rec = est.inverse_transform(est.transform(x))
+            out["loss"] = float(np.mean((np.asarray(x) - rec) ** 2))
+        else:  # clusterers: mean distance to the closest centre, squared
+            pred = est.predict(x) if hasattr(est, "predict") else None
+            out["loss"] = float(-est.score(x) / x.shape[0])
+        for name, fn in self.metrics.items():
+            out[name] = float(fn(y, pred))
+        return out
+
+    def predict(self, x: Any, batch_size: int) -> Any:
+        est = self.model
+        return est.predict(x) if hasattr(est, "predict") else est.transform(x)
+
+    # -- state -----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        # An attribute holding NumPy's global generator (random_state=None: MLP's and
+        # MiniBatchKMeans' ``_random_state``) is stored as None and restored as the global
+        # generator, which the Trainer's host stream drives; a copy would diverge.
+        est = self.model
+        glob = np.random.mtrand._rand
+        self._global_rng_attrs = sorted(k for k, v in vars(est).items() if v is glob)
+        for k in self._global_rng_attrs:
+            setattr(est, k, None)
+        try:
+            blob = dumps(est)
+        finally:
+            for k in self._global_rng_attrs:
+                setattr(est, k, glob)
+        return {"model/skops": np.frombuffer(blob, dtype=np.uint8)}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "estimator": _qualname(self.model),
+            "classes": None if self.classes is None else self.classes.tolist(),
+            "round_rng": None if self._round_rng is None else _rng_to_json(self._round_rng),
+            "global_rng_attrs": list(self._global_rng_attrs),
+        }
+
+    def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        if meta.get("estimator") != _qualname(self.model):
+            raise StateMismatchError(
+                f"the checkpoint holds a {meta.get('estimator')}, this Trainer trains a "
+                f"{_qualname(self.model)}. Pass an estimator of the class that wrote it."
+            )
+        self._global_rng_attrs = list(meta.get("global_rng_attrs", []))
+        self.load_weights(tensors)
+        classes = meta.get("classes")
+        self.classes = None if classes is None else np.asarray(classes)
+        rr = meta.get("round_rng")
+        self._round_rng = None if rr is None else _rng_from_json(rr)
+        self._fresh = False
+        self._pending_warm = False
+
+    def load_weights(self, tensors: Mapping[str, np.ndarray], dtypes: Any = None) -> None:
+        """Make the estimator the one stored in ``tensors['model/skops']``."""
+        if "model/skops" not in tensors:
+            raise StateMismatchError(
+                "the checkpoint has no 'model/skops' entry: it was not written by the "
+                "scikit-learn backend. Resume it with the backend that wrote it."
+            )
+        loaded = loads(np.asarray(tensors["model/skops"], dtype=np.uint8).tobytes())
+        if type(loaded) is not type(self.model):
+            raise StateMismatchError(
+                f"the checkpoint holds a {_qualname(loaded)}, this Trainer trains a "
+                f"{_qualname(self.model)}. Pass an estimator of the class that wrote it."
+            )
+        _become(self.model, loaded)
+        for k in self._global_rng_attrs:
+            setattr(self.model, k, np.random.mtrand._rand)
+
+    def describe(self) -> dict[str, Any]:
+        params = {
+            k: _jsonable(v)
+            for k, v in self.model.get_params(deep=False).items()
+            if k not in ("learning_rate_init", "eta0", "warm_start", self.round_key)
+        }
+        return {
+            "framework": "sklearn",
+            "model": _qualname(self.model),
+            "estimator": _qualname(self.model),
+            "params": params,
+            "estimators_per_round": self.estimators_per_round if self.kind == "rounds" else None,
+        }
+
+
+# -- skops: secure, canonical -----------------------------------------------------------
+def dumps(est: Any) -> bytes:
+    """``est`` in skops' format, canonical: equal estimators give identical bytes (object
+    ids renumbered in document order, files renamed after them, fixed zip timestamps)."""
+    import skops.io as sio
+
+    raw = zipfile.ZipFile(io.BytesIO(sio.dumps(est)))
+    schema = json.loads(raw.read("schema.json"))
+    ids: dict[int, int] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "__id__" in node:
+                node["__id__"] = ids.setdefault(node["__id__"], len(ids))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    renamed: dict[str, str] = {}
+
+    def rename(node: Any) -> None:
+        if isinstance(node, dict):
+            f = node.get("file")
+            if isinstance(f, str) and (m := _FILE_RE.match(f)):
+                num = ids.setdefault(int(m.group(1)), len(ids))
+                node["file"] = renamed.setdefault(f, f"{num}{m.group(2)}")
+            for value in node.values():
+                rename(value)
+        elif isinstance(node, list):
+            for value in node:
+                rename(value)
+
+    rename(schema)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr(zipfile.ZipInfo("schema.json", _ZIP_DATE), json.dumps(schema, indent=1))
+        for old, new in sorted(renamed.items(), key=lambda kv: kv[1]):
+            z.writestr(zipfile.ZipInfo(new, _ZIP_DATE), raw.read(old))
+    return out.getvalue()
+
+
+def loads(data: bytes, trusted: list[str] | None = None) -> Any:
+    """The estimator in ``data`` (skops format). Refuses any type that is neither in
+    skops' defaults nor in ``trusted`` (default :data:`TRUSTED_TYPES`); never unpickles."""
+    import skops.io as sio
+
+    allowed = TRUSTED_TYPES if trusted is None else trusted
+    try:
+        untrusted = sio.get_untrusted_types(data=data)
+    except Exception as err:  # a damaged or foreign file
+        raise CheckpointError("model/skops", f"not a readable skops file: {err}") from None
+    refused = sorted(set(untrusted) - set(allowed))
+    if refused:
+        raise CheckpointError(
+            "model/skops",
+            f"the estimator contains untrusted types {refused}; refusing to load them (they "
+            "could run code). If you trust this checkpoint, add the type names to "
+            "warmfit.backends.sklearn.TRUSTED_TYPES.",
+        )
+    return sio.loads(data, trusted=list(untrusted))
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _become(target: Any, source: Any) -> None:
+    """Make ``target`` an exact copy of ``source`` in place (the estimator object stays the
+    one the user holds, as with the PyTorch backend)."""
+    target.__dict__.clear()
+    target.__dict__.update(source.__dict__)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_sparse(x: Any) -> bool:
+    return hasattr(x, "tocsr") and hasattr(x, "nnz")
+
+
+def _rng_to_json(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+def _rng_from_json(obj: list) -> tuple:
+    name, keys, pos, has_gauss, cached = obj
+    return (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(i) for i in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(i) for k, i in v.items()}
+    if isinstance(v, np.random.RandomState):
+        return "RandomState"
+    return repr(v)
+
+
+def _resolve_metrics(metrics: Any) -> dict[str, Any]:
+    from sklearn import metrics as skm
+
+    named = {"accuracy": skm.accuracy_score, "r2": skm.r2_score, "mse": skm.mean_squared_error}
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    out = {}
+    for m in metrics or ():
+        if isinstance(m, str):
+            if m not in named:
+                raise ValueError(
+                    f"Unknown metric {m!r}. Expected one of {set(named)} or a callable "
+                    "(y_true, y_pred) -> float."
+                )
+            out[m] = named[m]
+        else:
+            out[getattr(m, "__name__", repr(m))] = m
+    return out
