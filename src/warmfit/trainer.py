@@ -226,8 +226,9 @@ class Trainer:
         middle of an epoch (the cursor keeps the offset; the next call finishes that
         epoch first). ``new_data=True`` declares a new chunk of a stream (as scikit-learn's
         ``partial_fit``): the same-data check of ``continue`` is skipped; the cursor must
-        be on an epoch boundary. ``rounds`` is the spelling of ``epochs`` for estimators that grow by rounds
-        (scikit-learn ensembles with ``warm_start``): one round is one epoch of the loop.
+        be on an epoch boundary. ``rounds`` is the spelling of ``epochs`` for estimators
+        that grow by rounds (scikit-learn ensembles with ``warm_start``): one round is one
+        epoch of the loop.
 
         Returns the run's :class:`~warmfit.history.History` (all epochs of the run).
         Raises ``ValueError`` before anything changes when the arguments or the data are
