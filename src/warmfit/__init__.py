@@ -17,6 +17,7 @@ from .errors import (
     WarmfitError,
 )
 from .history import History, Ledger
+from .monitor import OverfittingMonitor, OverfittingWarning
 from .trainer import MODES, Trainer
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "History",
     "Ledger",
     "NonFiniteLossError",
+    "OverfittingMonitor",
+    "OverfittingWarning",
     "ReduceLROnPlateau",
     "RunDirLockedError",
     "StateMismatchError",

@@ -1,15 +1,25 @@
-"""The command line: ``warmfit demo | inspect | verify``.
+"""The command line: ``warmfit train | history | check-resume | demo | inspect | verify``.
 
 Every command has ``--help``. The CLI sits on top of the library and imports only
-what the chosen command needs.
+what the chosen command needs. Exit status: 0 on success, 1 when the command ran and
+found a problem (an error in the spec, a damaged checkpoint, a resume that is not
+exact), 2 for a wrong command line (argparse), 130 after an interrupt (the checkpoint
+is written; run the same command again to go on).
+
+``warmfit train SPEC`` is the process-level "fit again": the Trainer resumes from the
+newest checkpoint in the run directory when it is built, so running the same command
+again trains ``--epochs`` more epochs, continuing exactly where the last one stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -38,24 +48,272 @@ def _verify(args: argparse.Namespace) -> int:
     results = verify_run_dir(args.run_dir)
     bad = 0
     for path, problem in results:
-        print(f"{'ok     ' if problem is None else 'DAMAGED'}  {path}{'' if problem is None else ': ' + problem}")
+        status = "ok     " if problem is None else "DAMAGED"
+        print(f"{status}  {path}{'' if problem is None else ': ' + problem}")
         bad += problem is not None
     print(f"{len(results)} checkpoints, {bad} damaged")
     return 1 if bad else 0
 
 
+# -- train ------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .errors import TrainingInterrupted, WarmfitError
+    from .spec import load_spec
+
+    try:
+        spec = load_spec(args.spec)
+        how: dict[str, int]
+        if args.steps is not None:
+            how = {"steps": args.steps}
+        elif args.until_epoch is not None:
+            how = {"until_epoch": args.until_epoch}
+        elif args.epochs is not None:
+            how = {"epochs": args.epochs}
+        elif spec.epochs is not None:
+            how = {"epochs": spec.epochs}
+        else:
+            raise ValueError(
+                f"spec {spec.path} sets no 'epochs'; pass --epochs N (additional epochs), "
+                "--until-epoch K or --steps N, or add epochs = N to the spec"
+            )
+        run_dir = Path(args.run_dir) if args.run_dir is not None else spec.default_run_dir()
+        overrides: dict[str, Any] = {}
+        if args.verbose is not None:
+            overrides["verbose"] = args.verbose
+        data = spec.load_data()
+        with spec.build_trainer(run_dir=run_dir, **overrides) as trainer:
+            trainer.fit(data.x, data.y, mode=args.mode, **how, **data.fit_kwargs())
+            c = trainer.counters
+            print(
+                f"run dir {run_dir}: run {c.run}, epoch {c.epoch}, step {c.global_step}. "
+                "Run the same command again to train more (mode continue); "
+                f"`warmfit history {run_dir}` shows the ledger and the curves."
+            )
+    except TrainingInterrupted as err:
+        print(f"warmfit train: {err}", file=sys.stderr)
+        return 130
+    except (WarmfitError, ValueError, TypeError) as err:
+        print(f"warmfit train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- history ----------------------------------------------------------------------------------
+
+
+def read_run(root: str | Path, run: int | None = None) -> tuple[int, list[dict], list[dict]]:
+    """``(run, history records of that run, ledger records of every run)`` of a run dir.
+
+    Reads ``ledger.jsonl`` and ``history-run<N>.jsonl`` (written as training goes; a
+    record that a resume or a rewind trained again replaces the earlier one), or, if
+    they are missing, the ``history`` and ``ledger`` of the newest checkpoint. ``run``
+    defaults to the newest run.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such run directory")
+    ledger = _read_jsonl(root / "ledger.jsonl", "call")
+    runs = sorted(
+        int(m.group(1))
+        for p in root.glob("history-run*.jsonl")
+        if (m := re.fullmatch(r"history-run(\d+)\.jsonl", p.name))
+    )
+    checkpoint_state = None
+    if not ledger or not runs:
+        checkpoint_state = _latest_checkpoint_state(root)
+        if checkpoint_state is not None:
+            ledger = ledger or list(checkpoint_state.get("ledger", []))
+    if run is None:
+        known = runs + [r["run"] for r in ledger if isinstance(r.get("run"), int)]
+        if checkpoint_state is not None:
+            known.append(checkpoint_state["counters"]["run"])
+        run = max(known, default=0)
+    file = root / f"history-run{run}.jsonl"
+    if file.exists():
+        history = _read_jsonl(file, "epoch")
+    elif checkpoint_state is not None and checkpoint_state["counters"]["run"] == run:
+        history = list(checkpoint_state.get("history", []))
+    else:
+        history = []
+    return run, history, ledger
+
+
+def _read_jsonl(path: Path, key: str) -> list[dict]:
+    """Records in file order; a record whose ``key`` is not above the previous ones'
+    replaces those (the steps were trained again after a resume or rewind)."""
+    if not path.exists():
+        return []
+    out: list[dict] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warmfit history: {path}:{n}: skipping a damaged line", file=sys.stderr)
+            continue
+        value = record.get(key)
+        if isinstance(value, int):
+            out = [r for r in out if not (isinstance(r.get(key), int) and r[key] >= value)]
+        out.append(record)
+    return out
+
+
+def _latest_checkpoint_state(root: Path) -> dict | None:
+    from .checkpoint import RunDir, read_checkpoint
+
+    latest = RunDir(root).latest
+    if callable(latest):  # a method in newer checkpoint.py, a property before
+        latest = latest()
+    if latest is None:
+        return None
+    return read_checkpoint(latest, verify=False)[1]
+
+
+def _history(args: argparse.Namespace) -> int:
+    from .errors import WarmfitError
+    from .history import Ledger, epoch_table
+    from .monitor import summary_line
+
+    try:
+        run, history, ledger = read_run(args.run, args.run_index)
+    except (FileNotFoundError, WarmfitError) as err:
+        print(f"warmfit history: {err}", file=sys.stderr)
+        return 1
+    if not ledger and not history:
+        print(
+            f"warmfit history: {args.run} holds no ledger, history or checkpoint yet; "
+            "train first (warmfit train SPEC --run-dir ...)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"== ledger: {len(ledger)} fit calls")
+    print(Ledger(ledger).table())
+    print(f"\n== history of run {run}: {len(history)} epoch{'s' * (len(history) != 1)}")
+    print(epoch_table(history) if history else "(no completed epoch)")
+    if history:
+        print(summary_line(history, args.monitor, args.monitor_mode))
+    if args.plot:
+        from .plots import plot_history
+
+        path = plot_history(
+            history,
+            [r for r in ledger if r.get("run", run) == run],
+            args.plot,
+            monitor=args.monitor,
+            mode=args.monitor_mode,
+            title=f"{Path(args.run).name} (run {run})",
+        )
+        print(f"learning curves written to {path}")
+    return 0
+
+
+# -- check-resume -------------------------------------------------------------------------------
+
+
+def _check_resume(args: argparse.Namespace) -> int:
+    from .check import check_resume
+    from .errors import WarmfitError
+    from .spec import load_spec
+
+    try:
+        report = check_resume(load_spec(args.spec), args.steps, cuts=args.cut)
+    except (WarmfitError, ValueError, TypeError) as err:
+        print(f"warmfit check-resume: {err}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0 if report.exact else 1
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="warmfit", description="One explicit, exact and resumable meaning of 'call fit() again'."
+        prog="warmfit",
+        description="One explicit, exact and resumable meaning of 'call fit() again'.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train from a TOML spec; run it again to continue the run",
+        description="Train the model a TOML spec describes. The run directory keeps the "
+        "checkpoints, the ledger and the history: running the same command again resumes "
+        "from the newest checkpoint and trains more (--epochs are always additional).",
+    )
+    p.add_argument("spec", help="the TOML spec (see examples/digits.toml)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--epochs", type=_positive_int, help="additional epochs (default: the spec's)")
+    how.add_argument("--until-epoch", type=_positive_int, help="train until this global epoch")
+    how.add_argument("--steps", type=_positive_int, help="additional optimizer steps")
+    p.add_argument(
+        "--mode",
+        choices=("continue", "warm", "restart"),
+        default="continue",
+        help="continue (default): go on exactly; warm: keep the weights, fresh optimizer, "
+        "schedule and callbacks; restart: a new run from the seed (the old one stays on disk)",
+    )
+    p.add_argument(
+        "--run-dir", help="where the run lives (default: the spec's run_dir, or runs/<spec stem>)"
+    )
+    p.add_argument("--verbose", type=int, default=None, help="0 for quiet (default: the spec's)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "history",
+        help="the ledger and per-epoch history of a run dir (--plot for learning curves)",
+        description="Print the ledger (one row per fit call) and the per-epoch history of a "
+        "run directory, and the overfitting monitor's summary line.",
+    )
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw the learning curves to this PNG")
+    p.add_argument(
+        "--run", dest="run_index", type=int, default=None, help="which run (default: the newest)"
+    )
+    p.add_argument("--monitor", default="val_loss", help="the value whose best epoch is marked")
+    p.add_argument("--monitor-mode", choices=("min", "max"), default="min")
+    p.set_defaults(func=_history)
+
+    p = sub.add_parser(
+        "check-resume",
+        help="check that training resumes bit-exactly (prints 'exact' or the divergence)",
+        description="Train N steps straight, and the same N steps split by a save and a "
+        "load into a fresh Trainer; compare weights, optimizer state, counters, RNG streams, "
+        "schedule and history bit for bit. Prints 'exact' (exit 0), or the first step where "
+        "the runs diverge and the state entries that differ (exit 1).",
+    )
+    p.add_argument("spec", help="the TOML spec")
+    p.add_argument("--steps", type=_positive_int, required=True, help="N, the steps to train")
+    p.add_argument(
+        "--cut",
+        type=_positive_int,
+        action="append",
+        help="save and load after this step (repeatable; default: N//2 and a mid-epoch cut)",
+    )
+    p.set_defaults(func=_check_resume)
+
     p = sub.add_parser("demo", help="train an MLP on scikit-learn's digits in several fit calls")
     p.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary dir)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("inspect", help="summarise a checkpoint: counters, tensors, integrity")
     p.add_argument("checkpoint")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("verify", help="check every checkpoint of a run dir (exit 1 if any is damaged)")
+    p = sub.add_parser(
+        "verify", help="check every checkpoint of a run dir (exit 1 if any is damaged)"
+    )
     p.add_argument("run_dir")
     p.set_defaults(func=_verify)
     return parser

@@ -46,6 +46,7 @@ from .errors import (
     invalid_param,
 )
 from .history import History, Ledger, epoch_table
+from .progress import Progress
 from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config
 from .state import Counters, HostStreams
 
@@ -358,7 +359,8 @@ class Trainer:
         started = time.perf_counter()
         stopped_by = None
         try:
-            with self._fit_context():
+            with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
+                self._progress = progress
                 for cb in self.callbacks:
                     cb.on_fit_start(self, mode)
                 step_target = None if steps is None else self.counters.global_step + steps
@@ -403,8 +405,12 @@ class Trainer:
         n, bs = len(data), self.batch_size
         per_step_lr = self.schedule is not None and not isinstance(self.schedule, TorchScheduler)
         self._apply_lr()
+        progress = self._progress
         while c.epoch < target:
             order = epoch_permutation(self.seed, c.epoch, n, shuffle=shuffle)
+            progress.start_epoch(
+                c.epoch + 1, None if target == sys.maxsize else target, -(-n // bs), c.offset // bs
+            )
             losses, sizes = [], []
             for batch in backend.batches(data, order, c.offset, bs, c.epoch):
                 if per_step_lr:
@@ -418,6 +424,8 @@ class Trainer:
                 c.global_step += 1
                 c.offset += size
                 c.samples_seen += size
+                last = losses[-1]  # a float only where reading it was free (CPU)
+                progress.advance(c.global_step, last if type(last) is float else None)
                 if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
                     self._fold_losses(losses, sizes)
                     self._checkpoint(wait=False)
@@ -446,6 +454,7 @@ class Trainer:
             if val_data is not None:
                 logs.update(self._validate(val_data))
             logs["lr"] = backend.learning_rate()
+            progress.end_epoch(logs)
             self.history.append(logs)
             self._append_jsonl(f"history-run{c.run}.jsonl", logs)
             if verbose and self.rank == 0:

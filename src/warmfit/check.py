@@ -1,0 +1,325 @@
+"""Check that a training setup resumes exactly: ``warmfit check-resume SPEC --steps N``.
+
+Owns: :func:`check_resume` (train N steps straight, and the same N steps split by a
+save and a load into a fresh Trainer; compare the states bit for bit; on a difference,
+find the first step where the two runs diverge and the state entries that differ),
+:func:`compare_states` and the :class:`Report`.
+
+Does not own: training or checkpoints — it uses the public ``Trainer.fit(steps=)``,
+``Trainer.save`` and ``Trainer.load_state_dict`` with
+:func:`warmfit.checkpoint.read_checkpoint`, exactly as a user's resume would.
+
+What is compared (what a resume must reproduce): every tensor of the state (weights,
+optimizer slots, framework RNG streams), the counters (except ``fit_calls``, which
+differs by design), the host RNG streams, the partial epoch, the backend's state
+(optimizer param groups, scheduler), the schedule, the callbacks' states and the
+history values (not the segment and mode of a record, which say which call wrote it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import read_checkpoint
+from .spec import Spec
+from .trainer import validation_split_rows
+
+#: History keys that say which call wrote a record, or when: not training results.
+HISTORY_META = ("segment", "mode", "time", "wall_s")
+STATE_KEYS = ("counters", "rng", "epoch_partial", "backend", "schedule", "callbacks", "history")
+
+
+@dataclass
+class Report:
+    """The result of :func:`check_resume`.
+
+    ``exact``: the split runs ended bit-identical to the straight one. Otherwise
+    ``first_step`` is the first global step after which the runs differ (None if a
+    step-by-step rerun did not reproduce the difference), ``cut`` the step where that
+    split run was saved and loaded, and ``entries`` the state entries that differ there.
+    """
+
+    exact: bool
+    steps: int
+    cuts: list[int]
+    first_step: int | None = None
+    cut: int | None = None
+    entries: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def __str__(self) -> str:
+        cuts = ", ".join(str(k) for k in self.cuts)
+        if self.exact:
+            return (
+                "exact\n"
+                f"{self.steps} steps straight == k steps, save, load into a fresh Trainer, "
+                f"{self.steps} - k steps (k = {cuts}): weights, optimizer state, counters, "
+                "RNG streams, schedule, callbacks and history are bit-identical."
+            )
+        where = (
+            f"first divergence after step {self.first_step}"
+            if self.first_step is not None
+            else "the runs differ after the last step"
+        )
+        shown = self.entries[:8]
+        lines = [
+            f"not exact: {self.steps} steps straight differ from the run saved and loaded "
+            f"at step {self.cut}",
+            f"{where}; the state entries that differ:",
+            *[f"  {e}" for e in shown],
+        ]
+        if len(self.entries) > len(shown):
+            lines.append(f"  ... and {len(self.entries) - len(shown)} more")
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+
+def check_resume(spec: Spec, steps: int, *, cuts: list[int] | None = None) -> Report:
+    """Train ``steps`` steps straight and split (save, load into a fresh Trainer, go on)
+    at each cut (default: ``steps // 2``, plus a cut in the middle of an epoch), and
+    compare the final states. Training output and warnings are silenced."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(
+            f"check_resume needs steps >= 2 (to cut the run in two). Got {steps!r} instead."
+        )
+    with _quiet():
+        data = spec.load_data()
+        fit_kwargs = data.fit_kwargs()
+        if cuts is None:
+            cuts = default_cuts(steps, _steps_per_epoch(spec, data))
+        for k in cuts:
+            if not 0 < k < steps:
+                raise ValueError(f"a cut must be in [1, {steps - 1}]. Got {k!r} instead.")
+
+        def fresh() -> Any:
+            return spec.build_trainer(run_dir=None, verbose=0)
+
+        def fit(trainer: Any, n: int) -> None:
+            trainer.fit(data.x, data.y, steps=n, **fit_kwargs)
+
+        straight = fresh()
+        fit(straight, steps)
+        reference = straight.state_dict()
+        with tempfile.TemporaryDirectory(prefix="warmfit-check-") as tmp:
+            for i, k in enumerate(cuts):
+                split = fresh()
+                fit(split, k)
+                split = _save_and_load(split, fresh, Path(tmp) / f"cut{i}")
+                fit(split, steps - k)
+                entries = compare_states(reference, split.state_dict(), split)
+                if entries:
+                    report = _first_divergence(fresh, fit, steps, k, Path(tmp) / f"bisect{i}")
+                    if report is None:
+                        return Report(
+                            False, steps, cuts, None, k, entries,
+                            "A step-by-step rerun did not diverge: the difference depends on "
+                            "how the steps are grouped into fit calls.",
+                        )  # fmt: skip
+                    report.cuts = cuts
+                    return report
+    return Report(True, steps, cuts)
+
+
+def default_cuts(steps: int, steps_per_epoch: int) -> list[int]:
+    """``steps // 2``, and a cut in the middle of an epoch if that one is on a boundary."""
+    k = steps // 2
+    cuts = [k]
+    if steps_per_epoch > 1 and k % steps_per_epoch == 0:
+        mid = k - steps_per_epoch // 2
+        if mid < 1:
+            mid = k + steps_per_epoch // 2
+        if 0 < mid < steps:
+            cuts.append(mid)
+    return cuts
+
+
+def compare_states(a: Mapping[str, Any], b: Mapping[str, Any], trainer: Any = None) -> list[str]:
+    """The state entries that differ between two ``Trainer.state_dict()`` results, each
+    named for a person: the parameter, the optimizer slot (and its parameter, when
+    ``trainer`` is given), the RNG stream, the counter."""
+    names = _optimizer_param_names(trainer)
+    out: list[str] = []
+    ta, tb = a["tensors"], b["tensors"]
+    for name in [*ta, *(k for k in tb if k not in ta)]:
+        if name not in ta or name not in tb:
+            side = "straight" if name not in ta else "split"
+            out.append(f"{_describe_tensor(name, names)}: missing in the {side} run")
+            continue
+        x, y = np.asarray(ta[name]), np.asarray(tb[name])
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            out.append(_describe_tensor(name, names) + _tensor_difference(x, y))
+    sa, sb = a["state"], b["state"]
+    for key in STATE_KEYS:
+        va, vb = sa.get(key), sb.get(key)
+        if key == "counters":
+            va = {k: v for k, v in (va or {}).items() if k != "fit_calls"}
+            vb = {k: v for k, v in (vb or {}).items() if k != "fit_calls"}
+            for c in sorted(set(va) | set(vb)):
+                if va.get(c) != vb.get(c):
+                    out.append(f"counter {c}: {va.get(c)} straight, {vb.get(c)} split")
+        elif key == "rng":
+            for stream in sorted(set((va or {}).get("host", {})) | set((vb or {}).get("host", {}))):
+                if va["host"].get(stream) != vb["host"].get(stream):
+                    out.append(f"RNG stream {stream} (rng.host.{stream})")
+        elif key == "history":
+            ha, hb = _history_values(va or []), _history_values(vb or [])
+            if len(ha) != len(hb):
+                out.append(f"history: {len(ha)} epochs straight, {len(hb)} split")
+            for ra, rb in zip(ha, hb, strict=False):
+                for k in sorted(set(ra) | set(rb)):
+                    if not _same(ra.get(k), rb.get(k)):
+                        out.append(f"history epoch {ra.get('epoch')} {k}: {ra.get(k)!r} "
+                                   f"straight, {rb.get(k)!r} split")  # fmt: skip
+        else:
+            for path in _diff_paths(va, vb, key):
+                out.append(f"{_describe_state(path)} ({path})")
+    return out
+
+
+# -- internals ------------------------------------------------------------------------------
+
+
+def _save_and_load(trainer: Any, fresh: Any, path: Path) -> Any:
+    trainer.save(path)
+    tensors, state = read_checkpoint(path)
+    restored = fresh()
+    restored.load_state_dict({"tensors": tensors, "state": state})
+    return restored
+
+
+def _first_divergence(fresh: Any, fit: Any, steps: int, cut: int, tmp: Path) -> Report | None:
+    """Step both runs one step at a time; the first step whose states differ."""
+    straight, split = fresh(), fresh()
+    for step in range(1, steps + 1):
+        fit(straight, 1)
+        fit(split, 1)
+        entries = compare_states(straight.state_dict(), split.state_dict(), split)
+        if entries:
+            return Report(False, steps, [cut], step, cut, entries, _hint(entries, step, cut))
+        if step == cut:
+            split = _save_and_load(split, fresh, tmp)
+            entries = compare_states(straight.state_dict(), split.state_dict(), split)
+            if entries:
+                note = (
+                    f"The state differs right after the save and load at step {cut}: these "
+                    "entries do not survive a checkpoint round trip."
+                )
+                return Report(False, steps, [cut], cut, cut, entries, note)
+    return None
+
+
+def _hint(entries: list[str], step: int, cut: int) -> str:
+    owned = ("RNG stream", "counter")
+    if not any(e.startswith(owned) for e in entries):
+        when = "before the save and load" if step <= cut else "after the save and load"
+        return (
+            f"The runs diverge {when} while every random stream warmfit owns and every "
+            "counter agree: the model, the loss or the data draws randomness warmfit does "
+            "not own (an unseeded or private generator such as a module-level "
+            "random.Random()), or uses a nondeterministic operation. Draw from the global "
+            "random / numpy / torch generators (warmfit saves and restores them)."
+        )
+    return ""
+
+
+def _steps_per_epoch(spec: Spec, data: Any) -> int:
+    n = len(data.x)
+    if data.validation_split is not None:
+        n = len(validation_split_rows(n, data.validation_split, spec.seed)[0])
+    return max(1, -(-n // spec.batch_size))
+
+
+def _optimizer_param_names(trainer: Any) -> dict[str, str]:
+    """optimizer state index -> parameter name, for a torch model and optimizer."""
+    try:
+        model, optimizer = trainer.model, trainer.optimizer
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        out, index = {}, 0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                out[str(index)] = by_id.get(id(p), f"#{index}")
+                index += 1
+        return out
+    except Exception:  # another framework, or no trainer: the raw names are still exact
+        return {}
+
+
+def _describe_tensor(name: str, param_names: Mapping[str, str]) -> str:
+    kind, _, rest = name.partition("/")
+    if kind == "model":
+        return f"parameter {rest} ({name})"
+    if kind == "optim":
+        index, _, slot = rest.partition("/")
+        param = param_names.get(index)
+        of = f" of parameter {param}" if param else f" of parameter #{index}"
+        return f"optimizer slot {slot}{of} ({name})"
+    if kind == "rng":
+        return f"RNG stream {rest} ({name})"
+    if kind == "initial":
+        return f"initial weights {rest} ({name})"
+    return name
+
+
+def _tensor_difference(x: np.ndarray, y: np.ndarray) -> str:
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return f": {x.dtype}{list(x.shape)} straight, {y.dtype}{list(y.shape)} split"
+    if x.dtype.kind != "f" or x.size == 0:
+        return ""
+    diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+    return f": max |difference| {float(np.nanmax(diff)):.3g}"
+
+
+def _describe_state(path: str) -> str:
+    if path.startswith("backend.optimizer"):
+        return "optimizer state"
+    if path.startswith("backend.scheduler"):
+        return "LR scheduler state"
+    if path.startswith("schedule"):
+        return "schedule"
+    if path.startswith("epoch_partial"):
+        return "the partial epoch's loss sum"
+    if path.startswith("callbacks"):
+        return "callback state"
+    return "state"
+
+
+def _diff_paths(a: Any, b: Any, path: str) -> Iterator[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                yield f"{path}.{k}"
+            else:
+                yield from _diff_paths(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            yield from _diff_paths(x, y, f"{path}[{i}]")
+    elif not _same(a, b):
+        yield path
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def _history_values(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in HISTORY_META} for r in records]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
