@@ -161,3 +161,26 @@ def test_sigterm_on_one_rank_stops_all_at_one_step_then_resumes_exactly(tmp_path
     b, _ = read_checkpoint(tmp_path / "b")
     for k in a:
         assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k])), k
+
+
+def test_torchrun_cli_train_then_continue_in_one_process(tmp_path):
+    spec = Path(__file__).resolve().parent.parent / "examples" / "digits.toml"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    common = [str(spec), "--epochs", "1", "--run-dir", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    first = subprocess.run(
+        [*torchrun, "-m", "warmfit", "train", *common], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("fit call 0 (continue)") == 1  # printed by rank 0 only
+    second = subprocess.run(
+        [sys.executable, "-m", "warmfit", "train", *common], capture_output=True, text=True,
+        env=env, timeout=300,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    _, state = read_checkpoint(warmfit.checkpoint.RunDir(tmp_path / "run").latest())
+    assert [r["world_size"] for r in state["ledger"]] == [2, 1]
+    assert state["counters"]["epoch"] == 2

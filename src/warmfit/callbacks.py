@@ -87,7 +87,7 @@ class EarlyStopping(Callback):
         self._best_weights: Any = None
 
     def on_fit_start(self, trainer: Trainer, mode: str) -> None:
-        if self.stopped_epoch is not None:
+        if self.stopped_epoch is not None and trainer.rank == 0:
             print(
                 f"EarlyStopping: stopped at epoch {self.stopped_epoch} (best {self.monitor}="
                 f"{self.best:.6g} at epoch {self.best_epoch}); continuing until the next epoch "

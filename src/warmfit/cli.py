@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -86,13 +87,15 @@ def _train(args: argparse.Namespace) -> int:
         with spec.build_trainer(run_dir=run_dir, **overrides) as trainer:
             trainer.fit(data.x, data.y, mode=args.mode, **how, **data.fit_kwargs())
             c = trainer.counters
-            print(
-                f"run dir {run_dir}: run {c.run}, epoch {c.epoch}, step {c.global_step}. "
-                "Run the same command again to train more (mode continue); "
-                f"`warmfit history {run_dir}` shows the ledger and the curves."
-            )
+            if trainer.rank == 0:
+                print(
+                    f"run dir {run_dir}: run {c.run}, epoch {c.epoch}, step {c.global_step}. "
+                    "Run the same command again to train more (mode continue); "
+                    f"`warmfit history {run_dir}` shows the ledger and the curves."
+                )
     except TrainingInterrupted as err:
-        print(f"warmfit train: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warmfit train: {err}", file=sys.stderr)
         return 130
     except (WarmfitError, ValueError, TypeError) as err:
         print(f"warmfit train: {err}", file=sys.stderr)

@@ -112,7 +112,7 @@ class OverfittingMonitor(Callback):
         return False
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if self.verbose and getattr(trainer, "verbose", 1):
+        if self.verbose and getattr(trainer, "verbose", 1) and getattr(trainer, "rank", 0) == 0:
             print(self.summary(), flush=True)
 
     # -- the work -------------------------------------------------------------------------
