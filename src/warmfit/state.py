@@ -31,7 +31,10 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "schedule": ("state.schedule", "the schedule in effect, its origin, torch scheduler state"),
     "counters": ("state.counters", "epoch, offset, global step, samples seen, fit calls, run"),
     "rng.host": ("state.rng", "Python random and NumPy global streams"),
-    "rng.framework": ("tensors rng/*", "torch CPU/CUDA generator states"),
+    "rng.framework": (
+        "tensors rng/*",
+        "torch CPU/CUDA generator states, Keras' global seed generator (keras_global)",
+    ),
     "data": ("state.data + tensors data/*", "fingerprint, shape, fixed validation split"),
     "callbacks": ("state.callbacks", "each callback's state_dict()"),
     "history": ("state.history", "per-epoch records of the current run"),

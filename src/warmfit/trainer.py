@@ -93,6 +93,9 @@ class Trainer:
     deterministic:
         Turn on ``torch.use_deterministic_algorithms`` during fit (needed for bit-exact
         results on a GPU); recorded in the ledger.
+    framework:
+        ``"torch"``, ``"keras"`` or ``"sklearn"``; None infers it from the model (a
+        factory of a Keras model must say ``"keras"``).
     backend_options:
         Options for the backend only, e.g. ``{"estimators_per_round": 10}`` for a
         scikit-learn ensemble.
@@ -123,6 +126,7 @@ class Trainer:
         override: Iterable[str] = (),
         verbose: int = 1,
         backend_options: Mapping[str, Any] | None = None,
+        framework: str | None = None,
     ) -> None:
         _check_int("batch_size", batch_size, "Trainer", minimum=1)
         _check_int("seed", seed, "Trainer", minimum=0)
@@ -140,7 +144,7 @@ class Trainer:
         if num_workers:
             kwargs["num_workers"] = num_workers
         kwargs.update(backend_options or {})
-        self._backend = select(model, **kwargs)
+        self._backend = select(model, framework=framework, **kwargs)
         self._backend._seed = seed  # type: ignore[attr-defined]
         self.world_size: int = getattr(self._backend, "world_size", 1)
         self.rank: int = getattr(self._backend, "rank", 0)
@@ -263,6 +267,9 @@ class Trainer:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
         new_schedule = as_schedule(schedule) if schedule is not None else None
+        check_schedule = getattr(self._backend, "check_schedule", None)
+        if new_schedule is not None and check_schedule is not None:
+            check_schedule(new_schedule)
         start_epoch = 0 if mode == "restart" else self.counters.epoch
         if steps is not None:
             target = None

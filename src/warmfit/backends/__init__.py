@@ -14,10 +14,27 @@ from .base import Backend, NonFiniteLoss
 __all__ = ["Backend", "NonFiniteLoss", "select"]
 
 
-def select(model: Any, **kwargs: Any) -> Backend:
+FRAMEWORKS = ("torch", "keras", "sklearn")
+
+
+def select(model: Any, framework: str | None = None, **kwargs: Any) -> Backend:
     """The backend for ``model``: a torch ``nn.Module`` (or a factory of one), a Keras
-    model, or a scikit-learn estimator."""
-    if "sklearn" in sys.modules and _is_sklearn(model):
+    model, or a scikit-learn estimator. A factory of a Keras model cannot be recognised
+    before it is called: name its ``framework`` ("keras")."""
+    if framework is not None and framework not in FRAMEWORKS:
+        raise ValueError(
+            f"The 'framework' parameter of Trainer must be one of {set(FRAMEWORKS)} or None "
+            f"(inferred from the model). Got {framework!r} instead."
+        )
+    if framework == "keras":
+        from .keras import KerasBackend
+
+        return KerasBackend(model, **kwargs)
+    if framework == "torch":
+        from .torch import TorchBackend
+
+        return TorchBackend(model, **kwargs)
+    if framework == "sklearn" or ("sklearn" in sys.modules and _is_sklearn(model)):
         from .sklearn import SklearnBackend
 
         return SklearnBackend(model, **kwargs)

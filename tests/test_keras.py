@@ -1,0 +1,433 @@
+"""Keras 3 models under warmfit's contract: modes, bit-exact split calls (E1), a new
+process resuming from a run dir (E2), dropout's streams (E4), and the seed's scenario
+replayed against plain ``model.fit``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip(
+    "keras", reason="keras 3 is not installed: the Keras backend cannot be tested"
+)
+
+import warmfit  # noqa: E402
+from conftest import make_data  # noqa: E402
+from warmfit import schedules  # noqa: E402
+from warmfit.checkpoint import read_checkpoint  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+STEPS_PER_EPOCH = 13  # 200 samples, batches of 16
+
+
+def mlp(seed: int = 3, p: float = 0.3) -> keras.Model:
+    """A small MLP with an unseeded Dropout (on torch: torch's global stream)."""
+    keras.utils.set_random_seed(seed)  # the instance's initial weights
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(p),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def xent() -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def make_keras_trainer(**kwargs: Any) -> warmfit.Trainer:
+    defaults: dict[str, Any] = dict(
+        optimizer=lambda: keras.optimizers.Adam(1e-2),
+        loss=xent(),
+        metrics=["accuracy"],
+        schedule=schedules.warmup(5, schedules.cosine(1e-2, horizon=60)),
+        batch_size=16,
+        seed=7,
+        verbose=0,
+    )
+    defaults.update(kwargs)
+    model = defaults.pop("model", None) or mlp()
+    return warmfit.Trainer(model, **defaults)
+
+
+def assert_same_state(a: warmfit.Trainer, b: warmfit.Trainer, *, may_differ=("fit_calls",)):
+    """Bit for bit: every model and optimizer variable, RNG streams, counters, history."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert_same_checkpoint(sa["tensors"], sa["state"], sb, may_differ=may_differ)
+    assert a.learning_rate == b.learning_rate
+
+
+def assert_same_checkpoint(tensors, state, ref, *, may_differ=("fit_calls",)) -> None:
+    ref_t, ref_s = ref["tensors"], ref["state"]
+    assert sorted(tensors) == sorted(ref_t)
+    for k in ref_t:
+        assert tensors[k].dtype == ref_t[k].dtype, k
+        assert tensors[k].shape == ref_t[k].shape, k
+        assert np.array_equal(tensors[k], ref_t[k]), f"tensor {k} differs"
+    for key in ("rng", "epoch_partial", "backend", "schedule", "callbacks"):
+        assert state[key] == ref_s[key], f"state[{key!r}] differs"
+    c, rc = dict(state["counters"]), dict(ref_s["counters"])
+    for key in may_differ:
+        c.pop(key), rc.pop(key)
+    assert c == rc
+    assert _values(state["history"]) == _values(ref_s["history"])
+
+
+def _values(history: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in ("segment", "mode")} for r in history]
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return make_data()
+
+
+# -- E1, E4 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", [(1, 3), (3, 1)])
+def test_e1_split_calls_equal_one_call(data, split):
+    x, y = data
+    xv, yv = make_data(60, seed=9)
+    straight = make_keras_trainer()
+    straight.fit(x, y, epochs=sum(split), validation_data=(xv, yv))
+    parts = make_keras_trainer()
+    for e in split:
+        parts.fit(x, y, epochs=e, validation_data=(xv, yv))
+    assert_same_state(straight, parts)
+    assert [r["segment"] for r in parts.history] == [0] * split[0] + [1] * split[1]
+    assert parts.global_step == 4 * STEPS_PER_EPOCH
+    tensors = parts.state_dict()["tensors"]
+    assert int(tensors["optim/iteration"]) == 4 * STEPS_PER_EPOCH
+    assert tensors["optim/iteration"].shape == ()  # 0-d stays 0-d
+    assert "model/seed_generator/seed_generator_state" in tensors  # SeedGenerator states
+    assert "val_loss" in parts.history[-1] and "val_accuracy" in parts.history[-1]
+
+
+def test_e1_mid_epoch_steps_and_validation_split(data):
+    x, y = data
+    straight = make_keras_trainer()
+    straight.fit(x, y, epochs=2, validation_split=0.2)
+    parts = make_keras_trainer()
+    parts.fit(x, y, steps=7, validation_split=0.2)
+    parts.fit(x, y, until_epoch=2, validation_split=0.2)
+    assert_same_state(straight, parts)
+
+
+def test_e1_with_a_keras_schedule_on_the_optimizer(data):
+    """A Keras LearningRateSchedule follows the optimizer's iteration counter, which is
+    part of the state: it continues on ``continue`` and starts again on ``warm``."""
+    x, y = data
+
+    def trainer() -> warmfit.Trainer:
+        decay = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=5, decay_rate=0.5)
+        return make_keras_trainer(optimizer=lambda: keras.optimizers.Adam(decay), schedule=None)
+
+    straight = trainer()
+    straight.fit(x, y, epochs=3)
+    parts = trainer()
+    parts.fit(x, y, epochs=2)
+    parts.fit(x, y, epochs=1)
+    assert_same_state(straight, parts)
+    assert parts.learning_rate == pytest.approx(1e-2 * 0.5 ** (3 * STEPS_PER_EPOCH / 5))
+    parts.fit(x, y, epochs=1, mode="warm")
+    assert parts.learning_rate == pytest.approx(1e-2 * 0.5 ** (STEPS_PER_EPOCH / 5))
+    with pytest.raises(TypeError, match="is a keras LearningRateSchedule; it cannot"):
+        parts.fit(x, y, epochs=1, schedule=schedules.constant(1e-3))
+
+
+def test_e4_dropout_stream_is_owned_and_matters(data):
+    """Unseeded Dropout draws from torch's global stream on the torch backend: the
+    trainer owns it (the caller's draws between calls change nothing, and fit leaves the
+    caller's stream alone), and it is real randomness (another seed, other weights)."""
+    import torch
+
+    x, y = data
+    a = make_keras_trainer()
+    a.fit(x, y, epochs=2)
+    b = make_keras_trainer()
+    b.fit(x, y, epochs=1)
+    torch.rand(7), keras.random.normal((3,)), np.random.rand(5)  # the caller draws
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    b.fit(x, y, epochs=1)
+    assert torch.equal(before, torch.get_rng_state()), "fit must not perturb the caller"
+    assert_same_state(a, b)
+    other = make_keras_trainer(seed=8)
+    other.fit(x, y, epochs=2)
+    wa, wo = a.state_dict()["tensors"], other.state_dict()["tensors"]
+    assert np.array_equal(
+        wa["initial/sequential/dense/kernel"], wo["initial/sequential/dense/kernel"]
+    )
+    assert not np.array_equal(
+        wa["model/sequential/dense/kernel"], wo["model/sequential/dense/kernel"]
+    )
+
+
+def test_fit_does_not_perturb_callers_streams(data):
+    import random
+
+    import torch
+
+    x, y = data
+    t = make_keras_trainer()
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    t.fit(x, y, epochs=1)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
+    assert expected[2] == got[2]
+
+
+def test_evaluate_and_predict_do_not_touch_training_state(data):
+    x, y = data
+    a = make_keras_trainer()
+    a.fit(x, y, epochs=1)
+    out = a.evaluate(x, y)
+    assert set(out) == {"loss", "accuracy"} and 0.0 <= out["accuracy"] <= 1.0
+    assert a.predict(x).shape == (200, 3)
+    a.fit(x, y, epochs=1)
+    b = make_keras_trainer()
+    b.fit(x, y, epochs=2)
+    assert_same_state(a, b)
+
+
+# -- E2 ----------------------------------------------------------------------------------
+WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_data
+from test_keras import make_keras_trainer
+
+x, y = make_data()
+xv, yv = make_data(60, seed=9)
+trainer = make_keras_trainer(run_dir=sys.argv[1])
+print("started at epoch", trainer.epoch, flush=True)
+trainer.fit(x, y, until_epoch=int(sys.argv[2]), validation_data=(xv, yv))
+trainer.save(sys.argv[3])
+trainer.close()
+"""
+
+
+def test_e2_new_process_resumes_from_run_dir(tmp_path, data):
+    x, y = data
+    xv, yv = make_data(60, seed=9)
+    straight = make_keras_trainer()
+    straight.fit(x, y, epochs=4, validation_data=(xv, yv))
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER.format(tests=str(TESTS))))
+    env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    for until, started in ((2, 0), (4, 2)):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(run), str(until), str(tmp_path / f"out{until}")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"started at epoch {started}" in proc.stdout
+    assert "warmfit: resumed from" in proc.stdout
+    tensors, state = read_checkpoint(tmp_path / "out4")
+    assert tensors["optim/iteration"].shape == ()
+    assert_same_checkpoint(tensors, state, straight.state_dict())
+
+
+def test_save_load_in_process_then_continue(tmp_path, data):
+    x, y = data
+    straight = make_keras_trainer()
+    straight.fit(x, y, epochs=3)
+    first = make_keras_trainer()
+    first.fit(x, y, epochs=1)
+    first.save(tmp_path / "ck")
+    second = warmfit.Trainer.load(
+        tmp_path / "ck",
+        mlp(seed=99),  # other initial values: the checkpoint overwrites them all
+        optimizer=lambda: keras.optimizers.Adam(1e-2),
+        loss=xent(),
+        metrics=["accuracy"],
+        schedule=schedules.warmup(5, schedules.cosine(1e-2, horizon=60)),
+        batch_size=16,
+        seed=7,
+        verbose=0,
+    )
+    second.fit(x, y, epochs=2)
+    assert_same_state(straight, second)
+
+
+def test_checkpoint_of_other_architecture_names_the_keys(tmp_path, data):
+    x, y = data
+    t = make_keras_trainer()
+    t.fit(x, y, epochs=1)
+    t.save(tmp_path / "ck")
+    wider = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(3)]
+    )
+    with pytest.raises(warmfit.StateMismatchError) as err:
+        warmfit.Trainer.load(
+            tmp_path / "ck",
+            wider,
+            optimizer=lambda: keras.optimizers.Adam(1e-2),
+            loss=xent(),
+            batch_size=16,
+            seed=7,
+        )
+    msg = str(err.value)
+    assert msg.startswith(
+        "the checkpoint does not match the model: unexpected in the checkpoint: "
+        "['seed_generator/seed_generator_state'] | shape mismatch: "
+    )
+    assert "sequential/dense/kernel: checkpoint [8, 16] vs model [8, 32]" in msg
+
+
+# -- modes ---------------------------------------------------------------------------------
+def test_warm_keeps_weights_fresh_optimizer_and_schedule(data):
+    x, y = data
+    t = make_keras_trainer()
+    t.fit(x, y, epochs=2)
+    old_opt = t.optimizer
+    t.fit(x, y, epochs=1, mode="warm")
+    assert t.optimizer is not old_opt and t.model.optimizer is t.optimizer
+    assert t.epoch == 3 and t.global_step == 3 * STEPS_PER_EPOCH
+    assert int(t.state_dict()["tensors"]["optim/iteration"]) == STEPS_PER_EPOCH
+    assert t.counters.schedule_origin == 2 * STEPS_PER_EPOCH
+    assert [r["segment"] for r in t.history] == [0, 0, 1]
+    # Reference: the same weights, a fresh optimizer and schedule, the epoch-2 data order.
+    ref = make_keras_trainer()
+    ref.fit(x, y, epochs=2)
+    ref._backend.init_optimizer(ref.schedule)
+    ref.counters.schedule_origin = ref.global_step
+    ref.fit(x, y, epochs=1)
+    assert_same_state(t, ref)
+
+
+def test_restart_equals_fresh_trainer(data):
+    x, y = data
+    t = make_keras_trainer()
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=3, mode="restart")
+    fresh = make_keras_trainer()
+    fresh.fit(x, y, epochs=3)
+    assert_same_state(t, fresh, may_differ=("fit_calls", "run"))
+    assert t.counters.run == 1 and len(t.history) == 3
+    assert [r["mode"] for r in t.ledger] == ["continue", "restart"]
+
+
+def test_restart_with_model_factory_rebuilds_from_seed(data):
+    # A factory cannot be recognised before it is called: it names its framework.
+    x, y = data
+
+    def factory() -> keras.Model:
+        return keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+             keras.layers.Dropout(0.3), keras.layers.Dense(3)]
+        )  # fmt: skip
+
+    keras.utils.set_random_seed(123)  # the caller's streams do not matter to the build
+    t = make_keras_trainer(model=factory, framework="keras")
+    keras.utils.set_random_seed(456)
+    u = make_keras_trainer(model=factory, framework="keras")
+    model = t.model
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=2, mode="restart")
+    u.fit(x, y, epochs=2)
+    assert t.model is model  # restart keeps the user's object, with fresh values
+    assert_same_state(t, u, may_differ=("fit_calls", "run"))
+    assert "initial/sequential/dense/kernel" not in t.state_dict()["tensors"]
+
+    def first_kernel(trainer: warmfit.Trainer) -> np.ndarray:
+        return keras.ops.convert_to_numpy(trainer.model.variables[0])
+
+    same = make_keras_trainer(model=factory, framework="keras")
+    other = make_keras_trainer(model=factory, framework="keras", seed=8)
+    assert np.array_equal(first_kernel(same), first_kernel(make_keras_trainer(model=factory, framework="keras")))
+    assert not np.array_equal(first_kernel(same), first_kernel(other))
+
+
+def test_compiled_model_keeps_its_optimizer_loss_and_metrics(data):
+    x, y = data
+    model = mlp()
+    sgd = keras.optimizers.SGD(0.05, momentum=0.9)
+    model.compile(optimizer=sgd, loss=xent(), metrics=["accuracy"])
+    t = warmfit.Trainer(model, batch_size=16, seed=7, verbose=0)
+    assert t.optimizer is sgd
+    t.fit(x, y, epochs=1, validation_data=(x[:50], y[:50]))
+    assert "val_accuracy" in t.history[-1]
+    assert t.learning_rate == np.float32(0.05)
+    t.fit(x, y, epochs=1, mode="warm")
+    # (on torch, keras.optimizers.SGD(...) is an instance of a torch subclass of SGD)
+    assert t.optimizer is not sgd and isinstance(t.optimizer, keras.optimizers.SGD)
+    assert t.optimizer.get_config()["momentum"] == 0.9 and t.learning_rate == np.float32(0.05)
+    assert t.model.optimizer is t.optimizer
+    assert "optim/sequential/dense/kernel/momentum" in t.state_dict()["tensors"]
+
+
+# -- the seed's scenario: train, train again ---------------------------------------------
+def test_train_again_continues_where_plain_keras_restarts(data):
+    x, y = data
+
+    def halving(epoch: int, lr: float = 0.0) -> float:
+        return 1e-2 * 0.5**epoch
+
+    # Plain Keras: the second fit() starts a new History at epoch 0, and the epoch-indexed
+    # LearningRateScheduler goes back to its first value.
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=xent())
+    cb = keras.callbacks.LearningRateScheduler(halving)
+    first = model.fit(x, y, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
+    second = model.fit(x, y, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
+    assert first.epoch == [0, 1] and second.epoch == [0, 1]
+    assert len(second.history["loss"]) == 2
+    assert second.history["learning_rate"] == pytest.approx([1e-2, 5e-3])  # restarted
+
+    # warmfit: the same schedule by global step; the second call goes on.
+    def trainer() -> warmfit.Trainer:
+        return make_keras_trainer(
+            schedule=schedules.step_decay(1e-2, step_size=STEPS_PER_EPOCH, gamma=0.5)
+        )
+
+    t = trainer()
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=2)
+    assert t.epoch == 4 and t.global_step == 4 * STEPS_PER_EPOCH
+    assert [r["segment"] for r in t.history] == [0, 0, 1, 1]
+    assert [r["epoch"] for r in t.history] == [1, 2, 3, 4]
+    # The lr of each epoch's last step: the halving goes on in the second call, where
+    # plain Keras went back to 1e-2.
+    lrs = [r["lr"] for r in t.history]
+    assert lrs == pytest.approx([1e-2, 5e-3, 2.5e-3, 1.25e-3])
+    assert lrs[2:] != pytest.approx(second.history["learning_rate"])
+    straight = trainer()
+    straight.fit(x, y, epochs=4)
+    assert_same_state(t, straight)
+
+
+# -- errors ----------------------------------------------------------------------------------
+def test_unbuilt_model_and_missing_optimizer_are_explained():
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match=r"^The Keras model is not built"):
+        warmfit.Trainer(unbuilt, optimizer=lambda: keras.optimizers.Adam(), loss=xent())
+    with pytest.raises(ValueError, match=r"^The Keras model is not compiled and no optimizer"):
+        warmfit.Trainer(mlp())
+    with pytest.raises(ValueError, match=r"^The Keras model has no loss"):
+        warmfit.Trainer(mlp(), optimizer=lambda: keras.optimizers.Adam())
+
+
+def test_nan_loss_stops_before_the_step(data):
+    x, y = data
+    x = x.copy()
+    x[100:] = np.nan
+    t = make_keras_trainer(schedule=None)
+    with pytest.raises(warmfit.NonFiniteLossError):
+        t.fit(x, y, epochs=1)
+    for v in t.model.variables:
+        assert np.isfinite(keras.ops.convert_to_numpy(v)).all(), v.path
