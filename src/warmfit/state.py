@@ -100,6 +100,12 @@ class HostStreams:
         }
 
     @staticmethod
+    def check(state: dict[str, Any]) -> None:
+        """Raise if Python or NumPy would refuse ``state`` (tried on private generators)."""
+        random.Random().setstate(_py_from_json(state["python"]))
+        np.random.RandomState().set_state(_np_from_json(state["numpy"]))
+
+    @staticmethod
     def install(state: dict[str, Any]) -> None:
         random.setstate(_py_from_json(state["python"]))
         np.random.set_state(_np_from_json(state["numpy"]))

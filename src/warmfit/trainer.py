@@ -19,6 +19,7 @@ Modes, in one sentence each (the table is in the docs):
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -313,6 +314,11 @@ class Trainer:
             val_data = None
         if self.counters.offset and mode == "continue":
             check_offset(self.counters.offset, self.batch_size, len(data))
+        check_data = getattr(self._backend, "check_data", None)
+        if check_data is not None:  # the model and the loss accept this data
+            check_data(data, with_target=True, what="fit:")
+            if val_data is not None:
+                check_data(val_data, with_target=True, what="validation:")
 
         # Everything checked: apply the mode.
         changes: dict[str, Any] = {}
@@ -460,7 +466,13 @@ class Trainer:
             }
             if val_data is not None:
                 logs.update(self._validate(val_data))
-            logs["lr"] = backend.learning_rate()
+            # The rate the epoch's last step used (a resume at the epoch's end has already
+            # set the next step's rate on the optimizer).
+            logs["lr"] = (
+                self._lr_at(max(c.global_step - 1, c.schedule_origin))
+                if per_step_lr
+                else backend.learning_rate()
+            )
             progress.end_epoch(logs)
             self.history.append(logs)
             self._append_jsonl(f"history-run{c.run}.jsonl", logs)
@@ -495,12 +507,19 @@ class Trainer:
     # -- evaluate / predict ------------------------------------------------------------
     def evaluate(self, x: Any, y: Any = None, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss and metrics on (x, y); never changes the training state or its streams."""
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
         data = self._backend.prepare(x, y)
+        check_data = getattr(self._backend, "check_data", None)
+        if check_data is not None:
+            check_data(data, with_target=True, what="evaluate:")
         with self._fit_context(train=False):
             return self._backend.evaluate(data, batch_size or self.batch_size)
 
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The model's outputs for ``x`` in inference mode, in the framework's array type."""
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
         with self._fit_context(train=False):
             return self._backend.predict(x, batch_size or self.batch_size)
 
@@ -836,40 +855,106 @@ class Trainer:
         return tensors, state
 
     def _load_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        """Restore a state: every entry is read and checked first, then applied, so a
+        malformed or mismatched state raises :class:`StateMismatchError` (naming the entry)
+        and leaves the trainer as it was."""
         try:
-            counters = Counters.from_dict(dict(state["counters"]))
-            saved_cbs = state["callbacks"]
-            if [c["class"] for c in saved_cbs] != [type(cb).__name__ for cb in self.callbacks]:
-                raise StateMismatchError(
-                    "the checkpoint's callbacks are "
-                    f"{[c['class'] for c in saved_cbs]}, this Trainer's are "
-                    f"{[type(cb).__name__ for cb in self.callbacks]}. Pass the same callbacks "
-                    "in the same order."
-                )
+            staged = self._stage_state(tensors, state)
+        except StateMismatchError:
+            raise
+        except Exception as err:  # malformed data of any kind: never a raw traceback
+            raise StateMismatchError(
+                f"the state is incomplete or malformed: {type(err).__name__}: {err}"
+            ) from None
+        # Apply. The backend checks everything before it changes anything.
+        try:
             self._backend.load_state(tensors, state["backend"])
-        except (KeyError, TypeError) as err:
-            raise StateMismatchError(f"the state is incomplete or malformed: {err!r}") from None
-        self.counters = counters
-        self._rng = self._rank_streams(tensors, state["rng"])
+        except StateMismatchError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+            raise StateMismatchError(
+                f"the backend state is incomplete or malformed: {type(err).__name__}: {err}"
+            ) from None
+        self.counters = staged["counters"]
+        self._rng = staged["rng"]
         if self._in_fit:
             HostStreams.install(self._rng["host"])
             self._backend.install_rng(self._rng["framework"])
+        self._partial = staged["partial"]
+        if staged["schedule"] is not None:
+            self.schedule = staged["schedule"]
+        self._base_lr = staged["base_lr"]
+        self._data_info = staged["data"]
+        self._val_rows = staged["val_rows"]
+        for cb, cb_state in zip(self.callbacks, staged["callbacks"], strict=True):
+            cb.load_state_dict(cb_state)
+        self.history = staged["history"]
+        self.ledger = staged["ledger"]
+
+    def _stage_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> dict:
+        """Read and check every entry of a state without changing the trainer."""
+        counters = Counters.from_dict(dict(state["counters"]))
+        saved_cbs = state["callbacks"]
+        if [c["class"] for c in saved_cbs] != [type(cb).__name__ for cb in self.callbacks]:
+            raise StateMismatchError(
+                "the checkpoint's callbacks are "
+                f"{[c['class'] for c in saved_cbs]}, this Trainer's are "
+                f"{[type(cb).__name__ for cb in self.callbacks]}. Pass the same callbacks "
+                "in the same order."
+            )
+        for cb, saved in zip(self.callbacks, saved_cbs, strict=True):
+            copy.deepcopy(cb).load_state_dict(saved["state"])  # a trial on a copy
+        previous = self.counters
+        self.counters = counters  # _rank_streams reads the step of the staged state
+        try:
+            rng = self._rank_streams(tensors, state["rng"])
+        finally:
+            self.counters = previous
+        check_rng = getattr(self._backend, "check_rng", None)
+        if check_rng is not None:
+            check_rng(rng["framework"])
+        try:
+            HostStreams.check(rng["host"])
+        except Exception as err:
+            raise StateMismatchError(
+                f"rng.host is malformed ({type(err).__name__}: {err}); it must hold the "
+                "Python and NumPy generator states written by warmfit."
+            ) from None
         p = state["epoch_partial"]
-        self._partial = (p["loss_sum"], p["samples"])
+        loss_sum, samples = p["loss_sum"], p["samples"]
+        if not (loss_sum is None or isinstance(loss_sum, (int, float))) or not isinstance(
+            samples, int
+        ):
+            raise StateMismatchError(f"epoch_partial is malformed: {p!r}")
         sched = state["schedule"]
+        schedule = None
         if sched.get("config") is not None:
             saved = from_config(sched["config"])
             if not isinstance(self.schedule, Schedule) or saved.config() != self.schedule.config():
-                self.schedule = saved
-        self._base_lr = sched.get("base_lr", self._base_lr)
-        self._data_info = state["data"]
-        self._val_rows = (
-            np.asarray(tensors["data/val_rows"]) if "data/val_rows" in tensors else None
-        )
-        for cb, saved in zip(self.callbacks, saved_cbs, strict=True):
-            cb.load_state_dict(saved["state"])
-        self.history = History(state["history"])
-        self.ledger = Ledger(state["ledger"])
+                schedule = saved
+        base_lr = sched.get("base_lr", self._base_lr)
+        data = state["data"]
+        if data is not None and not (
+            isinstance(data, dict) and isinstance(data.get("shape"), list) and "fingerprint" in data
+        ):
+            raise StateMismatchError(f"data is malformed: {data!r}")
+        val_rows = None
+        if "data/val_rows" in tensors:
+            val_rows = np.asarray(tensors["data/val_rows"])
+            if val_rows.dtype.kind not in "iu" or val_rows.ndim != 1:
+                raise StateMismatchError("data/val_rows must be a 1-D integer array.")
+        return {
+            "counters": counters,
+            "rng": rng,
+            "partial": (loss_sum, samples),
+            "schedule": schedule,
+            "base_lr": float(base_lr),
+            "data": data,
+            "val_rows": val_rows,
+            "callbacks": [saved["state"] for saved in saved_cbs],
+            "history": History([dict(r) for r in state["history"]]),
+            "ledger": Ledger([dict(r) for r in state["ledger"]]),
+        }
 
     def _gather_rank_streams(
         self, rng: Mapping[str, Any]

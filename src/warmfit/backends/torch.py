@@ -408,6 +408,7 @@ class TorchBackend:
     @torch.no_grad()
     def predict(self, x: Any, batch_size: int) -> torch.Tensor:
         data = self.prepare(x, None)
+        self.check_data(data, with_target=False, what="predict:")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -448,7 +449,9 @@ class TorchBackend:
         }
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        # Check everything first: a mismatch must leave the trainer untouched.
+        """Restore weights, initial weights, optimizer and scheduler. Everything is checked
+        and converted first, so a mismatch or a malformed entry leaves the model and the
+        optimizer untouched (:class:`StateMismatchError` names the entry)."""
         own = self.model.state_dict()
         saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
         _check_keys(own, saved)
@@ -461,30 +464,91 @@ class TorchBackend:
             )
         current = self.optimizer.state_dict()["param_groups"]  # type: ignore[union-attr]
         groups = opt_meta["param_groups"]
-        if len(groups) != len(current):
+        if not isinstance(groups, list) or len(groups) != len(current):
             raise StateMismatchError(
                 f"the checkpoint's optimizer has {len(groups)} parameter groups, this one "
                 f"{len(current)}. Build the optimizer the same way as the run that wrote it."
             )
         dtypes = meta.get("dtypes", {})
-        self.load_weights(tensors, dtypes)
+        weights = {k: _from_numpy(v, dtypes.get(k)) for k, v in saved.items()}
+        for k, t in weights.items():
+            if t.dtype != own[k].dtype:
+                raise StateMismatchError(
+                    f"model/{k} has dtype {t.dtype} in the checkpoint, {own[k].dtype} in the model."
+                )
         initial = {k[len("initial/") :]: v for k, v in tensors.items() if k.startswith("initial/")}
-        if initial and self.model_factory is None:
-            self.initial = {k: _from_numpy(v, dtypes.get(k)) for k, v in initial.items()}
+        if initial:
+            _check_keys(own, initial)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[union-attr]
         state: dict[int, dict[str, Any]] = {}
         for key, arr in tensors.items():
             if key.startswith("optim/"):
-                _, idx, slot = key.split("/", 2)
-                state.setdefault(int(idx), {})[slot] = torch.from_numpy(np.array(arr))
+                parts = key.split("/", 2)
+                if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
+                    raise StateMismatchError(f"{key}: not a slot of this optimizer's parameters.")
+                idx, slot = int(parts[1]), parts[2]
+                t = torch.from_numpy(np.array(arr))
+                if t.ndim and tuple(t.shape) != tuple(params[idx].shape):
+                    raise StateMismatchError(
+                        f"{key}: shape {list(t.shape)}, the parameter's is "
+                        f"{list(params[idx].shape)}."
+                    )
+                state.setdefault(idx, {})[slot] = t
         for idx, scalars in opt_meta["scalars"].items():
             state.setdefault(int(idx), {}).update(scalars)
         groups = [
             {k: (tuple(v) if isinstance(cur.get(k), tuple) else v) for k, v in g.items()}
             for g, cur in zip(groups, current, strict=True)
         ]
+        # Apply: nothing below is expected to fail on data that passed the checks above.
+        with torch.no_grad():
+            self.model.load_state_dict(weights)
+        if initial and self.model_factory is None:
+            self.initial = {k: _from_numpy(v, dtypes.get(k)) for k, v in initial.items()}
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
         if self.scheduler is not None and meta.get("scheduler") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
+
+    def check_rng(self, state: Mapping[str, np.ndarray]) -> None:
+        """Refuse random-stream entries that torch would reject, before anything changes."""
+        expected = torch.get_rng_state().numel()
+        cpu = state.get("torch_cpu")
+        if cpu is None or np.asarray(cpu).dtype != np.uint8 or np.asarray(cpu).size != expected:
+            got = None if cpu is None else f"{np.asarray(cpu).dtype}[{np.asarray(cpu).size}]"
+            raise StateMismatchError(
+                f"rng/torch_cpu must be uint8[{expected}] (a torch generator state); got {got}."
+            )
+
+    def check_data(self, data: Any, *, with_target: bool, what: str) -> None:
+        """Run the model (and the loss) on the first two rows, in eval mode, with the
+        random streams put back afterwards: a mismatch of features, dtypes or targets is
+        a ValueError naming the data before anything changes, not a torch error deep
+        inside training. Map-style Datasets are not probed (reading samples has effects
+        a user may count)."""
+        if not isinstance(data, TensorData):
+            return
+        xb = data.x[:2]
+        yb = None if data.y is None else data.y[:2]
+        was_training = self.model.training
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                self.model.eval()
+                out = self.model(xb)
+                if with_target:
+                    loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+                    if not torch.is_tensor(loss) or loss.numel() != 1:
+                        raise ValueError(f"the loss returned {loss!r}, not a scalar tensor")
+        except Exception as err:  # any failure here is the data's or the model's
+            y_desc = "None" if data.y is None else f"{tuple(data.y.shape)} {data.y.dtype}"
+            raise ValueError(
+                f"The data does not fit the model or the loss: {what} x "
+                f"{tuple(data.x.shape)} {data.x.dtype}, y {y_desc}. On its first rows "
+                f"{type(err).__name__}: {err}. Check the number of features, the dtypes, "
+                "and that y matches the loss."
+            ) from None
+        finally:
+            self.model.train(was_training)
 
     def load_weights(
         self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None
@@ -555,7 +619,8 @@ def _as_tensor(a: Any, name: str, device: torch.device) -> torch.Tensor:
             )
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        # np.ascontiguousarray would turn a 0-d array into shape (1,): keep scalars 0-d.
+        t = torch.from_numpy(np.ascontiguousarray(arr) if arr.ndim else arr.copy())
     return t.to(device)
 
 
