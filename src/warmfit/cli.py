@@ -46,6 +46,13 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .checkpoint import verify_run_dir
 
+    if not Path(args.run_dir, "checkpoints").is_dir():
+        print(
+            f"warmfit verify: {args.run_dir} is not a run directory (no checkpoints/ folder "
+            "in it). Pass the run_dir a Trainer or `warmfit train` wrote.",
+            file=sys.stderr,
+        )
+        return 1
     results = verify_run_dir(args.run_dir)
     bad = 0
     for path, problem in results:

@@ -254,7 +254,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise SpecError(f"spec {path}: not valid TOML: {err}") from None
     spec = Spec(path, raw)
     _check(spec)
