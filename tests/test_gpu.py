@@ -1,0 +1,42 @@
+"""GPU-only checks (skipped where no CUDA device exists; CI has none).
+
+Run them on a machine with a GPU: ``pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import MLP, make_data, make_trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_no_per_step_host_sync():
+    """A step never waits for the device: losses stay there and are read at the epoch's
+    end. With 50 steps, a per-step sync would show 50 times or more."""
+    x, y = make_data(800)
+    t = make_trainer(device="cuda", schedule=None)
+    t.fit(x, y, epochs=1)  # warm-up: allocations, cuBLAS handles
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.fit(x, y, epochs=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert t.global_step == 100 and len(syncs) < 10, [str(w.message) for w in syncs[:5]]
+
+
+def test_split_equals_straight_on_gpu_with_deterministic_algorithms():
+    x, y = make_data(400)
+    a = make_trainer(device="cuda", deterministic=True, model=lambda: MLP(p=0.2))
+    a.fit(x, y, epochs=3)
+    b = make_trainer(device="cuda", deterministic=True, model=lambda: MLP(p=0.2))
+    b.fit(x, y, epochs=1)
+    b.fit(x, y, epochs=2)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
