@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+
 from conftest import MLP, make_data, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
