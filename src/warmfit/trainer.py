@@ -1000,6 +1000,11 @@ class Trainer:
     def _compare_settings(self, state: Mapping[str, Any]) -> list[str]:
         """Differences between this Trainer's settings and a checkpoint's, one line each."""
         saved = state.get("settings", {})
+        if not isinstance(saved, dict) or not isinstance(saved.get("model") or {}, dict):
+            raise StateMismatchError(
+                f"the checkpoint's settings are malformed: {saved!r}. Expected a dict with "
+                "batch_size, seed and the model's description."
+            )
         diffs = []
         for key in ("batch_size", "seed", "deterministic"):
             if key in saved and saved[key] != getattr(self, key) and key not in self.override:
