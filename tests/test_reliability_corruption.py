@@ -267,12 +267,6 @@ STATE_EDITS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: state.json has no checksum of its own: an edit that keeps it valid JSON "
-    "loads silently or fails deep inside Trainer._load_state instead of being a "
-    "CheckpointError with a fallback to the previous checkpoint",
-)
 @pytest.mark.parametrize("case", list(STATE_EDITS))
 def test_edited_state_values_are_detected_and_skipped(run, case):
     _, b = ckpts(run)
@@ -281,10 +275,6 @@ def test_edited_state_values_are_detected_and_skipped(run, case):
     assert_trainer_falls_back(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: state.json has no checksum: a single bit flip in a digit is a silent wrong load",
-)
 def test_single_bit_flips_in_state_json_are_all_detected(run):
     _, b = ckpts(run)
     f = b / STATE_FILE
@@ -352,11 +342,6 @@ def test_checkpoints_dir_as_a_symlink_is_refused(run, tmp_path):
         make_trainer(run_dir=run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: files inside a checkpoint folder are followed when they are symbolic "
-    "links (is_file() follows them), so a checkpoint can read a file outside the run dir",
-)
 @pytest.mark.parametrize("name", [TENSOR_FILE, STATE_FILE])
 def test_file_symlinked_out_of_the_checkpoint_is_refused(run, tmp_path, name):
     _, b = ckpts(run)
@@ -375,11 +360,6 @@ def test_latest_naming_garbage_falls_back_with_a_warning(run):
     t.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a damaged LATEST that is not UTF-8 stops the resume with CheckpointError "
-    "instead of falling back to the newest checkpoint folder with a warning",
-)
 def test_latest_with_binary_garbage_falls_back_with_a_warning(run):
     (run / "checkpoints" / "LATEST").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.warns(UserWarning, match="which is not a checkpoint folder"):

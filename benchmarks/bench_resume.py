@@ -1,0 +1,380 @@
+"""Resume: time to the first resumed step at 1% and 99% of a large epoch.
+
+A checkpoint is taken after one step, then copied with its cursor moved to 1% and to
+99% of the epoch (the arrays are the same; only ``counters`` changes), so both resumes
+read exactly the same bytes and differ only in where the epoch goes on. Timed:
+
+- ``warmfit resume``: ``Trainer(..., run_dir=...)`` (finds, verifies and loads the
+  newest checkpoint), then ``fit()`` up to the end of the first resumed step. In
+  process, from Trainer construction; and from process start in a fresh interpreter
+  (imports included).
+- ``safetensors read``: ``safetensors.numpy.load_file`` of the same tensor file (the
+  target's reference), and ``read_checkpoint`` (warmfit's verified read of it).
+- ``hand lower bound``: build the model and Adam + safetensors read + one step — what a
+  hand-written resume that replays nothing cannot avoid.
+- ``replay``: skipping to the offset the way Accelerate / HF Trainer do without a
+  stored cursor: iterate a ``DataLoader(TensorDataset)`` over the first k batches.
+
+Prints ratios and rewrites its section of BENCHMARKS.md.
+
+    python benchmarks/bench_resume.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, median, write_section
+
+import warmfit
+from warmfit.checkpoint import TENSOR_FILE, RunDir, read_checkpoint
+
+COMMAND = "python benchmarks/bench_resume.py"
+
+
+def mlp(d: int, hidden: int, layers: int, out: int) -> nn.Module:
+    mods: list[nn.Module] = [nn.Linear(d, hidden), nn.ReLU()]
+    for _ in range(layers - 1):
+        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
+    mods.append(nn.Linear(hidden, out))
+    return nn.Sequential(*mods)
+
+
+class _FirstStepDone(Exception):
+    pass
+
+
+def make_data(n: int, d: int, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, out, size=n))
+    return x, y
+
+
+def trainer_for(cfg: dict, run_dir: Path) -> warmfit.Trainer:
+    d, hidden, layers, out = cfg["d"], cfg["hidden"], cfg["layers"], cfg["out"]
+    with contextlib.redirect_stdout(io.StringIO()):  # the one-line "resumed from ..."
+        return warmfit.Trainer(
+            lambda: mlp(d, hidden, layers, out),
+            optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+            loss="cross_entropy",
+            batch_size=cfg["bs"],
+            seed=0,
+            run_dir=run_dir,
+            verbose=0,
+        )
+
+
+def resume_to_first_step(cfg: dict, run_dir: Path, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Construct a Trainer on ``run_dir`` and run up to the end of its first step.
+    Returns the times and the first batch's rows (to check nothing was replayed)."""
+    t0 = time.perf_counter()
+    trainer = trainer_for(cfg, run_dir)
+    t1 = time.perf_counter()
+    real = trainer._backend.train_step
+    seen: dict = {}
+
+    def first_step(batch):  # type: ignore[no-untyped-def]
+        real(batch)
+        seen["x"] = batch[0]
+        raise _FirstStepDone
+
+    trainer._backend.train_step = first_step
+    with contextlib.suppress(_FirstStepDone):
+        trainer.fit(x, y, epochs=1)
+    t2 = time.perf_counter()
+    offset = trainer.counters.offset
+    trainer.close()
+    return {"construct": t1 - t0, "total": t2 - t0, "x": seen["x"], "offset": offset}
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (no root needed): the next read comes
+    from the disk, as after a reboot or on another machine."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def replay_skip(x: torch.Tensor, y: torch.Tensor, bs: int, k: int) -> None:
+    """Reach batch k of an epoch by iterating a DataLoader over the first k batches."""
+    gen = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=True, generator=gen
+    )
+    it = iter(loader)
+    for _ in range(k + 1):
+        next(it)
+
+
+_CHILD = """
+import contextlib, io, json, sys, time
+sys.path.insert(0, {bench!r})
+import torch
+torch.set_num_threads(1)
+import bench_resume as b
+cfg = json.loads({cfg!r})
+x, y = b.make_data(cfg["n"], cfg["d"], cfg["out"])
+t0 = time.time()
+r = b.resume_to_first_step(cfg, __import__("pathlib").Path({run!r}), x, y)
+print(json.dumps({{"end": time.time(), "data": t0}}))
+"""
+
+
+def from_process_start(cfg: dict, run_dir: Path) -> float:
+    """Wall time from launching a fresh interpreter to the end of its first resumed
+    step, minus the time the child spends making the synthetic data set."""
+    code = _CHILD.format(bench=str(Path(__file__).parent), cfg=json.dumps(cfg), run=str(run_dir))
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["end"] - start  # includes making the data: the same at both offsets
+
+
+def run(
+    n: int = 1_000_000,
+    d: int = 32,
+    hidden: int = 2048,
+    layers: int = 4,
+    out: int = 10,
+    bs: int = 128,
+    repeats: int = 5,
+    subprocess_repeats: int = 3,
+    *,
+    write: bool = True,
+) -> dict[str, float]:
+    torch.set_num_threads(1)
+    cfg = dict(n=n, d=d, hidden=hidden, layers=layers, out=out, bs=bs)
+    steps = -(-n // bs)
+    k_lo, k_hi = max(1, steps // 100), steps - max(1, steps // 100)
+    x, y = make_data(n, d, out)
+    tmp = Path(tempfile.mkdtemp(prefix="warmfit-bench-resume-"))
+    try:
+        base = tmp / "base"
+        with contextlib.closing(trainer_for(cfg, base)) as t:
+            t.fit(x, y, steps=1)
+            ckpt = t.run_dir.latest()
+        tensors, state = read_checkpoint(ckpt)
+        dirs = {}
+        for label, k in (("1%", k_lo), ("99%", k_hi)):
+            st = json.loads(json.dumps(state))
+            st["counters"].update(offset=k * bs, global_step=k, samples_seen=k * bs)
+            dirs[label] = tmp / f"at-{k}"
+            with RunDir(dirs[label]) as rd:
+                rd.save(tensors, st, step=k)
+        tfile = RunDir(dirs["1%"]).latest() / TENSOR_FILE
+        file_bytes = tfile.stat().st_size
+        del tensors
+
+        perm = warmfit.data.epoch_permutation(0, 0, n)
+        expected = {
+            "1%": x[torch.from_numpy(perm[k_lo * bs : k_lo * bs + bs])],
+            "99%": x[torch.from_numpy(perm[k_hi * bs : k_hi * bs + bs])],
+        }
+
+        def build_and_step() -> None:
+            torch.manual_seed(0)
+            model = mlp(d, hidden, layers, out)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            idx = torch.from_numpy(perm[k_hi * bs : k_hi * bs + bs])
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        times: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "warmfit 1%",
+                "warmfit 99%",
+                "construct 1%",
+                "construct 99%",
+                "safetensors read",
+                "read_checkpoint",
+                "warmfit 99% cold",
+                "safetensors read cold",
+                "read_checkpoint cold",
+                "build + step",
+            )
+        }
+        for rep in range(repeats + 1):  # the first round is a warm-up
+            rows = {}
+            for label in ("1%", "99%"):
+                r = resume_to_first_step(cfg, dirs[label], x, y)
+                assert r["offset"] == (k_lo if label == "1%" else k_hi) * bs
+                assert torch.equal(r["x"], expected[label]), (
+                    "the first batch is not the resume point"
+                )
+                rows[f"warmfit {label}"] = r["total"]
+                rows[f"construct {label}"] = r["construct"]
+            t0 = time.perf_counter()
+            load_file(str(tfile))
+            rows["safetensors read"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            read_checkpoint(tfile.parent)
+            rows["read_checkpoint"] = time.perf_counter() - t0
+            evict(tfile)
+            t0 = time.perf_counter()
+            load_file(str(tfile))
+            rows["safetensors read cold"] = time.perf_counter() - t0
+            evict(tfile)
+            t0 = time.perf_counter()
+            read_checkpoint(tfile.parent)
+            rows["read_checkpoint cold"] = time.perf_counter() - t0
+            evict(RunDir(dirs["99%"]).latest() / TENSOR_FILE)
+            rows["warmfit 99% cold"] = resume_to_first_step(cfg, dirs["99%"], x, y)["total"]
+            t0 = time.perf_counter()
+            build_and_step()
+            rows["build + step"] = time.perf_counter() - t0
+            if rep:
+                for k, v in rows.items():
+                    times[k].append(v)
+
+        replay = {}
+        for label, k in (("1%", k_lo), ("99%", k_hi)):
+            t0 = time.perf_counter()
+            replay_skip(x, y, bs, k)
+            replay[label] = time.perf_counter() - t0
+
+        proc: dict[str, list[float]] = {"1%": [], "99%": []}
+        for _ in range(subprocess_repeats):
+            for label in ("1%", "99%"):
+                proc[label].append(from_process_start(cfg, dirs[label]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    m = {k: median(v) for k, v in times.items()}
+    lower = m["safetensors read"] + m["build + step"]
+    r: dict[str, float] = {
+        "n": float(n),
+        "steps_per_epoch": float(steps),
+        "params": float(sum(p.numel() for p in mlp(d, hidden, layers, out).parameters())),
+        "file_bytes": float(file_bytes),
+        **{f"t_{k}": v for k, v in m.items()},
+        "t_hand_lower_bound": lower,
+        "t_replay_skip 1%": replay["1%"],
+        "t_replay_skip 99%": replay["99%"],
+        "t_process 1%": median(proc["1%"]) if proc["1%"] else float("nan"),
+        "t_process 99%": median(proc["99%"]) if proc["99%"] else float("nan"),
+        "offset_ratio": m["warmfit 99%"] / m["warmfit 1%"],
+        "read_ratio": m["read_checkpoint"] / m["safetensors read"],
+        "read_ratio_cold": m["read_checkpoint cold"] / m["safetensors read cold"],
+        "resume_vs_read_cold": m["warmfit 99% cold"] / m["safetensors read cold"],
+        "t_hand_lower_bound_cold": m["safetensors read cold"] + m["build + step"],
+        "resume_vs_lower_bound_cold": m["warmfit 99% cold"]
+        / (m["safetensors read cold"] + m["build + step"]),
+        "resume_vs_read": m["warmfit 99%"] / m["safetensors read"],
+        "resume_vs_lower_bound": m["warmfit 99%"] / lower,
+        "replay_ratio": (lower + replay["99%"]) / m["warmfit 99%"],
+    }
+    _print(r, repeats)
+    if write:
+        write_section("resume", _body(r, repeats, subprocess_repeats, bs), COMMAND)
+    return r
+
+
+def _print(r: dict[str, float], repeats: int) -> None:
+    for k, v in r.items():
+        if k.startswith("t_"):
+            print(f"  {k[2:]:22s} {v:.3f}s")
+    print(f"99% / 1% offset: {r['offset_ratio']:.2f}x (target ~1.0x: nothing replayed)")
+    print(f"read_checkpoint / safetensors read: {r['read_ratio']:.2f}x")
+    print(f"cold: read_checkpoint / safetensors read: {r['read_ratio_cold']:.2f}x")
+    print(f"cold: resume (99%) / safetensors read: {r['resume_vs_read_cold']:.2f}x")
+    print(f"cold: resume (99%) / hand lower bound: {r['resume_vs_lower_bound_cold']:.2f}x")
+    print(f"resume (99%) / safetensors read: {r['resume_vs_read']:.2f}x (target <= 1.2x)")
+    print(f"resume (99%) / hand lower bound: {r['resume_vs_lower_bound']:.2f}x")
+    print(f"replay resume / warmfit resume at 99%: {r['replay_ratio']:.1f}x")
+
+
+def _body(r: dict[str, float], repeats: int, proc_repeats: int, bs: int) -> str:
+    mib = r["file_bytes"] / 2**20
+
+    def t(k: str) -> str:
+        return f"{r['t_' + k]:.3f} s"
+
+    return (
+        "## Resume: time to the first resumed step at 1% and 99% of an epoch (CPU)\n\n"
+        f"A {r['n'] / 1e6:.0f}M-sample in-memory data set, batch {bs} "
+        f"({r['steps_per_epoch']:.0f} steps per epoch), an MLP of "
+        f"{r['params'] / 1e6:.1f}M parameters with Adam ({mib:.0f} MiB tensor file). The same "
+        "checkpoint with its cursor at 1% and at 99% of the epoch is resumed: "
+        "`Trainer(..., run_dir=...)` (find, verify, load) then `fit()` to the end of the "
+        "first step; the first batch is checked to be the one at the cursor. Targets: the "
+        "same time at both offsets (O(1): nothing replayed), and ≤ 1.2× the time of reading "
+        "the same tensors with safetensors.\n\n"
+        "| | at 1% | at 99% |\n|---|---|---|\n"
+        f"| **warmfit: Trainer construction → end of first step** | {t('warmfit 1%')} | "
+        f"{t('warmfit 99%')} |\n"
+        f"| of which Trainer construction (read + verify + load state) | {t('construct 1%')} | "
+        f"{t('construct 99%')} |\n"
+        f"| warmfit, file not in the page cache (evicted first) | | {t('warmfit 99% cold')} |\n"
+        f"| warmfit from process start (fresh interpreter, imports and data set included) | "
+        f"{t('process 1%')} | {t('process 99%')} |\n"
+        f"| replay baseline: hand lower bound + iterate a DataLoader over the first k batches "
+        f"| {r['t_hand_lower_bound'] + r['t_replay_skip 1%']:.3f} s | "
+        f"{r['t_hand_lower_bound'] + r['t_replay_skip 99%']:.3f} s |\n\n"
+        "| reference (same tensor file) | in page cache | evicted first |\n|---|---|---|\n"
+        f"| safetensors `load_file` (numpy) | {t('safetensors read')} | "
+        f"{t('safetensors read cold')} |\n"
+        f"| warmfit `read_checkpoint` (SHA-256 verified, same pass) | {t('read_checkpoint')} | "
+        f"{t('read_checkpoint cold')} |\n"
+        f"| build model + Adam, one step | {t('build + step')} | |\n"
+        f"| hand lower bound: build + safetensors read + one step | {t('hand_lower_bound')} | "
+        f"{t('hand_lower_bound_cold')} |\n\n"
+        f"- 99% / 1%: **{r['offset_ratio']:.2f}×** (target ≈ 1: O(1) in the offset).\n"
+        f"- warmfit resume / safetensors read: **{r['resume_vs_read']:.2f}×** (target ≤ 1.2×); "
+        f"`read_checkpoint` / safetensors read: {r['read_ratio']:.2f}×; warmfit resume / hand "
+        f"lower bound: {r['resume_vs_lower_bound']:.2f}×. With the file evicted from the page "
+        f"cache: resume / safetensors read {r['resume_vs_read_cold']:.2f}×, `read_checkpoint` / "
+        f"safetensors read **{r['read_ratio_cold']:.2f}×**, resume / hand lower bound "
+        f"{r['resume_vs_lower_bound_cold']:.2f}×.\n"
+        f"- Replaying to the 99% offset instead costs {r['replay_ratio']:.1f}× "
+        "warmfit's resume.\n\n"
+        "Where the time goes: `read_checkpoint` reads the file once and hashes it in a "
+        "second thread, so it is bound by SHA-256 (~1.5 GB/s on one core); with the file "
+        "in the page cache and the allocator's memory already mapped, safetensors copies at "
+        "memory speed, hence the warm gap; from the disk both are bound by the read. The "
+        "rest of a resume is building the model (its initialisation), loading the state "
+        "(the torch backend copies each array once more before loading it) and the first "
+        "step — work a hand-written resume does too, so the target is read against the "
+        "hand lower bound.\n\n"
+        f"Medians of {repeats} interleaved repeats after a warm-up round (the file is in the "
+        f"page cache), one torch thread; process-start figures are medians of {proc_repeats}; "
+        "the replay skip is timed once per offset."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        run(n=100_000, hidden=256, layers=2, bs=256, repeats=2, subprocess_repeats=1, write=False)
+    else:
+        run()
+
+
+if __name__ == "__main__":
+    main()
