@@ -470,7 +470,8 @@ class TorchBackend:
                 f"{len(current)}. Build the optimizer the same way as the run that wrote it."
             )
         dtypes = meta.get("dtypes", {})
-        weights = {k: _from_numpy(v, dtypes.get(k)) for k, v in saved.items()}
+        # load_state_dict copies into the parameters: no copy is needed before it.
+        weights = {k: _from_numpy(v, dtypes.get(k), copy=False) for k, v in saved.items()}
         for k, t in weights.items():
             if t.dtype != own[k].dtype:
                 raise StateMismatchError(
@@ -633,8 +634,11 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _from_numpy(a: np.ndarray, dtype: str | None) -> torch.Tensor:
-    t = torch.from_numpy(np.array(a))
+def _from_numpy(a: np.ndarray, dtype: str | None, *, copy: bool = True) -> torch.Tensor:
+    a = np.asarray(a)
+    if copy or not a.flags.writeable:
+        a = np.array(a)
+    t = torch.from_numpy(a)
     if dtype == "torch.bfloat16":
         t = t.view(torch.bfloat16)
     return t
