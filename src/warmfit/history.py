@@ -17,12 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 
-class History:
-    """Per-epoch records of the current run, accumulated across fit calls.
-
-    ``history.records`` is a list of dicts; ``history.history`` gives the Keras-style
-    ``{"loss": [...], "val_loss": [...], ...}`` view over every epoch of the run.
-    """
+class _Records:
+    """A list of JSON records with ``state_dict()`` / ``load_state_dict()``."""
 
     def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
         self.records: list[dict[str, Any]] = list(records or [])
@@ -38,6 +34,20 @@ class History:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.records[i]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.records]
+
+    def load_state_dict(self, records: list[dict[str, Any]]) -> None:
+        self.records = [dict(r) for r in records]
+
+
+class History(_Records):
+    """Per-epoch records of the current run, accumulated across fit calls.
+
+    ``history.records`` is a list of dicts; ``history.history`` gives the Keras-style
+    ``{"loss": [...], "val_loss": [...], ...}`` view over every epoch of the run.
+    """
 
     @property
     def history(self) -> dict[str, list[Any]]:
@@ -61,39 +71,12 @@ class History:
                 best = r
         return best
 
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.records]
-
-    def load_state_dict(self, records: list[dict[str, Any]]) -> None:
-        self.records = [dict(r) for r in records]
-
     def __repr__(self) -> str:
         return f"History({len(self.records)} epochs)"
 
 
-class Ledger:
+class Ledger(_Records):
     """One record per fit call (and per rewind), across every run of a trainer."""
-
-    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
-        self.records: list[dict[str, Any]] = list(records or [])
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.records[i]
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.records]
-
-    def load_state_dict(self, records: list[dict[str, Any]]) -> None:
-        self.records = [dict(r) for r in records]
 
     def table(self) -> str:
         """The ledger as a fixed-width text table."""

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import StateMismatchError
+
 
 class NonFiniteLoss(Exception):
     """Raised by ``train_step`` *before* the optimizer step when the loss is NaN/inf."""
@@ -105,3 +107,28 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """The settings a resume compares (model keys/shapes, optimizer class and
         hyper-parameters, loss), as JSON data."""
+
+
+def check_keys(what: str, own: Mapping[str, Any], saved: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`StateMismatchError` listing every missing, unexpected and mis-shaped
+    key of ``saved`` against ``own`` (a backend's arrays by name)."""
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [
+        f"{k}: checkpoint {list(saved[k].shape)} vs {what} {list(own[k].shape)}"
+        for k in sorted(set(own) & set(saved))
+        if tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            parts.append(f"unexpected in the checkpoint: {unexpected}")
+        if shapes:
+            parts.append("shape mismatch: " + "; ".join(shapes))
+        raise StateMismatchError(
+            f"the checkpoint does not match the {what}: "
+            + " | ".join(parts)
+            + f". Build the {what} the same way as the run that wrote the checkpoint."
+        )

@@ -46,7 +46,7 @@ import numpy as np
 from ..data import fingerprint
 from ..errors import StateMismatchError
 from ..state import derive_seed
-from .base import NonFiniteLoss
+from .base import NonFiniteLoss, check_keys
 
 _GLOBAL_SEED_GENERATOR = "global_seed_generator"  # keras.src.random.seed_generator
 
@@ -431,7 +431,7 @@ class KerasBackend:
             )
         own_opt = {n: v for n, v in zip(self._opt_names, self.optimizer.variables, strict=True)}
         saved_opt = _section(tensors, "optim/")
-        _check_keys("optimizer", own_opt, saved_opt)
+        check_keys("optimizer", own_opt, saved_opt)
         self.load_weights(tensors)
         initial = _section(tensors, "initial/")
         if initial and self.model_factory is None:
@@ -441,7 +441,7 @@ class KerasBackend:
 
     def _check_model_keys(self, tensors: Mapping[str, np.ndarray]) -> None:
         own = dict(zip(self._names, self.model.variables, strict=True))
-        _check_keys("model", own, _section(tensors, "model/"))
+        check_keys("model", own, _section(tensors, "model/"))
 
     def load_weights(
         self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None
@@ -562,29 +562,6 @@ def _to_numpy(v: Any) -> np.ndarray:
 
 def _section(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _check_keys(what: str, own: Mapping[str, Any], saved: Mapping[str, np.ndarray]) -> None:
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = [
-        f"{k}: checkpoint {list(saved[k].shape)} vs {what} {list(own[k].shape)}"
-        for k in sorted(set(own) & set(saved))
-        if tuple(saved[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {missing}")
-        if unexpected:
-            parts.append(f"unexpected in the checkpoint: {unexpected}")
-        if shapes:
-            parts.append("shape mismatch: " + "; ".join(shapes))
-        raise StateMismatchError(
-            f"the checkpoint does not match the {what}: "
-            + " | ".join(parts)
-            + f". Build the {what} the same way as the run that wrote the checkpoint."
-        )
 
 
 def _as_array(a: Any, name: str) -> np.ndarray:

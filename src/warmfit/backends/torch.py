@@ -23,7 +23,7 @@ from ..distributed import DistContext
 from ..errors import StateMismatchError
 from ..schedules import TorchScheduler
 from ..state import derive_seed
-from .base import NonFiniteLoss
+from .base import NonFiniteLoss, check_keys
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -454,7 +454,7 @@ class TorchBackend:
         optimizer untouched (:class:`StateMismatchError` names the entry)."""
         own = self.model.state_dict()
         saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-        _check_keys(own, saved)
+        check_keys("model", own, saved)
         opt_meta = meta["optimizer"]
         if opt_meta["class"] != type(self.optimizer).__name__:
             raise StateMismatchError(
@@ -479,7 +479,7 @@ class TorchBackend:
                 )
         initial = {k[len("initial/") :]: v for k, v in tensors.items() if k.startswith("initial/")}
         if initial:
-            _check_keys(own, initial)
+            check_keys("model", own, initial)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[union-attr]
         state: dict[int, dict[str, Any]] = {}
         for key, arr in tensors.items():
@@ -557,7 +557,7 @@ class TorchBackend:
         """Load the ``model/*`` entries of ``tensors`` (copies) into the model."""
         own = self.model.state_dict()
         saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-        _check_keys(own, saved)
+        check_keys("model", own, saved)
         dtypes = dtypes or {k: str(v.dtype) for k, v in own.items()}
         with torch.no_grad():
             self.model.load_state_dict({k: _from_numpy(v, dtypes.get(k)) for k, v in saved.items()})
@@ -642,29 +642,6 @@ def _from_numpy(a: np.ndarray, dtype: str | None, *, copy: bool = True) -> torch
     if dtype == "torch.bfloat16":
         t = t.view(torch.bfloat16)
     return t
-
-
-def _check_keys(own: Mapping[str, torch.Tensor], saved: Mapping[str, np.ndarray]) -> None:
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = [
-        f"{k}: checkpoint {list(saved[k].shape)} vs model {list(own[k].shape)}"
-        for k in sorted(set(own) & set(saved))
-        if tuple(saved[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {missing}")
-        if unexpected:
-            parts.append(f"unexpected in the checkpoint: {unexpected}")
-        if shapes:
-            parts.append("shape mismatch: " + "; ".join(shapes))
-        raise StateMismatchError(
-            "the checkpoint does not match the model: "
-            + " | ".join(parts)
-            + ". Build the model with the architecture that wrote the checkpoint."
-        )
 
 
 def _flat(obj: Any) -> list[Any]:
