@@ -14,11 +14,17 @@ wraps the model in ``DistributedDataParallel``).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -49,6 +55,10 @@ class DistContext:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # We started the group, so we end it: a group left to the interpreter's
+            # teardown can abort the process ("terminate called without an active
+            # exception") as its background threads are destroyed.
+            atexit.register(_destroy_process_group)
         if dist.get_world_size() != world:
             raise RuntimeError(
                 f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks."
