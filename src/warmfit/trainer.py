@@ -650,11 +650,15 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Wait for a save in flight and release the run directory's lock."""
+        """Wait for a save in flight, release the run directory's lock and, under
+        torchrun, the DDP wrapper (the trainer cannot train after this)."""
         if self._writer is not None:
             self._writer.wait()
         if self.run_dir is not None:
             self.run_dir.unlock()
+        backend_close = getattr(self._backend, "close", None)
+        if backend_close is not None:
+            backend_close()
 
     def __enter__(self) -> Trainer:
         return self

@@ -10,7 +10,10 @@ optimizer step.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -168,6 +171,16 @@ class TorchBackend:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # Release the wrapper before the process group ends (atexit runs handlers in
+            # reverse order: this one before the group's). A DDP wrapper that outlives
+            # its group is destroyed during interpreter teardown, which can abort.
+            atexit.register(_release, weakref.ref(self))
+
+    def close(self) -> None:
+        """Drop the DDP wrapper (and its hold on the process group)."""
+        if self.ddp is not None:
+            self.ddp = None
+            gc.collect()
 
     def init_optimizer(self, schedule: Any) -> None:
         self.optimizer = self.optimizer_factory(self.model.parameters())
@@ -574,6 +587,12 @@ class TorchBackend:
             "loss": self.loss_name,
             "device": str(self.device),
         }
+
+
+def _release(ref: weakref.ref) -> None:
+    backend = ref()
+    if backend is not None:
+        backend.close()
 
 
 def _name(obj: object) -> str:
