@@ -81,9 +81,11 @@ def test_e2_new_process_resumes_from_run_dir(tmp_path, straight):
 
 def test_e3_sigterm_mid_epoch_checkpoints_at_next_step(tmp_path, straight):
     run = tmp_path / "run"
-    proc = worker(run, EPOCHS, "--slow", "0.02")
+    proc = worker(run, EPOCHS, "--slow", "0.02", "--checkpoint-every", "20")
     assert proc.stdout.readline().startswith("started at step 0")
-    time.sleep(1.2)  # somewhere in epoch 2-3 (150 steps of >= 20 ms)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "LATEST").exists() and time.time() < deadline:
+        time.sleep(0.02)  # the first periodic checkpoint: step 20 of 150 (>= 20 ms each)
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code != 0
