@@ -74,6 +74,7 @@ __all__ = [
     "UnsupportedSchemaError",
     "inspect_checkpoint",
     "read_checkpoint",
+    "read_state",
     "snapshot_state",
     "verify_run_dir",
     "write_checkpoint",
@@ -537,6 +538,11 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "tensors": summary,
         "state_keys": list(doc["state"]),
     }
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (``state.json`` checked, tensors not read)."""
+    return _read_state_doc(Path(path))["state"]
 
 
 def _read_state_doc(folder: Path) -> dict[str, Any]:

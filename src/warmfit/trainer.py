@@ -331,8 +331,6 @@ class Trainer:
             self.counters.schedule_origin = self.counters.global_step
             self._reset_callbacks()
             self._partial = (0.0, 0)
-            if self.counters.offset:
-                pass  # the interrupted epoch still finishes first: the data order goes on
         if new_schedule is not None:
             changes["schedule"] = {"from": describe(self.schedule), "to": describe(new_schedule)}
             self.schedule = new_schedule
@@ -612,7 +610,7 @@ class Trainer:
         assert self.run_dir is not None
         if epoch is not None or step is not None:
             for path in reversed(self.run_dir.checkpoints()):
-                c = ckpt._read_state_doc(path)["state"]["counters"]  # state.json only
+                c = ckpt.read_state(path)["counters"]
                 if c["run"] != self.counters.run:
                     continue
                 if (epoch is not None and c["epoch"] == epoch and c["offset"] == 0) or (

@@ -46,7 +46,7 @@ import numpy as np
 from ..data import fingerprint
 from ..errors import StateMismatchError
 from ..state import derive_seed
-from .base import NonFiniteLoss, check_keys
+from .base import NonFiniteLoss, check_keys, check_samples
 
 _GLOBAL_SEED_GENERATOR = "global_seed_generator"  # keras.src.random.seed_generator
 
@@ -272,17 +272,7 @@ class KerasBackend:
     # -- data ------------------------------------------------------------------------
     def prepare(self, x: Any, y: Any) -> ArrayData:
         xa, ya = _as_array(x, "x"), None if y is None else _as_array(y, "y")
-        if xa.ndim == 0:
-            raise ValueError(
-                f"x must have at least one dimension (samples first). Got a scalar {x!r}."
-            )
-        if ya is not None and len(ya) != len(xa):
-            raise ValueError(
-                f"x and y must have the same number of samples. Got {len(xa)} rows in x and "
-                f"{len(ya)} in y."
-            )
-        if len(xa) == 0:
-            raise ValueError("x has no samples: nothing to train on.")
+        check_samples(x, len(xa) if xa.ndim else None, None if ya is None else len(ya))
         return ArrayData(xa, ya)
 
     def subset(self, data: ArrayData, rows: np.ndarray) -> ArrayData:

@@ -26,7 +26,7 @@ from ..distributed import DistContext
 from ..errors import StateMismatchError
 from ..schedules import TorchScheduler
 from ..state import derive_seed
-from .base import NonFiniteLoss, check_keys
+from .base import NonFiniteLoss, check_keys, check_samples
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -237,17 +237,7 @@ class TorchBackend:
             return DatasetData(x)
         xt = _as_tensor(x, "x", self.device)
         yt = None if y is None else _as_tensor(y, "y", self.device)
-        if xt.ndim == 0:
-            raise ValueError(
-                f"x must have at least one dimension (samples first). Got a scalar {x!r}."
-            )
-        if yt is not None and len(yt) != len(xt):
-            raise ValueError(
-                f"x and y must have the same number of samples. Got {len(xt)} rows in x and "
-                f"{len(yt)} in y."
-            )
-        if len(xt) == 0:
-            raise ValueError("x has no samples: nothing to train on.")
+        check_samples(x, len(xt) if xt.ndim else None, None if yt is None else len(yt))
         return TensorData(xt, yt, (x, y))
 
     def subset(self, data: Any, rows: np.ndarray) -> Any:
