@@ -41,8 +41,9 @@ def adam(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-2)
 
 
-def make_trainer(**kwargs: Any) -> warmfit.Trainer:
-    defaults: dict[str, Any] = dict(
+def trainer_settings() -> dict[str, Any]:
+    """The Trainer arguments of every test's reference run (all but the model)."""
+    return dict(
         optimizer=adam,
         loss="cross_entropy",
         schedule=warmfit.schedules.warmup(5, warmfit.schedules.cosine(1e-2, horizon=60)),
@@ -51,6 +52,10 @@ def make_trainer(**kwargs: Any) -> warmfit.Trainer:
         metrics=["accuracy"],
         verbose=0,
     )
+
+
+def make_trainer(**kwargs: Any) -> warmfit.Trainer:
+    defaults = trainer_settings()
     defaults.update(kwargs)
     model = defaults.pop("model", MLP)
     return warmfit.Trainer(model, **defaults)

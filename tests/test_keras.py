@@ -44,8 +44,9 @@ def xent() -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def make_keras_trainer(**kwargs: Any) -> warmfit.Trainer:
-    defaults: dict[str, Any] = dict(
+def keras_settings() -> dict[str, Any]:
+    """The Trainer arguments of the Keras tests' reference run (all but the model)."""
+    return dict(
         optimizer=lambda: keras.optimizers.Adam(1e-2),
         loss=xent(),
         metrics=["accuracy"],
@@ -54,6 +55,10 @@ def make_keras_trainer(**kwargs: Any) -> warmfit.Trainer:
         seed=7,
         verbose=0,
     )
+
+
+def make_keras_trainer(**kwargs: Any) -> warmfit.Trainer:
+    defaults = keras_settings()
     defaults.update(kwargs)
     model = defaults.pop("model", None) or mlp()
     return warmfit.Trainer(model, **defaults)
@@ -252,13 +257,7 @@ def test_save_load_in_process_then_continue(tmp_path, data):
     second = warmfit.Trainer.load(
         tmp_path / "ck",
         mlp(seed=99),  # other initial values: the checkpoint overwrites them all
-        optimizer=lambda: keras.optimizers.Adam(1e-2),
-        loss=xent(),
-        metrics=["accuracy"],
-        schedule=schedules.warmup(5, schedules.cosine(1e-2, horizon=60)),
-        batch_size=16,
-        seed=7,
-        verbose=0,
+        **keras_settings(),
     )
     second.fit(x, y, epochs=2)
     assert_same_state(straight, second)

@@ -283,19 +283,9 @@ def test_resume_at_the_end_of_an_epoch_logs_the_same_lr(tmp_path):
     periodic = RunDir(tmp_path / "run").checkpoints()[0]  # step 25: offset 400, epoch 0
     _, state = read_checkpoint(periodic)
     assert (state["counters"]["epoch"], state["counters"]["offset"]) == (0, 400)
-    from conftest import MLP, adam
+    from conftest import MLP, trainer_settings
 
-    resumed = warmfit.Trainer.load(
-        periodic,
-        model=MLP,
-        optimizer=adam,
-        loss="cross_entropy",
-        schedule=warmfit.schedules.warmup(5, warmfit.schedules.cosine(1e-2, horizon=60)),
-        batch_size=16,
-        seed=7,
-        metrics=["accuracy"],
-        verbose=0,
-    )
+    resumed = warmfit.Trainer.load(periodic, model=MLP, **trainer_settings())
     resumed.fit(x, y, until_epoch=2)
     straight = make_trainer()
     straight.fit(x, y, epochs=2)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import warmfit
-from conftest import LONG, make_data, make_trainer
+from conftest import LONG, make_data, make_trainer, trainer_settings
 from warmfit.checkpoint import read_checkpoint
 
 WORKER = Path(__file__).resolve().parent / "_worker.py"
@@ -182,25 +182,11 @@ def test_save_and_load_explicitly(tmp_path):
     a = make_trainer()
     a.fit(x, y, epochs=2)
     a.save(tmp_path / "ck")
-    b = warmfit.Trainer.load(tmp_path / "ck", model=make_trainer().model, **_kwargs())
+    b = warmfit.Trainer.load(tmp_path / "ck", model=make_trainer().model, **trainer_settings())
     b.fit(x, y, epochs=1)
     a.fit(x, y, epochs=1)
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
-
-
-def _kwargs() -> dict:
-    from conftest import adam
-
-    return dict(
-        optimizer=adam,
-        loss="cross_entropy",
-        schedule=warmfit.schedules.warmup(5, warmfit.schedules.cosine(1e-2, horizon=60)),
-        batch_size=16,
-        seed=7,
-        metrics=["accuracy"],
-        verbose=0,
-    )
 
 
 def test_restart_keeps_old_run_on_disk(tmp_path):
