@@ -28,20 +28,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import interleaved, median, write_section
+from bench_step_overhead import mlp  # the same model as the step-overhead benchmark
 
 import warmfit
 
 COMMAND = "python benchmarks/bench_data_path.py"
-
-
-def mlp(d: int, hidden: int, out: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(d, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, out),
-    )
 
 
 def run(
