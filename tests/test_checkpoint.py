@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 from safetensors.numpy import load_file
 
 import warmfit
@@ -265,6 +266,38 @@ def test_unknown_schema_versions(tmp_path: Path) -> None:
         read_checkpoint(path)
 
 
+def as_schema_1(path: Path) -> None:
+    """Rewrite a checkpoint's state.json the way schema 1 wrote it (SHA-256 checksums)."""
+    doc = json.loads((path / STATE_FILE).read_text())
+    text = json.dumps(doc["state"], ensure_ascii=False, allow_nan=True)
+    tensors = (path / TENSOR_FILE).read_bytes()
+    old = {
+        "schema_version": 1,
+        "tensors_sha256": hashlib.sha256(tensors).hexdigest(),
+        "tensors_bytes": len(tensors),
+        "state_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "state": doc["state"],
+    }
+    (path / STATE_FILE).write_text(json.dumps(old))
+
+
+def test_schema_1_checkpoints_are_still_read_and_verified(tmp_path: Path) -> None:
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    path = write_checkpoint(tmp_path / "ck", tensors, {"counters": {"step": 3}})
+    as_schema_1(path)
+    loaded, state = read_checkpoint(path)
+    assert np.array_equal(loaded["w"], tensors["w"])
+    assert state == {"counters": {"step": 3}}
+    info = inspect_checkpoint(path)
+    assert (info["schema_version"], info["checksum"], info["checksum_ok"]) == (1, "sha256", True)
+    flip_bit(path / TENSOR_FILE, (path / TENSOR_FILE).stat().st_size - 1)
+    with pytest.raises(CheckpointError, match="checksum mismatch: the file is damaged"):
+        read_checkpoint(path)
+    rewrite_state(path, state={"counters": {"step": 4}})
+    with pytest.raises(CheckpointError, match="checksum mismatch: the state was damaged"):
+        read_checkpoint(path)
+
+
 def test_state_file_fields_are_checked(tmp_path: Path) -> None:
     path = save(tmp_path / "ck")
     rewrite_state(path, state=[1])
@@ -292,7 +325,7 @@ def test_pickle_posing_as_tensor_file_is_refused(tmp_path: Path, verify: bool) -
     payload = pickle.dumps({"w": WritesMarker(marker)})
     (path / TENSOR_FILE).write_bytes(payload)
     rewrite_state(
-        path, tensors_sha256=hashlib.sha256(payload).hexdigest(), tensors_bytes=len(payload)
+        path, tensors_checksum=xxhash.xxh3_128(payload).hexdigest(), tensors_bytes=len(payload)
     )
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(path, verify=verify)
@@ -311,7 +344,8 @@ def test_inspect_checkpoint(tmp_path: Path) -> None:
     path = write_checkpoint(tmp_path / "ck", tensors, {"model": {}, "counters": {"step": 1}})
     summary = inspect_checkpoint(path)
     assert summary["schema_version"] == SCHEMA_VERSION
-    assert summary["sha256_ok"] is True
+    assert summary["checksum"] == "xxh3_128"
+    assert summary["checksum_ok"] is True
     assert summary["tensors"] == {
         "w": ("float16", (2, 3), 12),
         "rng": ("uint8", (5,), 5),
@@ -320,7 +354,7 @@ def test_inspect_checkpoint(tmp_path: Path) -> None:
     assert summary["state_keys"] == ["model", "counters"]
     tfile = path / TENSOR_FILE
     flip_bit(tfile, tfile.stat().st_size - 1)
-    assert inspect_checkpoint(path)["sha256_ok"] is False
+    assert inspect_checkpoint(path)["checksum_ok"] is False
 
 
 # --------------------------------------------------------------------------- run directory

@@ -26,6 +26,7 @@ import torch
 import warmfit
 from conftest import LONG, make_data, make_trainer
 from warmfit.checkpoint import (
+    SCHEMA_VERSION,
     STATE_FILE,
     TENSOR_FILE,
     RunDir,
@@ -125,7 +126,7 @@ def test_random_bit_flips_are_checksum_mismatches(run, region):
 
 
 def test_bit_flips_without_verify_are_still_caught_when_structural(run):
-    """read_checkpoint(verify=False) skips the SHA-256 (a documented speed option): a
+    """read_checkpoint(verify=False) skips the checksum (a documented speed option): a
     flip in the header is still refused (safetensors parses it), a flip in the data is
     not detectable without the checksum. The Trainer always verifies."""
     _, b = ckpts(run)
@@ -148,8 +149,8 @@ def test_missing_files(run, missing):
 
 
 def test_pickle_posing_as_the_tensor_file_with_a_matching_checksum(run, tmp_path):
-    """Even with state.json updated to the pickle's size and SHA-256, nothing runs."""
-    import hashlib
+    """Even with state.json updated to the pickle's size and checksum, nothing runs."""
+    import xxhash
 
     _, b = ckpts(run)
     marker = tmp_path / "pwned"
@@ -161,7 +162,7 @@ def test_pickle_posing_as_the_tensor_file_with_a_matching_checksum(run, tmp_path
     payload = pickle.dumps({"x": Evil()})
     (b / TENSOR_FILE).write_bytes(payload)
     doc = json.loads((b / STATE_FILE).read_text())
-    doc["tensors_sha256"] = hashlib.sha256(payload).hexdigest()
+    doc["tensors_checksum"] = xxhash.xxh3_128(payload).hexdigest()
     doc["tensors_bytes"] = len(payload)
     (b / STATE_FILE).write_text(json.dumps(doc))
     assert_read_fails(b, "not a safetensors file")
@@ -184,8 +185,10 @@ def _edit(b: Path, fn) -> None:  # type: ignore[no-untyped-def]
         ("schema 0", lambda d: d.update(schema_version=0), "unknown schema version 0"),
         ("schema str", lambda d: d.update(schema_version="1"), "schema_version is '1'"),
         ("schema missing", lambda d: d.pop("schema_version"), "schema_version is None"),
-        ("sha edited", lambda d: d.update(tensors_sha256="0" * 64), "checksum mismatch"),
-        ("sha int", lambda d: d.update(tensors_sha256=5), "tensors_sha256 is a int"),
+        ("checksum edited", lambda d: d.update(tensors_checksum="0" * 32), "checksum mismatch"),
+        ("checksum int", lambda d: d.update(tensors_checksum=5), "tensors_checksum is a int"),
+        ("algorithm", lambda d: d.update(checksum="md5"), "checksum is 'md5', expected 'xxh3_128'"),
+        ("no algorithm", lambda d: d.pop("checksum"), "missing field 'checksum'"),
         ("bytes +1", lambda d: d.update(tensors_bytes=d["tensors_bytes"] + 1), "truncated"),
         ("bytes -1", lambda d: d.update(tensors_bytes=d["tensors_bytes"] - 1), "wrong size"),
         ("bytes huge", lambda d: d.update(tensors_bytes=10**40), "truncated"),
@@ -211,7 +214,7 @@ def test_state_file_not_json_or_not_utf8(run):
 
 def test_newer_schema_is_not_skipped(run):
     _, b = ckpts(run)
-    _edit(b, lambda d: d.update(schema_version=2))
+    _edit(b, lambda d: d.update(schema_version=SCHEMA_VERSION + 1))
     assert_read_fails(b, "upgrade warmfit", UnsupportedSchemaError)
     with pytest.raises(UnsupportedSchemaError, match="written by a newer warmfit"):
         make_trainer(run_dir=run)

@@ -12,7 +12,6 @@ never needs it)::
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,11 +71,11 @@ def _write_raw(folder: Path, tensor_bytes: bytes, state: Any = None, doc: Any = 
         text = json.dumps(state, ensure_ascii=False, allow_nan=True).encode("utf-8")
         doc = {
             "schema_version": SCHEMA_VERSION,
-            "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+            "checksum": "xxh3_128",
+            "tensors_checksum": xxhash.xxh3_128(tensor_bytes).hexdigest(),
             "tensors_bytes": len(tensor_bytes),
             "state": state,
-            # the proposed checksum of state.json's own content (ignored until then)
-            "state_sha256": hashlib.sha256(text).hexdigest(),
+            "state_checksum": xxhash.xxh3_128(text).hexdigest(),
         }
     (folder / STATE_FILE).write_text(json.dumps(doc, allow_nan=True))
 
@@ -174,7 +174,9 @@ def test_random_json_as_state_file(doc):
 @FUZZ
 @given(
     fields=st.dictionaries(
-        st.sampled_from(["schema_version", "tensors_sha256", "tensors_bytes", "state", "x"]),
+        st.sampled_from(
+            ["schema_version", "checksum", "tensors_checksum", "tensors_bytes", "state", "x"]
+        ),
         json_values,
     )
 )
