@@ -759,3 +759,20 @@ def test_snapshot_state_is_a_deep_plain_copy() -> None:
     assert np.isnan(snap["best"])
     with pytest.raises(TypeError, match=r"state\['h'\] is a numpy.int64"):
         snapshot_state({"h": np.int64(1)})
+
+
+def test_large_files_are_hashed_in_a_second_thread_with_the_same_checksum(tmp_path: Path) -> None:
+    """Above ck._THREAD_HASH_BYTES the checksum is computed in a second thread, on
+    both the write and the read path; the result is the file's checksum all the same."""
+    n = ck._THREAD_HASH_BYTES // 8 + 1024
+    tensors = {"w": np.arange(n, dtype=np.float64), "b": np.ones(3, np.float32)}
+    path = write_checkpoint(tmp_path / "ck", tensors, {})
+    tfile = path / TENSOR_FILE
+    assert tfile.stat().st_size > ck._THREAD_HASH_BYTES
+    doc = json.loads((path / STATE_FILE).read_text())
+    assert doc["tensors_checksum"] == xxhash.xxh3_128(tfile.read_bytes()).hexdigest()
+    loaded, _ = read_checkpoint(path)
+    assert np.array_equal(loaded["w"], tensors["w"])
+    flip_bit(tfile, tfile.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="checksum mismatch: the file is damaged"):
+        read_checkpoint(path)

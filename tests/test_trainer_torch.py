@@ -165,6 +165,21 @@ def test_state_dict_roundtrip_into_new_trainer_then_continue(data):
     assert_same_training_state(straight, second)
 
 
+def test_load_state_dict_keeps_no_reference_to_the_callers_arrays(data):
+    x, y = data
+    straight = make_trainer()
+    straight.fit(x, y, epochs=3)
+    first = make_trainer()
+    first.fit(x, y, epochs=1)
+    sd = first.state_dict()
+    second = make_trainer()
+    second.load_state_dict(sd)
+    for a in sd["tensors"].values():
+        a[...] = 0  # the caller reuses its arrays: the trainer must not see it
+    second.fit(x, y, epochs=2)
+    assert_same_training_state(straight, second)
+
+
 def test_until_epoch_is_absolute(data):
     x, y = data
     t = make_trainer()

@@ -308,28 +308,57 @@ def _write_tensor_file(file: Path, entries: list[tuple[str, str, tuple, Any]]) -
     hb += b" " * (-len(hb) % 8)
     chunks = [len(hb).to_bytes(8, "little") + hb]
     chunks += [memoryview(flat.view(np.uint8)) for _, _, _, flat in entries]
-    # The checksum is computed in a second thread while this one writes and fsyncs:
-    # xxhash and os.write both release the GIL, so the hash hides behind the disk.
-    hash_ = _HASHES[CHECKSUM]()
-    hasher = threading.Thread(target=_hash_chunks, args=(hash_, chunks), name="warmfit-checksum")
-    hasher.start()
+    hasher = _Hasher(CHECKSUM, 8 + len(hb) + offset)
     try:
         with open(file, "xb", buffering=0) as f:
             for chunk in chunks:
+                for start in range(0, len(chunk), _IO_CHUNK):
+                    hasher.update(chunk[start : start + _IO_CHUNK])
                 _write_all(f, chunk)
             os.fsync(f.fileno())
     finally:
-        hasher.join()
-    return hash_.hexdigest(), 8 + len(hb) + offset
+        digest = hasher.hexdigest()
+    return digest, 8 + len(hb) + offset
 
 
 _IO_CHUNK = 64 << 20  # bytes per os.write / readinto call on the large paths
+_THREAD_HASH_BYTES = 16 << 20  # below this, hashing in line beats starting a thread
 
 
-def _hash_chunks(hash_: Any, chunks: list[Any]) -> None:
-    for chunk in chunks:
-        for start in range(0, len(chunk), _IO_CHUNK):
-            hash_.update(chunk[start : start + _IO_CHUNK])
+class _Hasher:
+    """A checksum fed chunk by chunk while the caller reads or writes them. For a large
+    file the chunks are hashed in a second thread (xxhash, like file I/O, releases the
+    GIL), so hashing hides behind the I/O; for a small one, in line. The caller must
+    not change a chunk it has passed in until :meth:`hexdigest` has returned."""
+
+    def __init__(self, algorithm: str, nbytes: int) -> None:
+        self._hash = _HASHES[algorithm]()
+        self._pending: queue.SimpleQueue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        if nbytes >= _THREAD_HASH_BYTES:
+            self._pending = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="warmfit-checksum")
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._pending is not None
+        while (chunk := self._pending.get()) is not None:
+            self._hash.update(chunk)
+
+    def update(self, chunk: Any) -> None:
+        if self._pending is None:
+            self._hash.update(chunk)
+        else:
+            self._pending.put(chunk)
+
+    def hexdigest(self) -> str:
+        """The checksum of every chunk passed in (waits for the thread; call it once,
+        also on the error path, so the thread always ends)."""
+        if self._thread is not None:
+            self._pending.put(None)  # type: ignore[union-attr]
+            self._thread.join()
+            self._thread = None
+        return self._hash.hexdigest()
 
 
 def _write_all(f: Any, data: Any) -> None:
@@ -484,23 +513,15 @@ def _read_tensor_data(
             return None
         layout.append((name, np.dtype(_NUMPY_NAMES[code]).newbyteorder("<"), info["shape"], end))
         pos = end
-    hash_ = None if algorithm is None else _HASHES[algorithm]()
-    pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def hash_loop() -> None:
-        while (chunk := pending.get()) is not None:
-            hash_.update(chunk)  # type: ignore[union-attr]
-
-    hasher = None if hash_ is None else threading.Thread(target=hash_loop, name="warmfit-checksum")
-    if hasher is not None:
-        hasher.start()
+    hasher = None if algorithm is None else _Hasher(algorithm, tfile.stat().st_size)
+    digest = None
     tensors: dict[str, np.ndarray] = {}
     try:
         with open(tfile, "rb", buffering=0) as f:
             prefix = f.read(8)
             head = prefix + f.read(int.from_bytes(prefix, "little"))
             if hasher is not None:
-                pending.put(head)
+                hasher.update(head)
             start = 0
             for name, dtype, shape, end in layout:
                 buf = np.empty(end - start, dtype=np.uint8)
@@ -511,7 +532,7 @@ def _read_tensor_data(
                     if not n:
                         raise CheckpointError(tfile, f"truncated while reading {name!r}")
                     if hasher is not None:
-                        pending.put(view[done : done + n])
+                        hasher.update(view[done : done + n])
                     done += n
                 a = buf.view(dtype).reshape(shape)
                 tensors[name] = a if dtype.isnative else a.astype(dtype.newbyteorder("="))
@@ -520,9 +541,8 @@ def _read_tensor_data(
         raise CheckpointError(tfile, f"unreadable: {exc}") from exc
     finally:
         if hasher is not None:
-            pending.put(None)
-            hasher.join()
-    return tensors, None if hash_ is None else hash_.hexdigest()
+            digest = hasher.hexdigest()
+    return tensors, digest
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -818,9 +838,10 @@ class RunDir:
                 "host": socket.gethostname(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
+            # Not fsync'd: the flock is the lock, and this text only names the holder
+            # for the error message of a second taker (a crash drops both anyway).
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
-            os.fsync(fd)
         except BaseException:
             os.close(fd)  # closing drops the flock
             raise

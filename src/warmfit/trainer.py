@@ -529,8 +529,12 @@ class Trainer:
         return {"tensors": {k: np.array(v, copy=True) for k, v in tensors.items()}, "state": state}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (or a checkpoint's contents); then ``continue`` is exact."""
-        self._load_state(state_dict["tensors"], state_dict["state"])
+        """Restore :meth:`state_dict` (or a checkpoint's contents); then ``continue`` is exact.
+
+        The arrays are copied: ``state_dict`` stays the caller's, and later changes to it
+        do not reach this trainer."""
+        tensors = {name: np.array(a) for name, a in state_dict["tensors"].items()}
+        self._load_state(tensors, state_dict["state"])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a checkpoint folder at ``path`` (atomically; see :mod:`warmfit.checkpoint`).

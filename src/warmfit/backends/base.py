@@ -102,7 +102,10 @@ class Backend(Protocol):
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_tensors` + :meth:`state_meta`; raise
-        :class:`~warmfit.errors.StateMismatchError` listing every mismatched key."""
+        :class:`~warmfit.errors.StateMismatchError` listing every mismatched key.
+
+        The caller hands the arrays over: a backend may keep them (as optimizer slots,
+        say) rather than copy them, so nobody else may write to them afterwards."""
 
     def describe(self) -> dict[str, Any]:
         """The settings a resume compares (model keys/shapes, optimizer class and

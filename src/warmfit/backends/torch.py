@@ -150,8 +150,16 @@ class TorchBackend:
     # -- construction, warm and restart --------------------------------------------
     def init_model(self, seed: int, *, first: bool) -> None:
         if self.model_factory is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, "init"))
+            # Seed the CPU generator (and CUDA's, for a factory that builds on the GPU)
+            # inside fork_rng, so the user's streams are left as they were. Not
+            # torch.manual_seed: it also queues lazy seeding of every accelerator
+            # backend, each capturing a stack trace (~5 ms per call on the CPU).
+            init_seed = derive_seed(seed, "init")
+            cuda = torch.cuda.is_available()
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+                torch.default_generator.manual_seed(init_seed)
+                if cuda:
+                    torch.cuda.manual_seed_all(init_seed)
                 fresh = self.model_factory()
             if not isinstance(fresh, nn.Module):
                 raise TypeError(f"The model factory must return a torch.nn.Module. Got {fresh!r}.")
@@ -491,7 +499,9 @@ class TorchBackend:
                 if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
                     raise StateMismatchError(f"{key}: not a slot of this optimizer's parameters.")
                 idx, slot = int(parts[1]), parts[2]
-                t = torch.from_numpy(np.array(arr))
+                # The arrays are ours to keep (Backend.load_state): the optimizer takes
+                # them as its slots, with no copy.
+                t = _from_numpy(arr, None, copy=False)
                 if t.ndim and tuple(t.shape) != tuple(params[idx].shape):
                     raise StateMismatchError(
                         f"{key}: shape {list(t.shape)}, the parameter's is "
