@@ -27,12 +27,15 @@ class Recording(torch.utils.data.Dataset):
     def __init__(self, x, y, delay: float) -> None:  # type: ignore[no-untyped-def]
         self.x, self.y, self.delay = torch.from_numpy(x), torch.from_numpy(y), delay
         self.seen: list[int] = []
+        self.mark: tuple[int, Path] | None = None  # (reads, file): touch file at that count
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
         self.seen.append(int(i))
+        if self.mark is not None and len(self.seen) == self.mark[0]:
+            self.mark[1].touch()  # training is under way: a signal now lands mid-run
         if self.delay:
             time.sleep(self.delay)
         return self.x[i], self.y[i]
@@ -57,6 +60,7 @@ def main() -> None:
     if args.seen:
         Path(args.seen).mkdir(parents=True, exist_ok=True)
         (Path(args.seen) / f"pid{rank}").write_text(str(os.getpid()))
+        data.mark = (24, Path(args.seen) / f"training{rank}")
     data.seen.clear()  # the fingerprint probes of a resume are not training reads
     start = trainer.global_step
     print(f"rank {rank} of {trainer.world_size} started at step {start}", flush=True)

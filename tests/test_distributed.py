@@ -140,9 +140,9 @@ def test_sigterm_on_one_rank_stops_all_at_one_step_then_resumes_exactly(tmp_path
     seen = tmp_path / "seen"
     proc = launch(2, tmp_path / "run", 3, "--slow", "0.01", "--seen", str(seen))
     deadline = time.time() + 120
-    while not (seen / "pid1").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # 36 steps of ~80 ms: somewhere in the first or second epoch
+    # 24 reads on rank 1: its third step, of 36 that take >= 80 ms each (10 ms a read)
+    while not (seen / "training1").exists() and time.time() < deadline:
+        time.sleep(0.01)
     os.kill(int((seen / "pid1").read_text()), signal.SIGTERM)  # one rank only
     _out, err = proc.communicate(timeout=240)
     assert proc.returncode != 0
