@@ -348,7 +348,8 @@ def test_restart_with_model_factory_rebuilds_from_seed(data):
 
     same = make_keras_trainer(model=factory, framework="keras")
     other = make_keras_trainer(model=factory, framework="keras", seed=8)
-    assert np.array_equal(first_kernel(same), first_kernel(make_keras_trainer(model=factory, framework="keras")))
+    again = make_keras_trainer(model=factory, framework="keras")
+    assert np.array_equal(first_kernel(same), first_kernel(again))
     assert not np.array_equal(first_kernel(same), first_kernel(other))
 
 
@@ -430,3 +431,306 @@ def test_nan_loss_stops_before_the_step(data):
         t.fit(x, y, epochs=1)
     for v in t.model.variables:
         assert np.isfinite(keras.ops.convert_to_numpy(v)).all(), v.path
+
+
+# -- bad input: the probe ------------------------------------------------------------------
+def named_mlp() -> keras.Model:
+    """``mlp`` with named layers: Keras's own error text names the layer."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(3, name="logits"),
+        ],
+        name="net",
+    )
+
+
+FIT_DATA = "The data does not fit the model or the loss: "
+SPEC = "expected x (None, 8) float32 (the model's input), got "
+CHECK = " Check the number of features, the dtypes, and that y matches the loss."
+FIVE = (
+    "On its first rows ValueError: Input 0 with name 'None' of layer 'hidden' is "
+    "incompatible with the layer: expected axis -1 of input shape to have value 8, but "
+    "received input with shape (2, 5)."
+)
+X5 = "x (200, 5) float32"
+BAD_DATA = {
+    "x has 5 features (restart)": (
+        lambda t, x, y: t.fit(x[:, :5], y, epochs=1, mode="restart"),
+        f"{FIT_DATA}fit: {SPEC}{X5}, y (200,) int64. {FIVE}{CHECK}",
+    ),
+    "y one-hot for a sparse loss (warm)": (
+        lambda t, x, y: t.fit(x, np.eye(3, dtype="float32")[y], epochs=1, mode="warm"),
+        f"{FIT_DATA}fit: {SPEC}x (200, 8) float32, y (200, 3) float32. On its first rows "
+        "ValueError: Arguments `target` and `output` must have the same shape up until the "
+        "last dimension: target.shape=torch.Size([2, 3]), output.shape=torch.Size([2, 3])."
+        f"{CHECK}",
+    ),
+    "y missing": (
+        lambda t, x, y: t.fit(x, None, epochs=1),
+        f"{FIT_DATA}fit: {SPEC}x (200, 8) float32, y None. On its first rows ValueError: "
+        f"Invalid dtype: object.{CHECK}",
+    ),
+    "validation x has 5 features": (
+        lambda t, x, y: t.fit(x, y, epochs=1, validation_data=(x[:, :5], y)),
+        f"{FIT_DATA}validation: {SPEC}{X5}, y (200,) int64. {FIVE}{CHECK}",
+    ),
+    "evaluate x has 5 features": (
+        lambda t, x, y: t.evaluate(x[:, :5], y),
+        f"{FIT_DATA}evaluate: {SPEC}{X5}, y (200,) int64. {FIVE}{CHECK}",
+    ),
+    "predict x has 5 features": (
+        lambda t, x, y: t.predict(x[:, :5]),
+        f"{FIT_DATA}predict: {SPEC}{X5}, y None. {FIVE}{CHECK}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA, ids=list(BAD_DATA))
+@pytest.mark.filterwarnings("ignore:The training data changed")  # y=None: another fingerprint
+def test_bad_data_is_refused_before_anything_changes(data, case):
+    """Wrong features, labels that do not fit the loss, missing labels: warmfit's error,
+    naming the call, what the model expects and what it got, before the mode is applied
+    and before any stream moves (the trainer's or the caller's)."""
+    import random
+
+    import torch
+
+    x, y = data
+    call, message = BAD_DATA[case]
+    t = make_keras_trainer(model=named_mlp())
+    t.fit(x, y, epochs=1)
+    before, calls = t.state_dict(), len(t.ledger)
+    caller = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    with pytest.raises(ValueError) as err:
+        call(t, x, y)
+    assert str(err.value) == message
+    assert_same_checkpoint(**_unpack(t.state_dict()), ref=before)
+    assert len(t.ledger) == calls and t.epoch == 1
+    assert random.getstate() == caller[0] and _same_numpy_state(np.random.get_state(), caller[1])
+    assert torch.equal(torch.get_rng_state(), caller[2])
+    t.fit(x, y, epochs=1)  # and the trainer goes on as if nothing had happened
+    straight = make_keras_trainer(model=named_mlp())
+    straight.fit(x, y, epochs=2)
+    assert_same_state(t, straight)
+
+
+def _unpack(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {"tensors": state_dict["tensors"], "state": state_dict["state"]}
+
+
+def _same_numpy_state(a: tuple, b: tuple) -> bool:
+    """NumPy's legacy global state: the key array and the position in it (and the rest)."""
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+class Restless(keras.layers.Layer):
+    """Changes state on every call, in inference mode too: its own SeedGenerator, Keras's
+    global seed generator, torch's and NumPy's global streams and a non-trainable counter."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(11)
+
+    def build(self, input_shape: Any) -> None:
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        import torch
+
+        self.calls.assign_add(1.0)
+        shape = keras.ops.shape(x)
+        noise = keras.random.normal(shape, seed=self.seed_generator) + keras.random.normal(shape)
+        return x + 1e-3 * noise + 1e-3 * torch.rand(()) + 1e-3 * float(np.random.rand())
+
+
+def restless_mlp() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            Restless(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dropout(0.2, seed=5),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def test_the_probe_changes_no_state(data):
+    """A trainer that probed (three times per data set) and then trained is bit for bit
+    the one that never probed, with a layer that draws from every stream and counts its
+    calls even in inference mode; and a probe leaves the caller's streams alone."""
+    import random
+
+    import torch
+
+    x, y = data
+    xv, yv = make_data(60, seed=9)
+    probed = make_keras_trainer(model=restless_mlp())
+    plain = make_keras_trainer(model=restless_mlp())
+    backend, probe, seen = probed._backend, probed._backend.check_data, []
+
+    def probe_thrice(data: Any, **kwargs: Any) -> None:
+        seen.append(kwargs["what"])
+        for _ in range(3):
+            probe(data, **kwargs)
+
+    backend.check_data = probe_thrice
+    plain._backend.check_data = None  # the Trainer skips a backend without a probe
+    for t in (probed, plain):
+        t.fit(x, y, epochs=1, validation_data=(xv, yv))
+        t.fit(x, y, steps=5, validation_data=(xv, yv))
+    assert seen == ["fit:", "validation:"] * 2
+    assert_same_state(probed, plain)
+
+    # The layer does change state when called (what the probe puts back)...
+    model = restless_mlp()
+    kernels = {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in model.variables}
+    model(x[:2], training=False)
+    changed = [
+        v.path
+        for v in model.variables
+        if not np.array_equal(keras.ops.convert_to_numpy(v), kernels[v.path])
+    ]
+    assert [p.split("/")[-1] for p in changed] == ["calls", "seed_generator_state"]
+    # ... and the caller's streams stay put: with no global seed generator yet (Keras
+    # would make one from a seed drawn from Python's stream) and with one.
+    for has_global in (False, True):
+        if has_global:
+            keras.random.normal((1,))
+        else:
+            backend.install_rng({"keras_global": np.zeros(0)})
+        before = (random.getstate(), np.random.get_state(), backend.capture_rng())
+        probe(backend.prepare(x, y), with_target=True, what="fit:")
+        after = (random.getstate(), np.random.get_state(), backend.capture_rng())
+        assert before[0] == after[0] and _same_numpy_state(before[1], after[1])
+        assert before[2]["keras_global"].size == (2 if has_global else 0)
+        assert sorted(before[2]) == sorted(after[2]) == ["keras_global", "torch_cpu"]
+        for k in before[2]:
+            assert np.array_equal(before[2][k], after[2][k]), k
+        assert torch.equal(torch.from_numpy(after[2]["torch_cpu"]), torch.get_rng_state())
+
+
+class Subclassed(keras.Model):
+    def __init__(self) -> None:
+        super().__init__(name="subclassed")
+        self.out = keras.layers.Dense(3, name="out")
+
+    def call(self, x: Any) -> Any:
+        return self.out(x)
+
+
+@pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer 'subclassed'")
+def test_probe_of_a_subclassed_model(data):
+    """No input spec to quote: the message says what was received. ``build(shape)`` of a
+    subclassed model does not build its layers: the probe finds the variables the first
+    call creates, which the optimizer would not know."""
+    x, y = data
+    unbuilt = Subclassed()
+    unbuilt.build((None, 8))
+    t = make_keras_trainer(model=unbuilt)
+    with pytest.raises(ValueError) as err:
+        t.fit(x, y, epochs=1)
+    assert str(err.value) == (
+        "The Keras model is not fully built: expected no new variables when it is called, "
+        "got ['subclassed/out/kernel', 'subclassed/out/bias'] on fit: x (200, 8) float32. "
+        "Build every layer before handing the model to warmfit: give it a keras.Input, or "
+        "call it once on a batch (model(x[:1]))."
+    )
+    model = Subclassed()
+    model(x[:1])
+    t = make_keras_trainer(model=model)
+    with pytest.raises(ValueError) as err:
+        t.fit(x[:, :5], y, epochs=1)
+    assert str(err.value) == (
+        f"{FIT_DATA}fit: {X5}, y (200,) int64. On its first rows ValueError: Input 0 with "
+        "name 'None' of layer 'out' is incompatible with the layer: expected axis -1 of input shape to "
+        f"have value 8, but received input with shape (2, 5).{CHECK}"
+    )
+    t.fit(x, y, epochs=1)
+    assert t.global_step == STEPS_PER_EPOCH
+
+
+# -- deterministic= ----------------------------------------------------------------------
+def test_set_deterministic_turns_torch_algorithms_on_and_back():
+    """The backend's half of ``deterministic=True``: the Keras ops are torch ops, so
+    torch's switch applies; the caller's setting (warn_only included) comes back."""
+    import torch
+
+    backend = make_keras_trainer()._backend
+    try:
+        for before, warn_only in ((False, False), (True, True)):
+            torch.use_deterministic_algorithms(before, warn_only=warn_only)
+            undo = backend.set_deterministic()
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            undo()
+            assert torch.are_deterministic_algorithms_enabled() is before
+            assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+DETERMINISTIC_ELSEWHERE = (
+    "Trainer(deterministic=True) is supported for Keras on the torch backend only. "
+    "Expected KERAS_BACKEND='torch', got 'jax'. Turn determinism on yourself (TensorFlow: "
+    "tf.config.experimental.enable_op_determinism(); JAX: "
+    "XLA_FLAGS=--xla_gpu_deterministic_ops=true before jax starts) and pass "
+    "deterministic=False, or use KERAS_BACKEND=torch."
+)
+
+
+def test_check_deterministic_refuses_other_keras_backends(monkeypatch):
+    backend = make_keras_trainer()._backend
+    backend.check_deterministic()  # torch: fine
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    backend.torch = False
+    with pytest.raises(ValueError) as err:
+        backend.check_deterministic()
+    assert str(err.value) == DETERMINISTIC_ELSEWHERE
+
+
+class DeterministicProbe(warmfit.callbacks.Callback):
+    """Records whether torch's deterministic algorithms are on inside a fit call."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_fit_start(self, trainer: warmfit.Trainer, mode: str) -> None:
+        import torch
+
+        self.seen.append(torch.are_deterministic_algorithms_enabled())
+
+    def on_epoch_end(self, trainer: warmfit.Trainer, logs: dict[str, Any]) -> None:
+        self.on_fit_start(trainer, "")
+
+
+def test_deterministic_true_is_honoured_during_fit(data):
+    import torch
+
+    x, y = data
+    probe = DeterministicProbe()
+    t = make_keras_trainer(deterministic=True, callbacks=[probe])
+    assert not torch.are_deterministic_algorithms_enabled()
+    t.fit(x, y, epochs=2)
+    assert probe.seen == [True, True, True]
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+    assert t.ledger[-1]["deterministic"] is True
+    off = DeterministicProbe()
+    plain = make_keras_trainer(callbacks=[off])  # on the CPU the same bits either way
+    plain.fit(x, y, epochs=2)
+    assert off.seen == [False, False, False]
+    assert_same_state(t, plain)
+
+
+def test_deterministic_true_on_other_keras_backends_is_refused_at_construction(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError) as err:
+        make_keras_trainer(deterministic=True)
+    assert str(err.value) == DETERMINISTIC_ELSEWHERE

@@ -347,3 +347,28 @@ def test_steps_stop_mid_epoch_and_continue_exactly(data, cut):
     assert parts.cursor == warmfit.data.Cursor(cut // 13, (cut % 13) * 16)
     parts.fit(x, y, until_epoch=3, validation_data=(x[:50], y[:50]))
     assert_same_training_state(straight, parts)
+
+
+def test_deterministic_is_on_during_fit_only_and_the_callers_setting_comes_back(data):
+    x, y = data
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(warmfit.callbacks.Callback):
+        def on_epoch_end(self, trainer: warmfit.Trainer, logs: dict) -> None:
+            seen.append(
+                (
+                    torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled(),
+                )
+            )
+
+    torch.use_deterministic_algorithms(False, warn_only=True)
+    try:
+        t = make_trainer(deterministic=True, callbacks=[Probe()])
+        t.fit(x, y, epochs=2)
+        assert seen == [(True, False), (True, False)]
+        assert torch.are_deterministic_algorithms_enabled() is False
+        assert torch.is_deterministic_algorithms_warn_only_enabled() is True
+        assert t.ledger[-1]["deterministic"] is True
+    finally:
+        torch.use_deterministic_algorithms(False)

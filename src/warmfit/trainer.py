@@ -146,6 +146,9 @@ class Trainer:
             kwargs["num_workers"] = num_workers
         kwargs.update(backend_options or {})
         self._backend = select(model, framework=framework, **kwargs)
+        check_deterministic = getattr(self._backend, "check_deterministic", None)
+        if deterministic and check_deterministic is not None:
+            check_deterministic()  # a backend that cannot honour it says so now
         self._backend._seed = seed  # type: ignore[attr-defined]
         self.world_size: int = getattr(self._backend, "world_size", 1)
         self.rank: int = getattr(self._backend, "rank", 0)
@@ -740,13 +743,10 @@ class Trainer:
                 restore_det()
 
     def _set_deterministic(self) -> Callable[[], None] | None:
-        if not self.deterministic or self._backend.framework != "torch":
-            return None
-        import torch
-
-        before = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        return lambda: torch.use_deterministic_algorithms(before)
+        """The backend's switch for ``deterministic=True`` (none: nothing to switch, as
+        for scikit-learn); returns what puts the previous setting back."""
+        hook = getattr(self._backend, "set_deterministic", None)
+        return hook() if self.deterministic and hook is not None else None
 
     def _install_signal_handlers(self) -> dict[int, Any] | None:
         if threading.current_thread() is not threading.main_thread():

@@ -1,8 +1,11 @@
 """Keras 3 backend: a ``keras.Model`` (or a factory of one), an optimizer and a loss.
 
 Owns, for a Keras model: building and re-initialising it from the seed, its optimizer
-(a fresh one of the same config on ``warm``/``restart``), one optimizer step, evaluation
-and prediction loops that draw no random number, and the Keras state as plain arrays:
+(a fresh one of the same config on ``warm``/``restart``), the probe that refuses data the
+model or the loss cannot take before anything changes (:meth:`KerasBackend.check_data`),
+deterministic algorithms on the torch backend (``deterministic=True``), one optimizer
+step, evaluation and prediction loops that draw no random number, and the Keras state
+as plain arrays:
 every ``model.variables`` entry (weights, non-trainable statistics and every
 SeedGenerator state) and every ``optimizer.variables`` entry (iteration counter,
 learning rate, moments), 0-d shapes kept.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -129,8 +133,6 @@ class KerasBackend:
         ``seed`` (initializers and SeedGenerators draw default seeds from Python's
         ``random``), like ``keras.utils.set_random_seed``; the caller's streams are put
         back afterwards."""
-        import random
-
         saved = (random.getstate(), np.random.get_state(), self.capture_rng())
         build_seed = derive_seed(seed, "keras")
         try:
@@ -292,9 +294,82 @@ class KerasBackend:
 
     _seed = 0  # set by the Trainer; unused (no loader workers)
 
+    def check_data(self, data: ArrayData, *, with_target: bool, what: str) -> None:
+        """Run the model (and the loss) on the first two rows in inference mode: a
+        mismatch of features, dtypes or targets is a ValueError naming the data before
+        anything changes, not a Keras error in the middle of an epoch; so is a model whose
+        layers build themselves on that call (``model.build`` of a subclassed model
+        does not build its layers).
+
+        Changes nothing: Python's, NumPy's, Keras's global and torch's random streams and
+        the model's non-trainable variables (every ``SeedGenerator`` state, statistics)
+        are put back afterwards, for layers that draw or count even in inference mode.
+        """
+        model = self.model
+        xb = data.x[:2]
+        yb = None if data.y is None else data.y[:2]
+        host = (random.getstate(), np.random.get_state())
+        streams = self.capture_rng()
+        known = {id(v) for v in model.variables}
+        fixed = [(v, np.array(_to_numpy(v), copy=True)) for v in model.variables if not v.trainable]
+        try:
+            with _no_grad():
+                out = model(xb, training=False)
+                if with_target:
+                    loss = model.compute_loss(x=xb, y=yb, y_pred=out, training=False)
+                    if loss is None or math.prod(loss.shape) != 1:
+                        raise ValueError(f"the loss returned {loss!r}, not a scalar")
+        except Exception as err:  # any failure here is the data's or the model's
+            x_desc = f"x {tuple(data.x_np.shape)} {data.x_np.dtype}"
+            y_desc = "None" if data.y_np is None else f"{tuple(data.y_np.shape)} {data.y_np.dtype}"
+            got = f"{x_desc}, y {y_desc}"
+            spec = _input_spec(model)
+            if spec is not None:
+                got = f"expected x {spec} (the model's input), got {got}"
+            raise ValueError(
+                f"The data does not fit the model or the loss: {what} {got}. On its first "
+                f"rows {type(err).__name__}: {_first_line(err)}. Check the number of "
+                "features, the dtypes, and that y matches the loss."
+            ) from None
+        finally:
+            random.setstate(host[0])
+            np.random.set_state(host[1])
+            self.install_rng(streams)
+            for v, value in fixed:
+                v.assign(value)
+        created = [v.path for v in model.variables if id(v) not in known]
+        if created:  # a layer built itself on this call: the optimizer does not know it
+            raise ValueError(
+                "The Keras model is not fully built: expected no new variables when it is "
+                f"called, got {created} on {what} x {tuple(data.x_np.shape)} "
+                f"{data.x_np.dtype}. Build every layer before handing the model to warmfit: "
+                "give it a keras.Input, or call it once on a batch (model(x[:1]))."
+            )
+
     # -- training --------------------------------------------------------------------
     def train_mode(self, training: bool) -> None:
         self._training = training  # Keras takes ``training=`` per call
+
+    def check_deterministic(self) -> None:
+        """``Trainer(deterministic=True)``, checked at construction: honoured on the torch
+        backend only. TensorFlow's op determinism is process-wide (warmfit could not turn
+        it off after fit) and JAX's is an XLA flag read at start-up."""
+        if not self.torch:
+            raise ValueError(
+                "Trainer(deterministic=True) is supported for Keras on the torch backend "
+                f"only. Expected KERAS_BACKEND='torch', got {keras.backend.backend()!r}. "
+                "Turn determinism on yourself (TensorFlow: "
+                "tf.config.experimental.enable_op_determinism(); JAX: "
+                "XLA_FLAGS=--xla_gpu_deterministic_ops=true before jax starts) and pass "
+                "deterministic=False, or use KERAS_BACKEND=torch."
+            )
+
+    def set_deterministic(self) -> Callable[[], None]:
+        """Turn on ``torch.use_deterministic_algorithms`` (the Keras ops are torch ops)
+        for a fit call; returns what puts the previous setting back."""
+        from .torch import use_deterministic_algorithms
+
+        return use_deterministic_algorithms()
 
     def set_schedule(self, schedule: Any) -> None:
         """Called at construction and when ``fit(schedule=...)`` replaces the schedule."""
@@ -383,6 +458,7 @@ class KerasBackend:
 
     def predict(self, x: Any, batch_size: int) -> np.ndarray:
         data = self.prepare(x, None)
+        self.check_data(data, with_target=False, what="predict:")
         with _no_grad():
             outs = [
                 keras.ops.convert_to_numpy(self.model(data.x[s : s + batch_size], training=False))
@@ -548,6 +624,29 @@ def _to_numpy(v: Any) -> np.ndarray:
     if tuple(arr.shape) != tuple(v.shape):
         arr = arr.reshape(tuple(v.shape))
     return arr
+
+
+def _input_spec(model: keras.Model) -> str | None:
+    """The model's one input as ``(None, 8) float32``; None if it has no input spec (a
+    subclassed model) or several."""
+    try:
+        inputs = model.inputs
+    except Exception:  # subclassed models have no symbolic inputs
+        return None
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 1:
+        return None
+    return f"{tuple(inputs[0].shape)} {inputs[0].dtype}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(err: Exception) -> str:
+    """The line of a Keras error that says what is wrong (Keras wraps it in a header and
+    a list of the call's arguments, with terminal colour codes)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Exception encountered when")]
+    return lines[0] if lines else repr(err)
 
 
 def _section(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

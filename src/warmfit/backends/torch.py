@@ -190,6 +190,11 @@ class TorchBackend:
             self.ddp = None
             gc.collect()
 
+    def set_deterministic(self) -> Callable[[], None]:
+        """``Trainer(deterministic=True)``: torch's deterministic algorithms for a fit call;
+        returns what puts the previous setting back."""
+        return use_deterministic_algorithms()
+
     def init_optimizer(self, schedule: Any) -> None:
         self.optimizer = self.optimizer_factory(self.model.parameters())
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -587,6 +592,16 @@ class TorchBackend:
             "loss": self.loss_name,
             "device": str(self.device),
         }
+
+
+def use_deterministic_algorithms() -> Callable[[], None]:
+    """Turn on ``torch.use_deterministic_algorithms``; return what restores the previous
+    setting, ``warn_only`` included. (On CUDA, torch also needs
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the process starts; it says so.)"""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    return lambda: torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _release(ref: weakref.ref) -> None:
