@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
+import gc
 import io
 import json
 import os
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +131,7 @@ def resume_to_first_step(cfg: dict, run_dir: Path, x: torch.Tensor, y: torch.Ten
     }
 
 
-def hand_restore(tfile: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+def hand_restore(tfile: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """A hand-written resume's restore: read with safetensors, load into model and Adam."""
     arrays = load_file(str(tfile))
     weights = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model/")}
@@ -138,6 +142,17 @@ def hand_restore(tfile: Path, model: nn.Module, opt: torch.optim.Optimizer) -> N
             _, i, slot = k.split("/", 2)
             slots.setdefault(int(i), {"step": torch.tensor(1.0)})[slot] = torch.from_numpy(v)
     opt.load_state_dict({"state": slots, "param_groups": opt.state_dict()["param_groups"]})
+    return arrays  # freed by the caller, outside the timing
+
+
+def fresh_heap() -> None:
+    """Collect garbage and hand freed memory back to the OS (glibc's malloc_trim), so
+    that what a timed block allocates is paged in during the block, whatever ran before
+    it: without this, a block that runs after a large free reuses mapped pages and
+    looks up to 2× faster than the same block elsewhere in the round."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def evict(path: Path) -> None:
@@ -195,7 +210,7 @@ def run(
     layers: int = 4,
     out: int = 10,
     bs: int = 128,
-    repeats: int = 5,
+    repeats: int = 7,
     subprocess_repeats: int = 3,
     *,
     write: bool = True,
@@ -259,9 +274,23 @@ def run(
                 "build + step",
             )
         }
+        def timed(fn: Callable[[], object], cold: Path | None = None) -> float:
+            """Time ``fn`` from the same starting point every time: freed memory
+            returned to the OS (so each variant pays for the pages it allocates) and,
+            for ``cold``, that file evicted from the page cache."""
+            fresh_heap()
+            if cold is not None:
+                evict(cold)
+            t0 = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - t0
+            del result  # freeing what it read is not part of reading it
+            return elapsed
+
         for rep in range(repeats + 1):  # the first round is a warm-up
             rows = {}
             for label in ("1%", "99%"):
+                fresh_heap()
                 r = resume_to_first_step(cfg, dirs[label], x, y)
                 assert r["offset"] == (k_lo if label == "1%" else k_hi) * bs
                 assert torch.equal(r["x"], expected[label]), (
@@ -270,36 +299,21 @@ def run(
                 rows[f"warmfit {label}"] = r["total"]
                 rows[f"construct {label}"] = r["construct"]
                 rows[f"restore {label}"] = r["restore"]
-            t0 = time.perf_counter()
-            load_file(str(tfile))
-            rows["safetensors read"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            read_checkpoint(tfile.parent)
-            rows["read_checkpoint"] = time.perf_counter() - t0
-            evict(tfile)
-            t0 = time.perf_counter()
-            load_file(str(tfile))
-            rows["safetensors read cold"] = time.perf_counter() - t0
-            evict(tfile)
-            t0 = time.perf_counter()
-            read_checkpoint(tfile.parent)
-            rows["read_checkpoint cold"] = time.perf_counter() - t0
+            rows["safetensors read"] = timed(lambda: load_file(str(tfile)))
+            rows["read_checkpoint"] = timed(lambda: read_checkpoint(tfile.parent))
+            rows["safetensors read cold"] = timed(lambda: load_file(str(tfile)), tfile)
+            rows["read_checkpoint cold"] = timed(lambda: read_checkpoint(tfile.parent), tfile)
+            fresh_heap()
             evict(RunDir(dirs["99%"]).latest() / TENSOR_FILE)
             r = resume_to_first_step(cfg, dirs["99%"], x, y)
             rows["warmfit 99% cold"], rows["restore 99% cold"] = r["total"], r["restore"]
             model = mlp(d, hidden, layers, out)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            t0 = time.perf_counter()
-            hand_restore(tfile, model, opt)
-            rows["hand restore"] = time.perf_counter() - t0
-            evict(tfile)
-            t0 = time.perf_counter()
-            hand_restore(tfile, model, opt)
-            rows["hand restore cold"] = time.perf_counter() - t0
-            del model, opt
-            t0 = time.perf_counter()
-            build_and_step()
-            rows["build + step"] = time.perf_counter() - t0
+            restore = functools.partial(hand_restore, tfile, model, opt)
+            rows["hand restore"] = timed(restore)
+            rows["hand restore cold"] = timed(restore, tfile)
+            del model, opt, restore
+            rows["build + step"] = timed(build_and_step)
             if rep:
                 for k, v in rows.items():
                     times[k].append(v)
