@@ -465,24 +465,10 @@ def test_the_comparison_sees_another_seed(case):
         assert_same_bits(case, straight, other)
 
 
-TREE_NODE_CASES = ("sklearn-GradientBoosting-rounds", "sklearn-RandomForest-rounds")
-CANONICAL_BYTES_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "warmfit.backends.sklearn.dumps is not canonical for tree ensembles: it copies the "
-        "uninitialised padding bytes of sklearn's Tree node records (57 bytes of fields in "
-        "a 64-byte structured dtype), so dumps(loads(dumps(tree))) != dumps(tree); and "
-        "skops numbers objects by Python identity, so GradientBoosting's trees grown after "
-        "a load hold another (equal) 'squared_error' string than the loaded ones and the "
-        "schema differs. The estimators are equal value for value; their bytes are not."
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(c, id=c.name, marks=CANONICAL_BYTES_BUG if c.name in TREE_NODE_CASES else ())
+        pytest.param(c, id=c.name)
         for c in CASES
         if c.same_tensor is not assert_same_tensor
     ],

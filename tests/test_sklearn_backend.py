@@ -3,6 +3,7 @@ the three modes per estimator family, rounds for ensembles, skops checkpoints.""
 
 from __future__ import annotations
 
+import io
 import pickle
 import subprocess
 import sys
@@ -17,12 +18,14 @@ from sklearn.ensemble import (
     BaggingClassifier,
     ExtraTreesRegressor,
     GradientBoostingClassifier,
+    GradientBoostingRegressor,
     HistGradientBoostingRegressor,
     RandomForestClassifier,
 )
 from sklearn.linear_model import LogisticRegression, SGDClassifier, SGDRegressor
 from sklearn.naive_bayes import GaussianNB
 from sklearn.neural_network import MLPClassifier
+from sklearn.tree import DecisionTreeClassifier
 
 import warmfit
 from warmfit.backends.sklearn import dumps, loads
@@ -384,6 +387,106 @@ def test_canonical_dumps_are_deterministic():
     est = MLPClassifier((8,), random_state=0, max_iter=5).fit(x, y)
     twin = loads(dumps(est))
     assert dumps(est) == dumps(twin)
+
+
+TREE_MODELS = {
+    "DecisionTree": lambda: DecisionTreeClassifier(random_state=0),
+    "RandomForest": lambda: RandomForestClassifier(n_estimators=4, random_state=0),
+    "GradientBoosting": lambda: GradientBoostingClassifier(n_estimators=4, random_state=0),
+    "ExtraTrees": lambda: ExtraTreesRegressor(n_estimators=4, random_state=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TREE_MODELS))
+def test_canonical_dumps_of_tree_ensembles(name):
+    """Regression: sklearn's Tree node records have 7 uninitialised padding bytes (57
+    bytes of fields in 64), which dumps copied, so a loaded tree dumped other bytes."""
+    x, y = make_data()
+    est = TREE_MODELS[name]().fit(x, y)
+    blob = dumps(est)
+    twin = loads(blob)
+    assert dumps(twin) == blob
+    assert dumps(TREE_MODELS[name]().fit(x, y)) == blob  # fitted apart: the same bytes
+    assert np.array_equal(twin.predict(x), est.predict(x))
+
+
+def test_canonical_dumps_of_boosting_grown_after_a_load():
+    """Regression: trees grown after a load held another (equal) 'squared_error' string
+    than the loaded ones; skops records which objects are one, so the schema differed."""
+    x, y = make_data()
+    straight = GradientBoostingRegressor(n_estimators=6, random_state=0, warm_start=True)
+    straight.fit(x, y)
+    split = GradientBoostingRegressor(n_estimators=3, random_state=0, warm_start=True)
+    split = loads(dumps(split.fit(x, y)))
+    split.set_params(n_estimators=6).fit(x, y)
+    assert np.array_equal(split.predict(x), straight.predict(x))
+    assert dumps(split) == dumps(straight)
+
+
+def test_sub_estimators_holding_the_global_generator_resume_bit_for_bit(tmp_path):
+    """Regression: GradientBoosting(random_state=None) gives each tree its ``_rng``, NumPy's
+    global generator. It was dumped as a copy: the loaded trees held a frozen copy, the
+    trees grown after the load the global one, so the bytes were not the straight run's."""
+    x, y = make_data()
+
+    def make():
+        return GradientBoostingClassifier(subsample=0.7, max_features=2, max_depth=2)
+
+    straight = trainer(make())
+    straight.fit(x, y, rounds=4)
+    first = trainer(make())
+    first.fit(x, y, rounds=2)
+    first.save(tmp_path / "ck")
+    meta = first.state_dict()["state"]["backend"]
+    assert meta["global_rng_attrs"] == ["_rng"]
+    assert first.model.estimators_.shape == (2, 3)  # 2 rounds, 3 classes
+    assert meta["global_rng_paths"] == [
+        [["attr", "estimators_"], ["item", list(i)], ["attr", "random_state"]]
+        for i in np.ndindex(2, 3)
+    ]
+    resumed = warmfit.Trainer.load(tmp_path / "ck", make(), batch_size=16, seed=3, verbose=0)
+    assert all(t.random_state is np.random.mtrand._rand for t in resumed.model.estimators_.flat)
+    resumed.fit(x, y, rounds=2)
+    assert_same_state(straight, resumed)
+    assert blob(straight) == blob(resumed)
+
+
+def test_canonical_dumps_ignore_identity_of_immutables_keep_it_of_arrays():
+    x, y = make_data()
+    one, two = (SGDClassifier(random_state=0).fit(x, y) for _ in range(2))
+    word, arr = "squared" + "_error", np.arange(3.0)
+    one.a_, one.b_ = word, word  # one object
+    two.a_, two.b_ = "".join(word), "_".join(word.split("_"))  # equal, two objects
+    assert two.a_ is not two.b_
+    assert dumps(one) == dumps(two)
+    one.c_, one.d_ = arr, arr  # a mutable object shared stays shared
+    back = loads(dumps(one))
+    assert back.c_ is back.d_ and np.array_equal(back.c_, arr) and back.a_ == word
+
+
+def test_canonical_dumps_zero_the_padding_of_structured_arrays():
+    from warmfit.backends.sklearn import _zero_npy_padding
+
+    dtype = np.dtype([("a", "i1"), ("b", "f8"), ("c", [("d", "i2"), ("e", "f4")])], align=True)
+    assert dtype.itemsize == 24  # a, 7 padding, b, then c: d, 2 padding, e
+    blobs = []
+    for garbage in (0x00, 0xAB, 0xFF):
+        arr = np.zeros(5, dtype=dtype)
+        arr.view(np.uint8)[:] = garbage  # fields and padding alike
+        arr["a"], arr["b"], arr["c"]["d"], arr["c"]["e"] = 1, np.nan, -2, 0.5
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        blobs.append(_zero_npy_padding(buf.getvalue()))
+        back = np.load(io.BytesIO(blobs[-1]), allow_pickle=False)
+        assert back.dtype == arr.dtype
+        assert back["a"].tobytes() == arr["a"].tobytes()
+        assert back["b"].tobytes() == arr["b"].tobytes()  # NaN's bits too
+        assert back["c"]["d"].tobytes() == arr["c"]["d"].tobytes()
+        assert back["c"]["e"].tobytes() == arr["c"]["e"].tobytes()
+    assert blobs[0] == blobs[1] == blobs[2]  # the garbage left no trace
+    plain = io.BytesIO()
+    np.save(plain, np.arange(4.0))
+    assert _zero_npy_padding(plain.getvalue()) == plain.getvalue()
 
 
 def test_bad_arguments_and_guardrails():

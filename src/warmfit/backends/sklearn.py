@@ -14,8 +14,9 @@ Owns: the estimator, its modes (``warm`` resets SGD's ``t_``/averages and MLP's
 optimizer; round estimators and estimators without optimizer state refuse ``warm``),
 and its state, which travels as one array: the estimator in skops' secure format
 (``model/skops``, uint8). Loading never unpickles; only skops' default-trusted types and
-:data:`TRUSTED_TYPES` are accepted. The dump is canonical (object ids renumbered, fixed
-zip timestamps), so equal estimators give identical bytes.
+:data:`TRUSTED_TYPES` are accepted. The dump is canonical (object ids renumbered, no
+identity for immutable values, padding bytes zeroed, fixed zip timestamps), so equal
+estimators give identical bytes.
 
 Randomness: an estimator draws from its ``random_state``. An int or a RandomState
 instance is part of the estimator (and of its skops state); ``None`` means NumPy's global
@@ -30,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import posixpath
 import re
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -50,7 +52,6 @@ TRUSTED_TYPES = [
 ]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-_FILE_RE = re.compile(r"^(\d+)(\.\w+)$")
 
 
 class ArrayData:
@@ -155,6 +156,7 @@ class SklearnBackend:
         self._fresh = True
         self._pending_warm = False
         self._global_rng_attrs: list[str] = []
+        self._global_rng_paths: list[list[list[Any]]] = []
 
     _seed = 0  # set by the Trainer
 
@@ -441,17 +443,22 @@ class SklearnBackend:
     def state_tensors(self) -> dict[str, np.ndarray]:
         # An attribute holding NumPy's global generator (random_state=None: MLP's and
         # MiniBatchKMeans' ``_random_state``) is stored as None and restored as the global
-        # generator, which the Trainer's host stream drives; a copy would diverge.
+        # generator, which the Trainer's host stream drives; a copy would diverge. So is
+        # one of a sub-estimator (GradientBoosting's trees get its ``_rng`` as their
+        # ``random_state``): as a copy, the loaded trees would hold another generator than
+        # the trees grown after the load, and the dump would not be the straight run's.
         est = self.model
         glob = np.random.mtrand._rand
-        self._global_rng_attrs = sorted(k for k, v in vars(est).items() if v is glob)
-        for k in self._global_rng_attrs:
-            setattr(est, k, None)
+        refs = _global_rng_refs(est, glob)
+        self._global_rng_attrs = sorted(p[0][1] for p in refs if len(p) == 1)
+        self._global_rng_paths = [p for p in refs if len(p) > 1]
+        for path in refs:
+            _set_at(est, path, None)
         try:
             blob = dumps(est)
         finally:
-            for k in self._global_rng_attrs:
-                setattr(est, k, glob)
+            for path in refs:
+                _set_at(est, path, glob)
         return {"model/skops": np.frombuffer(blob, dtype=np.uint8)}
 
     def state_meta(self) -> dict[str, Any]:
@@ -461,6 +468,7 @@ class SklearnBackend:
             "classes": None if self.classes is None else self.classes.tolist(),
             "round_rng": None if self._round_rng is None else _rng_to_json(self._round_rng),
             "global_rng_attrs": list(self._global_rng_attrs),
+            "global_rng_paths": [list(p) for p in self._global_rng_paths],
         }
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
@@ -470,6 +478,7 @@ class SklearnBackend:
                 f"{_qualname(self.model)}. Pass an estimator of the class that wrote it."
             )
         self._global_rng_attrs = list(meta.get("global_rng_attrs", []))
+        self._global_rng_paths = list(meta.get("global_rng_paths", []))
         self.load_weights(tensors)
         classes = meta.get("classes")
         self.classes = None if classes is None else np.asarray(classes)
@@ -494,6 +503,14 @@ class SklearnBackend:
         _become(self.model, loaded)
         for k in self._global_rng_attrs:
             setattr(self.model, k, np.random.mtrand._rand)
+        for path in self._global_rng_paths:
+            try:
+                _set_at(self.model, path, np.random.mtrand._rand)
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+                raise StateMismatchError(
+                    f"the checkpoint's estimator has no slot {path!r} for NumPy's global "
+                    "generator: its state record does not match its estimator."
+                ) from None
 
     def describe(self) -> dict[str, Any]:
         params = {
@@ -512,18 +529,49 @@ class SklearnBackend:
 
 # -- skops: secure, canonical -----------------------------------------------------------
 def dumps(est: Any) -> bytes:
-    """``est`` in skops' format, canonical: equal estimators give identical bytes (object
-    ids renumbered in document order, files renamed after them, fixed zip timestamps)."""
+    """``est`` in skops' format, canonical: equal estimators give identical bytes.
+
+    skops' own output is not: it numbers objects (and names their files) by Python ``id``,
+    records which nodes are the same object, and copies arrays' bytes as they lie in
+    memory. So: object ids are renumbered in document order and files renamed after them;
+    immutable values (str, int, float, bool, None, types, functions, bytes, dtypes,
+    slices, tuples) get a number per occurrence, so whether two equal ones happened to be
+    one object (CPython caches small ints and interns strings; a loaded estimator shares
+    what a fitted one did not) leaves no trace (loading gives equal values); the padding
+    bytes of structured arrays (sklearn's Tree node records: 57 bytes of fields in 64),
+    uninitialised memory, are zeroed; and zip timestamps are fixed. The identity of
+    mutable objects (arrays, lists, dicts, estimators, generators) is kept as it is.
+    """
     import skops.io as sio
 
     raw = zipfile.ZipFile(io.BytesIO(sio.dumps(est)))
     schema = json.loads(raw.read("schema.json"))
-    ids: dict[int, int] = {}
+    ids: dict[int, int] = {}  # skops' id of a mutable object -> its number
+    files: dict[str, bytes] = {}  # new name -> content
+    count = 0
+
+    def number(node: dict) -> int:
+        nonlocal count
+        old = node["__id__"]
+        if not _is_value_node(node):
+            if old not in ids:
+                ids[old] = count
+                count += 1
+            return ids[old]
+        count += 1
+        return count - 1
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if "__id__" in node:
-                node["__id__"] = ids.setdefault(node["__id__"], len(ids))
+            if "__loader__" in node and isinstance(node.get("__id__"), int):
+                num = node["__id__"] = number(node)
+                f = node.get("file")
+                if isinstance(f, str):  # skops names them <id>.npy, <id>.npz, <uuid>.bin
+                    ext = posixpath.splitext(f)[1]
+                    name = f"{num}{ext}"
+                    if name not in files:
+                        files[name] = _canonical_member(raw.read(f), ext)
+                    node["file"] = name
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -531,27 +579,80 @@ def dumps(est: Any) -> bytes:
                 walk(value)
 
     walk(schema)
-    renamed: dict[str, str] = {}
-
-    def rename(node: Any) -> None:
-        if isinstance(node, dict):
-            f = node.get("file")
-            if isinstance(f, str) and (m := _FILE_RE.match(f)):
-                num = ids.setdefault(int(m.group(1)), len(ids))
-                node["file"] = renamed.setdefault(f, f"{num}{m.group(2)}")
-            for value in node.values():
-                rename(value)
-        elif isinstance(node, list):
-            for value in node:
-                rename(value)
-
-    rename(schema)
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr(zipfile.ZipInfo("schema.json", _ZIP_DATE), json.dumps(schema, indent=1))
-        for old, new in sorted(renamed.items(), key=lambda kv: kv[1]):
-            z.writestr(zipfile.ZipInfo(new, _ZIP_DATE), raw.read(old))
+        for name in sorted(files, key=_member_order):
+            z.writestr(zipfile.ZipInfo(name, _ZIP_DATE), files[name])
     return out.getvalue()
+
+
+#: skops nodes whose objects are immutable values: which of them are one object is no
+#: part of the estimator (loading rebuilds equal values), so it is not recorded.
+_VALUE_LOADERS = frozenset(
+    {"JsonNode", "TypeNode", "FunctionNode", "BytesNode", "DTypeNode", "SliceNode", "TupleNode"}
+)
+
+
+def _is_value_node(node: dict) -> bool:
+    if node.get("__loader__") not in _VALUE_LOADERS:
+        return False
+    content = node.get("content")  # a JsonNode holding a JSON list or object: not a scalar
+    return not (node["__loader__"] == "JsonNode" and str(content).lstrip()[:1] in ("[", "{"))
+
+
+def _member_order(name: str) -> tuple[int, str]:
+    m = re.match(r"^(\d+)", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def _canonical_member(blob: bytes, ext: str) -> bytes:
+    """A file of the skops zip with its undefined bytes fixed: the padding of structured
+    ``.npy`` arrays is zeroed; anything else is kept as it is."""
+    return _zero_npy_padding(blob) if ext == ".npy" else blob
+
+
+def _zero_npy_padding(blob: bytes) -> bytes:
+    """``blob`` (an ``.npy`` file) with the bytes of its records that belong to no field
+    zeroed; header and field bytes untouched. Never unpickles."""
+    fmt = np.lib.format
+    fp = io.BytesIO(blob)
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fp)
+        else:  # 3.0 (non-latin-1 field names): no public header reader
+            fp.seek(0)
+            arr = fmt.read_array(fp, allow_pickle=False)
+            shape, dtype = arr.shape, arr.dtype
+    except (ValueError, TypeError, OSError):
+        return blob
+    if (dtype.fields is None and dtype.subdtype is None) or dtype.hasobject:
+        return blob
+    mask = _field_bytes(dtype)
+    n = math.prod(shape)
+    size = n * dtype.itemsize
+    if mask.all() or size == 0 or len(blob) < size:
+        return blob
+    buf = np.frombuffer(bytearray(blob), dtype=np.uint8)  # writable copy
+    buf[len(blob) - size :].reshape(n, dtype.itemsize)[:, ~mask] = 0  # data runs to the end
+    return buf.tobytes()
+
+
+def _field_bytes(dtype: np.dtype) -> np.ndarray:
+    """Which of the ``itemsize`` bytes of one ``dtype`` item belong to a field."""
+    if dtype.fields is None:
+        if dtype.subdtype is not None:
+            base, shape = dtype.subdtype
+            return np.tile(_field_bytes(base), math.prod(shape))
+        return np.ones(dtype.itemsize, dtype=bool)
+    mask = np.zeros(dtype.itemsize, dtype=bool)
+    for field in dtype.fields.values():
+        sub, offset = field[0], field[1]
+        mask[offset : offset + sub.itemsize] |= _field_bytes(sub)
+    return mask
 
 
 def loads(data: bytes, trusted: list[str] | None = None) -> Any:
@@ -581,6 +682,69 @@ def _become(target: Any, source: Any) -> None:
     one the user holds, as with the PyTorch backend)."""
     target.__dict__.clear()
     target.__dict__.update(source.__dict__)
+
+
+def _global_rng_refs(est: Any, glob: Any) -> list[list[list[Any]]]:
+    """The slots of ``est`` that hold ``glob`` (NumPy's global generator), as JSON paths
+    of steps ``["attr", name]``, ``["item", index]`` (list or object array) and ``["key",
+    name]`` (dict), in document order; the search goes through attributes of estimators,
+    lists, dicts and object arrays, so into sub-estimators (a forest's or boosting's trees).
+    """
+    from sklearn.base import BaseEstimator
+
+    out: list[list[list[Any]]] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, path: list[list[Any]]) -> None:
+        if id(obj) in seen:
+            return
+        if isinstance(obj, BaseEstimator):
+            children = [(["attr", k], v) for k, v in vars(obj).items()]
+        elif isinstance(obj, list):
+            children = [(["item", [i]], v) for i, v in enumerate(obj)]
+        elif isinstance(obj, dict):
+            children = [(["key", k], v) for k, v in obj.items() if isinstance(k, str)]
+        elif isinstance(obj, np.ndarray) and obj.dtype == object:
+            children = [(["item", list(i)], obj[i]) for i in np.ndindex(obj.shape)]
+        else:
+            return
+        seen.add(id(obj))
+        for step, value in children:
+            if value is glob:
+                out.append([*path, step])
+            else:
+                visit(value, [*path, step])
+
+    visit(est, [])
+    return out
+
+
+def _set_at(root: Any, path: list[list[Any]], value: Any) -> None:
+    """Put ``value`` in the slot of ``root`` that ``path`` (see :func:`_global_rng_refs`)
+    names."""
+    obj = root
+    for i, (kind, key) in enumerate(path):
+        last = i == len(path) - 1
+        if kind == "attr":
+            if last:
+                setattr(obj, key, value)
+            else:
+                obj = getattr(obj, key)
+        elif kind == "item":
+            index = tuple(int(k) for k in key)
+            if isinstance(obj, list):
+                (index,) = index
+            if last:
+                obj[index] = value
+            else:
+                obj = obj[index]
+        elif kind == "key":
+            if last:
+                obj[key] = value
+            else:
+                obj = obj[key]
+        else:
+            raise ValueError(f"unknown step {kind!r}")
 
 
 def _qualname(obj: Any) -> str:
