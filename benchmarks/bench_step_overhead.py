@@ -43,7 +43,7 @@ def case(
     y_np = rng.integers(0, out, size=n).astype(np.int64)
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
 
-    def hand() -> None:
+    def hand(select: bool = False) -> None:
         torch.manual_seed(0)
         model = mlp(d, hidden, out)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -55,8 +55,16 @@ def case(
             total = 0.0
             for i in range(0, n, bs):
                 idx = perm[i : i + bs]
-                out_ = model(x[idx])
-                loss = loss_fn(out_, y[idx])
+                xb, yb = (
+                    (x.index_select(0, idx), y.index_select(0, idx))
+                    if select
+                    else (
+                        x[idx],
+                        y[idx],
+                    )
+                )
+                out_ = model(xb)
+                loss = loss_fn(out_, yb)
                 total += loss.item()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -73,7 +81,8 @@ def case(
         )
         t.fit(x, y, epochs=epochs)
 
-    times = interleaved({"hand": hand, "warmfit": trainer}, repeats)
+    variants = {"hand": hand, "hand_select": lambda: hand(select=True), "warmfit": trainer}
+    times = interleaved(variants, repeats)
     return {k: median(v) for k, v in times.items()}
 
 
@@ -95,15 +104,26 @@ def main() -> None:
         ),
     ]:
         r = case(repeats=repeats, **cfg)
-        ratio = r["warmfit"] / r["hand"]
-        print(f"{label}: hand {r['hand']:.3f}s  warmfit {r['warmfit']:.3f}s  ratio {ratio:.3f}x")
-        rows.append(f"| {label} | {r['hand']:.3f} s | {r['warmfit']:.3f} s | **{ratio:.3f}×** |")
+        ratio, same = r["warmfit"] / r["hand"], r["warmfit"] / r["hand_select"]
+        print(
+            f"{label}: hand {r['hand']:.3f}s  hand (index_select) {r['hand_select']:.3f}s  "
+            f"warmfit {r['warmfit']:.3f}s  ratio {ratio:.3f}x  (vs index_select {same:.3f}x)"
+        )
+        rows.append(
+            f"| {label} | {r['hand']:.3f} s | {r['hand_select']:.3f} s | {r['warmfit']:.3f} s "
+            f"| **{ratio:.3f}×** | {same:.3f}× |"
+        )
     body = (
         "## Step overhead: `Trainer.fit` vs a hand-written loop (CPU, 1 thread)\n\n"
-        "| case | hand-written loop | warmfit | ratio |\n|---|---|---|---|\n"
+        "| case | hand-written loop, `x[idx]` | hand-written, `index_select` | warmfit | "
+        "**ratio** (to `x[idx]`) | ratio to `index_select` |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\nMedian of {repeats} interleaved repeats; same model, data, batch size, Adam "
-        "and shuffling."
+        "and shuffling. Targets: ≤ 1.03× on the small MLP, ≤ 1.01× where compute dominates. "
+        "The hand-written loop cuts its batches as such loops do, `x[idx]`; warmfit cuts "
+        "them with `index_select` (the same rows, without the advanced-indexing machinery), "
+        "so the last column, against a hand loop that does the same, is warmfit's own "
+        "overhead: the loop, the cursor, the streams, the fingerprint and the data probe."
     )
     write_section("step-overhead", body, "python benchmarks/bench_step_overhead.py")
 

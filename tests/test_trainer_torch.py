@@ -44,6 +44,31 @@ def test_e1_split_calls_equal_one_call_arrays(data, split):
     assert parts.global_step == straight.global_step == 6 * 13
 
 
+def test_e1_batches_are_the_same_rows_for_strided_tensors(data):
+    """Contiguous tensors are batched with index_select, others with x[idx]: both give
+    the rows of the epoch's order, and a strided x trains to the same bits split and
+    straight, and batch for batch the same rows as a contiguous copy."""
+    x, y = data
+    strided = torch.from_numpy(np.asfortranarray(x))
+    assert not strided.is_contiguous()
+    backend = make_trainer()._backend
+    order = np.random.default_rng(0).permutation(len(x))
+    for xs in (torch.from_numpy(x), strided):
+        batches = list(backend.batches(backend.prepare(xs, y), order, 20, 16, 0))
+        assert [len(b[0]) for b in batches] == [16] * 11 + [4]
+        for i, (xb, yb) in enumerate(batches):
+            rows = order[20 + 16 * i : 36 + 16 * i]
+            assert torch.equal(xb, torch.from_numpy(x[rows]))
+            assert torch.equal(yb, torch.from_numpy(y[rows]))
+    assert list(backend.batches(backend.prepare(strided, y), order, len(x), 16, 0)) == []
+    straight = make_trainer()
+    straight.fit(strided, y, epochs=2)
+    parts = make_trainer()
+    parts.fit(strided, y, steps=7)
+    parts.fit(strided, y, until_epoch=2)
+    assert_same_training_state(straight, parts)
+
+
 def test_e1_split_calls_equal_one_call_dataset(data):
     x, y = data
     straight = make_trainer()

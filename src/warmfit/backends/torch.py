@@ -89,6 +89,7 @@ class _OrderSampler(torch.utils.data.Sampler):
 
 class TorchBackend:
     framework = "torch"
+    _last_loss: torch.Tensor | None = None  # the previous step's loss (see train_step)
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class TorchBackend:
 
     # -- construction, warm and restart --------------------------------------------
     def init_model(self, seed: int, *, first: bool) -> None:
+        self._last_loss = None
         if self.model_factory is not None:
             # Seed the CPU generator (and CUDA's, for a factory that builds on the GPU)
             # inside fork_rng, so the user's streams are left as they were. Not
@@ -186,6 +188,7 @@ class TorchBackend:
 
     def close(self) -> None:
         """Drop the DDP wrapper (and its hold on the process group)."""
+        self._last_loss = None
         if self.ddp is not None:
             self.ddp = None
             gc.collect()
@@ -289,10 +292,19 @@ class TorchBackend:
                 local = local.to(self.device)
                 yield (x[local], None if y is None else y[local], len(idx))
             return
-        order_t = torch.from_numpy(order).to(self.device)
-        for start in range(offset, len(order_t), batch_size):
-            idx = order_t[start : start + batch_size]
-            yield (x[idx], None if y is None else y[idx])
+        if offset >= len(order):
+            return
+        # The epoch's index batches are cut in one split, not a slice per step; and
+        # index_select is x[idx] without the advanced-indexing machinery (the same rows,
+        # the same bits: ~6 µs a step on a small MLP, 45 on a wide one). Only for
+        # contiguous data: x[idx] keeps a channels-last layout, index_select does not.
+        steps = torch.from_numpy(order[offset:]).to(self.device).split(batch_size)
+        if x.is_contiguous() and (y is None or y.is_contiguous()):
+            for idx in steps:
+                yield (x.index_select(0, idx), None if y is None else y.index_select(0, idx))
+        else:
+            for idx in steps:
+                yield (x[idx], None if y is None else y[idx])
 
     def _loader_batches(
         self, data: DatasetData, order: np.ndarray, offset: int, batch_size: int, epoch: int
@@ -346,6 +358,10 @@ class TorchBackend:
         self.optimizer.step()  # type: ignore[union-attr]
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
+        # Held until the next step, as a hand-written loop's `loss` variable is: the
+        # freed graph keeps the weights' AccumulateGrad nodes, which torch would
+        # otherwise destroy and rebuild every step (~3 µs). No activation is kept.
+        self._last_loss = loss
         return value
 
     def _ddp_step(self, xb: torch.Tensor, yb: torch.Tensor | None, global_n: int) -> Any:
