@@ -397,3 +397,30 @@ def test_deterministic_is_on_during_fit_only_and_the_callers_setting_comes_back(
         assert t.ledger[-1]["deterministic"] is True
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+class NumpyNoiseMLP(MLP):
+    """Draws from NumPy's and Python's global streams in forward (as some augmentation
+    code does): the data probe must not advance them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = np.random.normal(scale=0.01, size=tuple(x.shape)).astype(np.float32)
+        return super().forward(x + torch.from_numpy(noise) * random.random())
+
+
+def test_the_data_probe_leaves_the_host_streams_as_they_were(data):
+    """The probe runs before fit installs the trainer's streams: the caller's Python and
+    NumPy streams must come out of fit as they went in, and split == straight."""
+    x, y = data
+    straight = make_trainer(model=NumpyNoiseMLP)
+    straight.fit(x, y, epochs=3)
+    parts = make_trainer(model=NumpyNoiseMLP)
+    for _ in range(3):  # three probes instead of one
+        np.random.seed(1)
+        random.seed(1)
+        parts.fit(x, y, epochs=1)
+        assert (np.random.rand(), random.random()) == (
+            np.random.RandomState(1).rand(),
+            random.Random(1).random(),
+        )
+    assert_same_training_state(straight, parts)

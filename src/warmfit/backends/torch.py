@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import gc
 import math
+import random
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -566,6 +567,7 @@ class TorchBackend:
         yb = None if data.y is None else data.y[:2]
         was_training = self.model.training
         devices = [self.device] if self.device.type == "cuda" else []
+        host = random.getstate(), np.random.get_state()  # a forward may draw from them
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 self.model.eval()
@@ -584,6 +586,8 @@ class TorchBackend:
             ) from None
         finally:
             self.model.train(was_training)
+            random.setstate(host[0])
+            np.random.set_state(host[1])
 
     def load_weights(
         self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None
