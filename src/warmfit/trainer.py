@@ -93,7 +93,10 @@ class Trainer:
         Retention: keep the last ``keep_last`` checkpoints and the best by ``monitor``.
     deterministic:
         Turn on ``torch.use_deterministic_algorithms`` during fit (needed for bit-exact
-        results on a GPU); recorded in the ledger.
+        results on a GPU; for Keras on the torch backend too, refused on Keras' other
+        backends; nothing to switch for scikit-learn); the caller's setting is put back
+        after each call, and the flag is recorded in the ledger. On CUDA, torch also
+        needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the process starts.
     framework:
         ``"torch"``, ``"keras"`` or ``"sklearn"``; None infers it from the model (a
         factory of a Keras model must say ``"keras"``).
