@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,4 +41,48 @@ def test_split_equals_straight_on_gpu_with_deterministic_algorithms():
     b.fit(x, y, epochs=1)
     b.fit(x, y, epochs=2)
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def _sync_warnings(fn) -> int:
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_background_snapshot_copies_into_pinned_buffers_with_one_sync(tmp_path):
+    """A save copies the state into pinned, reused host buffers with non-blocking copies
+    and one synchronisation, where ``.cpu()`` per tensor synchronises once per tensor."""
+    x, y = make_data(400)
+    t = make_trainer(device="cuda", run_dir=tmp_path / "run", checkpoint_every=5)
+    t.fit(x, y, epochs=1)
+    backend = t._backend
+    assert backend._snapshot is not None and backend._snapshot.pinned  # fit's saves
+    n = len(backend.state_tensors())
+    assert _sync_warnings(backend.state_tensors) >= n  # the control: one per tensor
+    assert _sync_warnings(backend.snapshot_tensors) <= 1
+    snapshot, live = backend.snapshot_tensors(), backend.state_tensors()
+    for name, arr in live.items():
+        assert np.array_equal(snapshot[name], arr), name
+
+
+def test_a_gpu_run_resumed_from_its_background_checkpoint_is_bit_exact(tmp_path):
+    x, y = make_data(400)
+    straight = make_trainer(device="cuda", deterministic=True, model=lambda: MLP(p=0.2))
+    straight.fit(x, y, epochs=3)
+    first = make_trainer(
+        device="cuda", deterministic=True, model=lambda: MLP(p=0.2), run_dir=tmp_path / "r"
+    )
+    first.fit(x, y, epochs=2)
+    first.close()
+    resumed = make_trainer(
+        device="cuda", deterministic=True, model=lambda: MLP(p=0.2), run_dir=tmp_path / "r"
+    )
+    resumed.fit(x, y, epochs=1)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -300,6 +300,21 @@ def test_continue_with_changed_data_warns_with_fingerprint(data):
         t.fit(x + 1.0, y, epochs=1)
 
 
+def test_changed_data_that_is_refused_does_not_warn_first(data):
+    """Same shape, other values, and labels the loss cannot take: the call is refused
+    with the probe's error alone, not a "data changed" warning and then an error."""
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    bad = y.copy()
+    bad[0] = 7  # 3 classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="The data does not fit the model or the loss: fit: x"):
+            t.fit(x, bad, epochs=1)
+    assert t.epoch == 1
+
+
 def test_nan_loss_stops_and_keeps_last_good_state(data):
     x, y = data
     x = x.copy()
@@ -424,3 +439,46 @@ def test_the_data_probe_leaves_the_host_streams_as_they_were(data):
             random.Random(1).random(),
         )
     assert_same_training_state(straight, parts)
+
+
+# -- background snapshots -----------------------------------------------------------------
+def test_host_snapshot_copies_into_reused_buffers() -> None:
+    from warmfit.backends.torch import HostSnapshot
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    h = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    snap = HostSnapshot()
+    first = snap.copy({"w": w, "h": h})
+    w.add_(1)  # training goes on; the snapshot keeps the values it copied
+    assert np.array_equal(first["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert not np.shares_memory(first["w"], w.numpy())
+    assert first["h"].dtype == np.int16  # bfloat16 as its bits, like state_tensors
+    assert np.array_equal(first["h"], h.view(torch.int16).numpy())
+    second = snap.copy({"w": w})
+    assert np.shares_memory(second["w"], first["w"])  # the same buffer, refilled
+    assert np.array_equal(second["w"], w.numpy()) and snap.nbytes == w.nbytes  # 'h' dropped
+    third = snap.copy({"w": torch.zeros(3, 3, dtype=torch.float64)})
+    assert not np.shares_memory(third["w"], first["w"]) and third["w"].shape == (3, 3)
+    assert not snap.pinned  # pinned only for tensors on a GPU
+
+
+def test_background_checkpoints_use_the_backends_host_buffers(tmp_path) -> None:
+    """The torch backend's snapshot is the state, bit for bit, in buffers that are reused
+    from one save to the next and never alias the live tensors."""
+    x, y = make_data(64)
+    t = make_trainer(run_dir=tmp_path / "run", checkpoint_every=2)
+    t.fit(x, y, epochs=1)
+    backend = t._backend
+    live = backend.state_tensors()
+    assert backend._snapshot.nbytes == sum(a.nbytes for a in live.values())  # fit's saves
+    snapshot = backend.snapshot_tensors()
+    assert sorted(snapshot) == sorted(live)
+    for name, arr in live.items():
+        assert np.array_equal(snapshot[name], arr) and not np.shares_memory(snapshot[name], arr)
+    again = backend.snapshot_tensors()
+    assert all(np.shares_memory(again[k], snapshot[k]) for k in snapshot)
+    written, _ = warmfit.checkpoint.read_checkpoint(t.run_dir.latest())
+    tensors = t.state_dict()["tensors"]
+    assert sorted(written) == sorted(tensors)
+    for name, arr in tensors.items():
+        assert np.array_equal(written[name], arr), name

@@ -300,8 +300,7 @@ class Trainer:
                 "new_data=True needs the cursor on an epoch boundary; finish the epoch first "
                 "(fit the previous data with until_epoch=trainer.epoch + 1) or use mode='warm'."
             )
-        if not new_data:
-            self._check_data(mode, fp, shape, validation_split)
+        data_changed = None if new_data else self._check_data(mode, fp, shape, validation_split)
         if self._pending_diffs and mode == "continue":
             breaking = [d for d in self._pending_diffs if d.split(":")[0] in EXACTNESS_SETTINGS]
             if breaking:
@@ -327,6 +326,8 @@ class Trainer:
                 check_data(val_data, with_target=True, what="validation:")
 
         # Everything checked: apply the mode.
+        if data_changed:  # warned only now, so a call refused above does not warn first
+            warnings.warn(data_changed, stacklevel=2)
         changes: dict[str, Any] = {}
         if mode == "restart":
             self._archive_history()
@@ -785,10 +786,12 @@ class Trainer:
             self._backend.train_mode(True)
         return {f"val_{k}": v for k, v in metrics.items()}
 
-    def _check_data(self, mode: str, fp: str, shape: list[int], split: float | None) -> None:
+    def _check_data(self, mode: str, fp: str, shape: list[int], split: float | None) -> str | None:
+        """Refuse data a 'continue' cannot continue on; return the warning to give if the
+        data changed but keeps its shape (None if it did not)."""
         prev = self._data_info
         if mode != "continue" or prev is None:
-            return
+            return None
         if list(prev["shape"]) != list(shape):
             raise ValueError(
                 f"The data of this 'continue' call has shape {tuple(shape)}, the previous "
@@ -802,13 +805,13 @@ class Trainer:
                 f"{prev.get('validation_split')}; the fixed validation split would change. "
                 "Pass the same validation_split, or use mode='warm'."
             )
-        if prev["fingerprint"] != fp:
-            warnings.warn(
-                f"The training data changed since the previous fit call (fingerprint {fp}, "
-                f"was {prev['fingerprint']}) but has the same shape; continuing with the new "
-                "data. The ledger records both fingerprints.",
-                stacklevel=3,
-            )
+        if prev["fingerprint"] == fp:
+            return None
+        return (
+            f"The training data changed since the previous fit call (fingerprint {fp}, "
+            f"was {prev['fingerprint']}) but has the same shape; continuing with the new "
+            "data. The ledger records both fingerprints."
+        )
 
     def _archive_history(self) -> None:
         """Before a restart: the finished run's history stays on disk (history-run<N>.jsonl
@@ -822,9 +825,17 @@ class Trainer:
             return {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
         return self._rng
 
-    def _collect_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _collect_state(
+        self, *, snapshot: bool = False
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The state's arrays (views of the live state) and its JSON part. With
+        ``snapshot``, the arrays are private copies in reused buffers instead, for the
+        background writer: the backend's own ``snapshot_tensors`` where it has one (the
+        torch backend's pinned host buffers), else :class:`SnapshotBuffers`."""
         rng = self._current_rng()
-        tensors = dict(self._backend.state_tensors())
+        own_snapshot = getattr(self._backend, "snapshot_tensors", None) if snapshot else None
+        backend_tensors = own_snapshot() if own_snapshot else self._backend.state_tensors()
+        tensors = {} if own_snapshot else dict(backend_tensors)
         for name, arr in rng["framework"].items():
             tensors[f"rng/{name}"] = arr
         host_ranks = {}
@@ -836,6 +847,11 @@ class Trainer:
                         tensors[f"rng/rank{r}/{name}"] = arr
         if self._val_rows is not None:
             tensors["data/val_rows"] = self._val_rows
+        if snapshot:
+            assert self._buffers is not None
+            tensors = self._buffers.copy(tensors)  # with the backend's arrays unless it copied
+            if own_snapshot:
+                tensors = {**backend_tensors, **tensors}
         loss_sum, count = self._partial
         state = {
             "version": {"warmfit": __version__, "framework": self._backend.framework},
@@ -1048,10 +1064,11 @@ class Trainer:
         if self.run_dir is None or self._writer is None or self._buffers is None:
             return None
         self._writer.wait()  # one save in flight; the buffers are free again
-        tensors, state = self._collect_state()  # a collective under DDP: every rank calls it
+        # A collective under DDP: every rank calls it; rank 0 copies the state into
+        # reused buffers, the only work training waits for.
+        snapshot, state = self._collect_state(snapshot=self.rank == 0)
         if self.rank != 0:
             return None
-        snapshot = self._buffers.copy(tensors)  # the only work training waits for
         state = ckpt.snapshot_state(state)
         metric = _monitored(self.history, self.monitor)
         step, run = self.counters.global_step, self.counters.run

@@ -88,9 +88,62 @@ class _OrderSampler(torch.utils.data.Sampler):
         return -(-(len(self.order) - self.offset) // self.batch_size)
 
 
+class HostSnapshot:
+    """Reused host buffers for background saving, filled from torch tensors.
+
+    :meth:`copy` copies each tensor into a host tensor of the same dtype and shape,
+    allocated on first use (again if the dtype or shape changes) and then reused, and
+    returns NumPy views of those buffers (bfloat16 as int16 bits, like
+    :func:`_to_numpy`). For tensors on a GPU the buffers are pinned (page-locked): every
+    copy is queued with ``non_blocking=True`` on the current stream, after the work
+    that produced the tensor, and one synchronisation per device waits for them all —
+    instead of a pageable ``.cpu()`` per tensor, each a synchronisation and a fresh
+    allocation. On the CPU it is one ``copy_`` per tensor.
+
+    The returned arrays *are* the buffers: the next :meth:`copy` overwrites them (the
+    same contract as :class:`warmfit.checkpoint.SnapshotBuffers`).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        buffers: dict[str, torch.Tensor] = {}
+        devices: set[torch.device] = set()
+        for name, t in tensors.items():
+            pinned = t.device.type == "cuda"
+            buf = self._buffers.get(name)
+            if (
+                buf is None
+                or buf.shape != t.shape
+                or buf.dtype != t.dtype
+                or (pinned and not buf.is_pinned())
+            ):
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+            buf.copy_(t.detach(), non_blocking=pinned)
+            if pinned:
+                devices.add(t.device)
+            buffers[name] = buf
+        for device in devices:
+            torch.cuda.synchronize(device)
+        self._buffers = buffers
+        return {name: _to_numpy(buf) for name, buf in buffers.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(b.nbytes for b in self._buffers.values())
+
+    @property
+    def pinned(self) -> bool:
+        """Whether every buffer is pinned (False when there are none)."""
+        return bool(self._buffers) and all(b.is_pinned() for b in self._buffers.values())
+
+
 class TorchBackend:
     framework = "torch"
     _last_loss: torch.Tensor | None = None  # the previous step's loss (see train_step)
+    _snapshot: HostSnapshot | None = None  # made by the first snapshot_tensors()
 
     def __init__(
         self,
@@ -452,16 +505,27 @@ class TorchBackend:
 
     # -- state -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+        return {k: _to_numpy(v) for k, v in self._state_torch().items()}
+
+    def snapshot_tensors(self) -> dict[str, np.ndarray]:
+        """:meth:`state_tensors` copied into reused host buffers (pinned on a GPU, one
+        synchronisation per save); valid until the next call. See :class:`HostSnapshot`."""
+        if self._snapshot is None:
+            self._snapshot = HostSnapshot()
+        return self._snapshot.copy(self._state_torch())
+
+    def _state_torch(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state, named as in the checkpoint; live, on the device."""
+        out: dict[str, torch.Tensor] = {}
         for k, v in self.model.state_dict().items():
-            out[f"model/{k}"] = _to_numpy(v)
+            out[f"model/{k}"] = v
         if self.initial is not None:
             for k, v in self.initial.items():
-                out[f"initial/{k}"] = _to_numpy(v)
+                out[f"initial/{k}"] = v
         for idx, slots in self.optimizer.state_dict()["state"].items():  # type: ignore[union-attr]
             for slot, v in slots.items():
                 if torch.is_tensor(v):
-                    out[f"optim/{idx}/{slot}"] = _to_numpy(v)
+                    out[f"optim/{idx}/{slot}"] = v
         return out
 
     def state_meta(self) -> dict[str, Any]:
