@@ -22,9 +22,22 @@ read exactly the same bytes and differ only in where the epoch goes on. Timed:
 - ``replay``: skipping to the offset the way Accelerate / HF Trainer do without a
   stored cursor: iterate a ``DataLoader(TensorDataset)`` over the first k batches.
 
-Prints ratios and rewrites its section of BENCHMARKS.md.
+GPU (``--device cuda``): the same code with the model, the optimizer state and the data
+set on the GPU (``Trainer(device="cuda")``; the data set is moved there before timing).
+The reference read and the hand-written restore read with
+``safetensors.torch.load_file(..., device="cuda")``, which lands the tensors on the GPU
+where training needs them; ``read_checkpoint`` reads into host memory, as warmfit's
+restore does before copying the state to the GPU (which the restore row includes, with
+moving the freshly built model there). The replay baseline iterates the host
+DataLoader without copying the skipped batches to the GPU (a lower bound of replay).
+Each timed block ends with ``torch.cuda.synchronize()``, and starts with the CUDA
+caching allocator emptied (as in a fresh process). The process-start rows include
+initialising CUDA. Rows of the ``resume-cuda`` section: the same rows as on the CPU,
+with these readings.
 
-    python benchmarks/bench_resume.py [--quick]
+Prints ratios and rewrites its section of BENCHMARKS.md (not with ``--quick``).
+
+    python benchmarks/bench_resume.py [--quick] [--device {cpu,cuda}]
 """
 
 from __future__ import annotations
@@ -46,17 +59,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors.numpy import load_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, median, write_section
+from _report import (
+    ROOT,
+    add_device_option,
+    command,
+    device_label,
+    median,
+    resolve_device,
+    section,
+    sync,
+    write_section,
+)
 
 import warmfit
 from warmfit.checkpoint import TENSOR_FILE, RunDir, read_checkpoint
 
-COMMAND = "python benchmarks/bench_resume.py"
+SCRIPT = "bench_resume.py"
 
 
 def mlp(d: int, hidden: int, layers: int, out: int) -> nn.Module:
@@ -98,15 +122,18 @@ def trainer_for(cfg: dict, run_dir: Path, clock: dict | None = None) -> warmfit.
             seed=0,
             run_dir=run_dir,
             verbose=0,
+            device=cfg.get("device", "cpu"),
         )
 
 
 def resume_to_first_step(cfg: dict, run_dir: Path, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Construct a Trainer on ``run_dir`` and run up to the end of its first step.
     Returns the times and the first batch's rows (to check nothing was replayed)."""
+    device = cfg.get("device", "cpu")
     clock: dict[str, float] = {}
     t0 = time.perf_counter()
     trainer = trainer_for(cfg, run_dir, clock)
+    sync(device)
     t1 = time.perf_counter()
     real = trainer._backend.train_step
     seen: dict = {}
@@ -119,6 +146,7 @@ def resume_to_first_step(cfg: dict, run_dir: Path, x: torch.Tensor, y: torch.Ten
     trainer._backend.train_step = first_step
     with contextlib.suppress(_FirstStepDone):
         trainer.fit(x, y, epochs=1)
+    sync(device)
     t2 = time.perf_counter()
     offset = trainer.counters.offset
     trainer.close()
@@ -131,16 +159,31 @@ def resume_to_first_step(cfg: dict, run_dir: Path, x: torch.Tensor, y: torch.Ten
     }
 
 
-def hand_restore(tfile: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """A hand-written resume's restore: read with safetensors, load into model and Adam."""
-    arrays = load_file(str(tfile))
-    weights = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model/")}
+def st_read(tfile: Path, device: torch.device | str = "cpu") -> dict:
+    """The reference read, with safetensors: ``safetensors.numpy.load_file`` on the CPU;
+    ``safetensors.torch.load_file(..., device=...)`` onto a GPU."""
+    if torch.device(device).type == "cpu":
+        return load_file(str(tfile))
+    return safetensors.torch.load_file(str(tfile), device=str(device))
+
+
+def hand_restore(
+    tfile: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device | str = "cpu"
+) -> dict:
+    """A hand-written resume's restore: read with safetensors (onto ``device``), load
+    into model and Adam."""
+    arrays = st_read(tfile, device)
+
+    def tensor(v: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return v if torch.is_tensor(v) else torch.from_numpy(v)
+
+    weights = {k[6:]: tensor(v) for k, v in arrays.items() if k.startswith("model/")}
     model.load_state_dict(weights)
     slots: dict[int, dict] = {}
     for k, v in arrays.items():
         if k.startswith("optim/"):
             _, i, slot = k.split("/", 2)
-            slots.setdefault(int(i), {"step": torch.tensor(1.0)})[slot] = torch.from_numpy(v)
+            slots.setdefault(int(i), {"step": torch.tensor(1.0)})[slot] = tensor(v)
     opt.load_state_dict({"state": slots, "param_groups": opt.state_dict()["param_groups"]})
     return arrays  # freed by the caller, outside the timing
 
@@ -149,10 +192,15 @@ def fresh_heap() -> None:
     """Collect garbage and hand freed memory back to the OS (glibc's malloc_trim), so
     that what a timed block allocates is paged in during the block, whatever ran before
     it: without this, a block that runs after a large free reuses mapped pages and
-    looks up to 2× faster than the same block elsewhere in the round."""
+    looks up to 2× faster than the same block elsewhere in the round. On a GPU, the
+    CUDA caching allocator is emptied for the same reason (a resume runs in a fresh
+    process, whose allocator holds nothing)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if torch.cuda.is_initialized():  # only where this process uses the GPU
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def evict(path: Path) -> None:
@@ -167,7 +215,8 @@ def evict(path: Path) -> None:
 
 
 def replay_skip(x: torch.Tensor, y: torch.Tensor, bs: int, k: int) -> None:
-    """Reach batch k of an epoch by iterating a DataLoader over the first k batches."""
+    """Reach batch k of an epoch by iterating a DataLoader over the first k batches
+    (of host tensors; on a GPU run the skipped batches are not copied there)."""
     gen = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=True, generator=gen
@@ -185,6 +234,7 @@ torch.set_num_threads(1)
 import bench_resume as b
 cfg = json.loads({cfg!r})
 x, y = b.make_data(cfg["n"], cfg["d"], cfg["out"])
+x, y = x.to(cfg["device"]), y.to(cfg["device"])
 t0 = time.time()
 r = b.resume_to_first_step(cfg, __import__("pathlib").Path({run!r}), x, y)
 print(json.dumps({{"end": time.time(), "data": t0}}))
@@ -193,7 +243,7 @@ print(json.dumps({{"end": time.time(), "data": t0}}))
 
 def from_process_start(cfg: dict, run_dir: Path) -> float:
     """Wall time from launching a fresh interpreter to the end of its first resumed
-    step, minus the time the child spends making the synthetic data set."""
+    step (on a GPU, initialising CUDA and placing the data set there included)."""
     code = _CHILD.format(bench=str(Path(__file__).parent), cfg=json.dumps(cfg), run=str(run_dir))
     start = time.time()
     proc = subprocess.run(
@@ -212,14 +262,17 @@ def run(
     bs: int = 128,
     repeats: int = 7,
     subprocess_repeats: int = 3,
+    device: torch.device | str = "cpu",
     *,
     write: bool = True,
 ) -> dict[str, float]:
+    device = torch.device(device)
     torch.set_num_threads(1)
-    cfg = dict(n=n, d=d, hidden=hidden, layers=layers, out=out, bs=bs)
+    cfg = dict(n=n, d=d, hidden=hidden, layers=layers, out=out, bs=bs, device=str(device))
     steps = -(-n // bs)
     k_lo, k_hi = max(1, steps // 100), steps - max(1, steps // 100)
-    x, y = make_data(n, d, out)
+    x_host, y_host = make_data(n, d, out)
+    x, y = x_host.to(device), y_host.to(device)  # the same tensors on the CPU
     tmp = Path(tempfile.mkdtemp(prefix="warmfit-bench-resume-"))
     try:
         base = tmp / "base"
@@ -240,15 +293,15 @@ def run(
 
         perm = warmfit.data.epoch_permutation(0, 0, n)
         expected = {
-            "1%": x[torch.from_numpy(perm[k_lo * bs : k_lo * bs + bs])],
-            "99%": x[torch.from_numpy(perm[k_hi * bs : k_hi * bs + bs])],
+            "1%": x[torch.from_numpy(perm[k_lo * bs : k_lo * bs + bs]).to(device)],
+            "99%": x[torch.from_numpy(perm[k_hi * bs : k_hi * bs + bs]).to(device)],
         }
 
         def build_and_step() -> None:
             torch.manual_seed(0)
-            model = mlp(d, hidden, layers, out)
+            model = mlp(d, hidden, layers, out).to(device)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            idx = torch.from_numpy(perm[k_hi * bs : k_hi * bs + bs])
+            idx = torch.from_numpy(perm[k_hi * bs : k_hi * bs + bs]).to(device)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,6 +327,7 @@ def run(
                 "build + step",
             )
         }
+
         def timed(fn: Callable[[], object], cold: Path | None = None) -> float:
             """Time ``fn`` from the same starting point every time: freed memory
             returned to the OS (so each variant pays for the pages it allocates) and,
@@ -283,6 +337,7 @@ def run(
                 evict(cold)
             t0 = time.perf_counter()
             result = fn()
+            sync(device)
             elapsed = time.perf_counter() - t0
             del result  # freeing what it read is not part of reading it
             return elapsed
@@ -299,17 +354,17 @@ def run(
                 rows[f"warmfit {label}"] = r["total"]
                 rows[f"construct {label}"] = r["construct"]
                 rows[f"restore {label}"] = r["restore"]
-            rows["safetensors read"] = timed(lambda: load_file(str(tfile)))
+            rows["safetensors read"] = timed(lambda: st_read(tfile, device))
             rows["read_checkpoint"] = timed(lambda: read_checkpoint(tfile.parent))
-            rows["safetensors read cold"] = timed(lambda: load_file(str(tfile)), tfile)
+            rows["safetensors read cold"] = timed(lambda: st_read(tfile, device), tfile)
             rows["read_checkpoint cold"] = timed(lambda: read_checkpoint(tfile.parent), tfile)
             fresh_heap()
             evict(RunDir(dirs["99%"]).latest() / TENSOR_FILE)
             r = resume_to_first_step(cfg, dirs["99%"], x, y)
             rows["warmfit 99% cold"], rows["restore 99% cold"] = r["total"], r["restore"]
-            model = mlp(d, hidden, layers, out)
+            model = mlp(d, hidden, layers, out).to(device)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            restore = functools.partial(hand_restore, tfile, model, opt)
+            restore = functools.partial(hand_restore, tfile, model, opt, device)
             rows["hand restore"] = timed(restore)
             rows["hand restore cold"] = timed(restore, tfile)
             del model, opt, restore
@@ -321,7 +376,7 @@ def run(
         replay = {}
         for label, k in (("1%", k_lo), ("99%", k_hi)):
             t0 = time.perf_counter()
-            replay_skip(x, y, bs, k)
+            replay_skip(x_host, y_host, bs, k)
             replay[label] = time.perf_counter() - t0
 
         proc: dict[str, list[float]] = {"1%": [], "99%": []}
@@ -361,7 +416,11 @@ def run(
     }
     _print(r, repeats)
     if write:
-        write_section("resume", _body(r, repeats, subprocess_repeats, bs), COMMAND)
+        write_section(
+            section("resume", device),
+            _body(r, repeats, subprocess_repeats, bs, device),
+            command(SCRIPT, device),
+        )
     return r
 
 
@@ -383,8 +442,35 @@ def _print(r: dict[str, float], repeats: int) -> None:
     print(f"replay resume / warmfit resume at 99%: {r['replay_ratio']:.1f}x")
 
 
-def _body(r: dict[str, float], repeats: int, proc_repeats: int, bs: int) -> str:
+def _body(
+    r: dict[str, float],
+    repeats: int,
+    proc_repeats: int,
+    bs: int,
+    device: torch.device | str = "cpu",
+) -> str:
     mib = r["file_bytes"] / 2**20
+    cuda = torch.device(device).type == "cuda"
+    gpu = (
+        " The model, the Adam state and the data set live on the GPU "
+        '(`Trainer(device="cuda")`; the data set is placed there before timing), and every '
+        "timed block ends with `torch.cuda.synchronize()`."
+        if cuda
+        else ""
+    )
+    gpu_read = (
+        " On the GPU the reference read is `safetensors.torch.load_file(..., "
+        'device="cuda")`, which lands the tensors on the GPU where training needs them; '
+        "warmfit's restore reads into host memory and includes copying the state to the "
+        "GPU (and moving the freshly built model there)."
+        if cuda
+        else ""
+    )
+    ref = "`load_file` to the GPU (`safetensors.torch`)" if cuda else "`load_file` (numpy)"
+    hand = "`load_file` to the GPU" if cuda else "`load_file`"
+    into = "; into host memory" if cuda else ""
+    start = "imports, CUDA initialisation and data set" if cuda else "imports and data set"
+    skip = " (host batches, not copied to the GPU)" if cuda else ""
 
     def t(k: str) -> str:
         return f"{r['t_' + k]:.3f} s"
@@ -397,7 +483,7 @@ def _body(r: dict[str, float], repeats: int, proc_repeats: int, bs: int) -> str:
 
     return (
         "## Resume: restore cost, and time to the first resumed step at 1% and 99% of an "
-        "epoch (CPU)\n\n"
+        f"epoch ({device_label(device)})\n\n"
         f"A {r['n'] / 1e6:.0f}M-sample in-memory data set, batch {bs} "
         f"({r['steps_per_epoch']:.0f} steps per epoch), an MLP of "
         f"{r['params'] / 1e6:.1f}M parameters with Adam ({mib:.0f} MiB tensor file). The same "
@@ -405,25 +491,25 @@ def _body(r: dict[str, float], repeats: int, proc_repeats: int, bs: int) -> str:
         "`Trainer(model_factory, ..., run_dir=...)` then `fit()` to the end of the first "
         "step; the first batch is checked to be the one at the cursor. Targets: the same "
         "time at both offsets (O(1): nothing replayed), and ≤ 1.2× the time of reading the "
-        "same tensors with safetensors.\n\n"
+        f"same tensors with safetensors.{gpu}\n\n"
         "**What the 1.2× target is read on.** *Warmfit restore* is the resume itself: "
         "find the newest intact checkpoint, verify its checksums, read it, and load the "
         "whole training state (weights, Adam slots, random streams, cursor, schedules, "
         "history) — Trainer construction minus the model factory's own time (building and "
         "initialising the model, which every resume does and no read replaces). The time "
         "from process start is reported too; it is dominated by `import torch` and by "
-        "building the model, which the target cannot mean.\n\n"
+        f"building the model, which the target cannot mean.{gpu_read}\n\n"
         "| restore (same tensor file) | in page cache | × read | evicted first | × read |\n"
         "|---|---|---|---|---|\n"
-        f"| safetensors `load_file` (numpy), the reference | {t('safetensors read')} | 1.00× | "
+        f"| safetensors {ref}, the reference | {t('safetensors read')} | 1.00× | "
         f"{t('safetensors read cold')} | 1.00× |\n"
-        f"| hand-written restore: `load_file` + `load_state_dict` of model and Adam, nothing "
+        f"| hand-written restore: {hand} + `load_state_dict` of model and Adam, nothing "
         f"verified | {t('hand restore')} | {x('hand restore')} | {t('hand restore cold')} | "
         f"{xc('hand restore cold')} |\n"
         f"| **warmfit restore: find, verify, read, load the whole state** | "
         f"{t('restore 99%')} | **{x('restore 99%')}** | {t('restore 99% cold')} | "
         f"**{xc('restore 99% cold')}** |\n"
-        f"| of which `read_checkpoint` (XXH3-128 verified in the same pass) | "
+        f"| of which `read_checkpoint` (XXH3-128 verified in the same pass{into}) | "
         f"{t('read_checkpoint')} | {x('read_checkpoint')} | {t('read_checkpoint cold')} | "
         f"{xc('read_checkpoint cold')} |\n\n"
         "| to the first resumed step | at 1% | at 99% |\n|---|---|---|\n"
@@ -431,12 +517,12 @@ def _body(r: dict[str, float], repeats: int, proc_repeats: int, bs: int) -> str:
         f"{t('warmfit 99%')} |\n"
         f"| of which warmfit restore | {t('restore 1%')} | {t('restore 99%')} |\n"
         f"| warmfit, file not in the page cache (evicted first) | | {t('warmfit 99% cold')} |\n"
-        f"| warmfit from process start (fresh interpreter, imports and data set included) | "
+        f"| warmfit from process start (fresh interpreter, {start} included) | "
         f"{t('process 1%')} | {t('process 99%')} |\n"
         f"| hand lower bound: build + safetensors read + one step | | "
         f"{t('hand_lower_bound')} |\n"
-        f"| replay baseline: hand lower bound + iterate a DataLoader over the first k batches "
-        f"| {r['t_hand_lower_bound'] + r['t_replay_skip 1%']:.3f} s | "
+        "| replay baseline: hand lower bound + iterate a DataLoader over the first k "
+        f"batches{skip} | {r['t_hand_lower_bound'] + r['t_replay_skip 1%']:.3f} s | "
         f"{r['t_hand_lower_bound'] + r['t_replay_skip 99%']:.3f} s |\n\n"
         f"- 99% / 1%: **{r['offset_ratio']:.2f}×** (target ≈ 1: O(1) in the offset).\n"
         f"- warmfit restore / safetensors read: **{r['restore_vs_read']:.2f}×** in the page "
@@ -462,13 +548,24 @@ def _body(r: dict[str, float], repeats: int, proc_repeats: int, bs: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
+    add_device_option(parser)
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.quick:
-        run(n=100_000, hidden=256, layers=2, bs=256, repeats=2, subprocess_repeats=1, write=False)
+        run(
+            n=100_000,
+            hidden=256,
+            layers=2,
+            bs=256,
+            repeats=2,
+            subprocess_repeats=1,
+            device=device,
+            write=False,
+        )
     else:
-        run()
+        run(device=device)
 
 
 if __name__ == "__main__":
