@@ -111,3 +111,87 @@ def test_rewind_to_epoch_and_missing_epoch(tmp_path):
         ValueError, match="rewind needs checkpoints: construct the Trainer with run_dir"
     ):
         make_trainer().rewind()
+
+
+def test_early_stopping_restore_best_is_exact_across_a_new_process_state(tmp_path):
+    """The best weights kept by restore_best=True are part of the checkpoint: a run
+    resumed between the best epoch and the stop restores the same weights (E2)."""
+    x, y, val = noisy_data()
+    straight_es = EarlyStopping(patience=4, restore_best=True)
+    straight = make_trainer(callbacks=[straight_es])
+    straight.fit(x, y, epochs=40, validation_data=val)
+    assert straight_es.stopped_epoch is not None
+    assert straight_es.stopped_epoch > straight_es.best_epoch + 1  # room for a cut between
+    with make_trainer(
+        callbacks=[EarlyStopping(patience=4, restore_best=True)], run_dir=tmp_path
+    ) as t:
+        t.fit(x, y, until_epoch=straight_es.best_epoch + 1, validation_data=val)
+    resumed_es = EarlyStopping(patience=4, restore_best=True)
+    with make_trainer(callbacks=[resumed_es], run_dir=tmp_path) as resumed:
+        assert resumed_es.state_arrays().keys() == straight_es.state_arrays().keys()
+        resumed.fit(x, y, epochs=40, validation_data=val)
+    assert resumed_es.stopped_epoch == straight_es.stopped_epoch
+    assert_same_training_state(straight, resumed)
+
+
+def test_a_save_at_an_epoch_end_carries_that_epochs_metric(tmp_path):
+    """checkpoint_every that falls on an epoch's last step saves after the epoch's
+    validation, tagged with its metric; so "best" holds the best epoch's weights."""
+    x, y = make_data()
+    xv, yv = make_data(60, seed=9)
+    with make_trainer(run_dir=tmp_path, keep_last=None, checkpoint_every=13) as t:
+        t.fit(x, y, epochs=6, validation_data=(xv, yv))  # 13 steps per epoch
+        best = t.history.best("val_loss")
+        assert best["epoch"] < 6
+        t.rewind("best")
+        assert t.epoch == best["epoch"]
+        assert t.evaluate(xv, yv)["loss"] == best["val_loss"]
+
+
+def test_reduce_lr_on_plateau_refuses_a_torch_scheduler():
+    with pytest.raises(
+        TypeError,
+        match="^ReduceLROnPlateau scales the learning rate warmfit sets at each step, but a "
+        "torch LRScheduler sets the rate itself",
+    ):
+        make_trainer(
+            callbacks=[ReduceLROnPlateau()],
+            schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
+        )
+    t = make_trainer(callbacks=[ReduceLROnPlateau()], schedule=None)
+    x, y = make_data()
+    with pytest.raises(TypeError, match="^ReduceLROnPlateau scales"):
+        t.fit(x, y, epochs=1, schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10))
+    assert t.epoch == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: EarlyStopping(patience="3"),
+            "The 'patience' parameter of EarlyStopping must be an int >= 0. Got '3' instead.",
+        ),
+        (
+            lambda: EarlyStopping(min_delta=float("nan")),
+            "The 'min_delta' parameter of EarlyStopping must be a finite number >= 0. Got nan",
+        ),
+        (
+            lambda: ReduceLROnPlateau(cooldown=-1),
+            "The 'cooldown' parameter of ReduceLROnPlateau must be an int >= 0. Got -1 instead.",
+        ),
+        (
+            lambda: ReduceLROnPlateau(monitor=None),
+            "The 'monitor' parameter of ReduceLROnPlateau must be a logged value's name",
+        ),
+    ],
+)
+def test_callback_parameters_are_checked(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value).startswith(message)
+
+
+def test_callbacks_must_be_callback_objects():
+    with pytest.raises(TypeError, match=r"^callbacks\[1\] is <object object at .*>, not a warmfit"):
+        make_trainer(callbacks=[EarlyStopping(), object()])

@@ -3,7 +3,9 @@ lock, failure injection, background writer."""
 
 from __future__ import annotations
 
+import copy
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -416,6 +419,47 @@ def test_retention_never_deletes_latest(tmp_path: Path) -> None:
         assert names(run.checkpoints()) == [f"step-{s:012d}" for s in (30, 5)]  # save order
 
 
+def runs_and_steps(paths: list[Path]) -> list[tuple[int, int]]:
+    """``(run, step)`` of each checkpoint, from its name ``ckpt-<seq>-run<r>-step-<s>``."""
+    found = [re.fullmatch(r"ckpt-\d+-run(\d+)-step-(\d+)", p.name) for p in paths]
+    return [(int(m.group(1)), int(m.group(2))) for m in found if m]
+
+
+def test_retention_is_per_run_and_keeps_finished_runs(tmp_path: Path) -> None:
+    """A restart (run 1, steps from 0 again) never deletes run 0: each run keeps its
+    last keep_last and its best, and "best" is per run."""
+    run0 = [(10, 5.0), (20, 1.0), (30, 4.0), (40, 3.0)]
+    run1 = [(5, 0.5), (10, 2.0), (15, 3.0), (20, 2.5), (25, None)]
+    with RunDir(tmp_path, keep_last=2) as run:
+        for step, metric in run0:
+            run.save(step_tensors(step), {}, step=step, metric=metric, run=0)
+        assert nm(run.best()) == "step-000000000020"
+        for step, metric in run1:
+            run.save(step_tensors(step), {}, step=step, metric=metric, run=1)
+            # run 0 is finished: its last two and its best stay, whatever run 1 does
+            assert runs_and_steps(run.checkpoints())[:3] == [(0, 20), (0, 30), (0, 40)]
+        assert runs_and_steps(run.checkpoints()) == [
+            (0, 20), (0, 30), (0, 40), (1, 5), (1, 20), (1, 25)
+        ]  # fmt: skip
+        assert runs_and_steps([run.best(), run.best(run=1), run.best(run=0)]) == [
+            (1, 5), (1, 5), (0, 20)
+        ]  # fmt: skip
+        assert run.best(run=2) is None
+        with pytest.raises(ValueError, match=r"'run' parameter of RunDir\.best"):
+            run.best(run=-1)
+        index = json.loads(run.index_file.read_text())["checkpoints"]
+        assert sorted(index) == [p.name for p in run.checkpoints()]
+        run.save(step_tensors(30), {}, step=30, metric=9.0, run=2)  # a second restart
+        assert runs_and_steps(run.checkpoints()) == [
+            (0, 20), (0, 30), (0, 40), (1, 5), (1, 20), (1, 25), (2, 30)
+        ]  # fmt: skip
+        assert runs_and_steps([run.best()]) == [(2, 30)]  # the current run's, not run 1's
+    with RunDir(tmp_path / "nobest", keep_last=1, keep_best=False) as run:
+        for r, step in [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]:
+            run.save(step_tensors(step), {}, step=step, metric=float(step), run=r)
+        assert runs_and_steps(run.checkpoints()) == [(0, 2), (1, 3)]
+
+
 def test_same_step_twice_gets_its_own_folder(tmp_path: Path) -> None:
     with RunDir(tmp_path, keep_last=None) as run:
         for _ in range(3):
@@ -591,6 +635,112 @@ def test_lock_is_reentrant_per_object_and_exclusive_between_objects(tmp_path: Pa
     assert not first.locked
     with second:
         pass
+
+
+def test_lock_held_by_this_process_says_so(tmp_path: Path) -> None:
+    first, second = RunDir(tmp_path), RunDir(tmp_path)
+    with first, pytest.raises(RunDirLockedError) as info:
+        second.lock()
+    message = str(info.value)
+    assert info.value.pid == os.getpid()
+    assert f"is locked by this process (pid {os.getpid()})" in message
+    assert "close()" in message and "with warmfit.Trainer(" in message and "del " in message
+    assert "Wait for it to finish" not in message
+    assert not second.locked
+    with second:  # free again once the first let go
+        pass
+
+
+def test_lock_is_released_when_the_run_dir_is_dropped(tmp_path: Path) -> None:
+    first = RunDir(tmp_path)
+    first.lock()
+    del first  # never unlocked
+    second = RunDir(tmp_path)
+    second.lock()
+    assert json.loads(second.lock_file.read_text())["pid"] == os.getpid()
+    second.unlock()
+
+
+def test_lock_of_an_unreachable_cycle_is_collected_before_refusing(tmp_path: Path) -> None:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        first = RunDir(tmp_path)
+        first.lock()
+        first.cycle = first  # type: ignore[attr-defined]  # like a dropped Trainer in a cycle
+        ref = weakref.ref(first)
+        del first
+        assert ref() is not None  # not collected yet, so it still holds the lock
+        second = RunDir(tmp_path)
+        second.lock()  # collects it, which releases its lock, then takes it
+        assert ref() is None and second.locked
+        second.unlock()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_collecting_an_unlocked_run_dir_closes_nothing(tmp_path: Path) -> None:
+    first = RunDir(tmp_path)
+    first.lock()
+    first.unlock()  # closes the lock's descriptor, whose number the next open reuses
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+    try:
+        del first
+        gc.collect()
+        os.fstat(other)  # still open: the release ran once, at unlock()
+        with RunDir(tmp_path):
+            pass
+    finally:
+        os.close(other)
+
+
+def test_copies_of_a_locked_run_dir_do_not_hold_the_lock(tmp_path: Path) -> None:
+    with RunDir(tmp_path, keep_last=2) as run:
+        for clone in (copy.copy(run), copy.deepcopy(run), pickle.loads(pickle.dumps(run))):
+            assert not clone.locked and clone.root == run.root and clone.keep_last == 2
+            with pytest.raises(RunDirLockedError, match="locked by this process"):
+                clone.lock()
+            clone.unlock()  # a no-op: it holds nothing
+            del clone
+        gc.collect()
+        assert run.locked
+        run.save(step_tensors(1), {}, step=1)
+
+
+def test_lock_still_held_at_exit_is_released_cleanly(tmp_path: Path) -> None:
+    code = "import sys; from warmfit.checkpoint import RunDir; RunDir(sys.argv[1]).lock"
+    keep = code + "(); run = RunDir(sys.argv[1] + '/kept'); run.lock()"
+    env = dict(os.environ, PYTHONPATH=str(Path(warmfit.__file__).parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-c", keep, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    for root in (tmp_path, tmp_path / "kept"):  # dropped at once; still referenced at exit
+        assert (root / "lock").read_text() == ""  # the holder's record was cleared
+
+
+def test_a_dropped_trainer_releases_its_run_dir(tmp_path: Path) -> None:
+    """The reported bug: a helper that builds a Trainer on a run directory, called
+    twice in one process (or a notebook cell run again)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)).astype(np.float32), rng.integers(0, 2, 32)
+
+    def train_one_more_epoch() -> int:
+        trainer = warmfit.Trainer(
+            lambda: torch.nn.Linear(4, 2),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            loss="cross_entropy",
+            batch_size=8,
+            verbose=0,
+            run_dir=tmp_path,
+        )
+        trainer.fit(x, y, epochs=1)
+        return trainer.epoch  # the trainer is dropped here, never closed
+
+    assert train_one_more_epoch() == 1
+    assert train_one_more_epoch() == 2  # resumed: the first one's lock was released
 
 
 # --------------------------------------------------------------------------- failures

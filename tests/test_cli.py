@@ -174,3 +174,32 @@ def test_spec_builds_the_digits_trainer():
         "EarlyStopping",
     ]
     assert spec.default_run_dir() == Path("runs/digits")
+
+
+def test_train_after_a_setting_changed_says_how_on_the_command_line(tmp_path):
+    (tmp_path / "digits.py").write_text((EXAMPLES / "digits.py").read_text())
+    spec = tmp_path / "spec.toml"
+    text = DIGITS.read_text().replace('"digits:schedule"', '"digits:schedule"\nverbose = 0')
+    spec.write_text(text)
+    first = warmfit("train", str(spec), "--epochs", "1", "--run-dir", "run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    spec.write_text(text.replace("batch_size = 64", "batch_size = 32"))
+    refused = warmfit("train", str(spec), "--epochs", "1", "--run-dir", "run", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1].endswith(
+        "batch_size: checkpoint 64, now 32. A 'continue' would not be exact. Use the "
+        "checkpoint's settings, fit with mode='warm', or pass override=(...) naming the "
+        "settings you changed. (On the command line: --override NAME for each setting you "
+        "changed, or --mode warm.)"
+    )
+    args = ("--epochs", "1", "--run-dir", "run", "--override", "batch_size")
+    overridden = warmfit("train", str(spec), *args, cwd=tmp_path)
+    assert overridden.returncode == 0, overridden.stderr
+    assert [r["batch_size"] for r in jsonl(tmp_path / "run" / "ledger.jsonl")] == [64, 32]
+
+    missing = warmfit("history", "run", "--run", "7", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        "warmfit history: run has no run 7; its runs are [0]. Pass one of them to --run, or "
+        "leave it out for the newest.\n"
+    )

@@ -131,9 +131,11 @@ def test_e1_with_a_keras_schedule_on_the_optimizer(data):
     part of the state: it continues on ``continue`` and starts again on ``warm``."""
     x, y = data
 
-    def trainer() -> warmfit.Trainer:
+    def trainer(**kwargs) -> warmfit.Trainer:
         decay = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=5, decay_rate=0.5)
-        return make_keras_trainer(optimizer=lambda: keras.optimizers.Adam(decay), schedule=None)
+        return make_keras_trainer(
+            optimizer=lambda: keras.optimizers.Adam(decay), schedule=None, **kwargs
+        )
 
     straight = trainer()
     straight.fit(x, y, epochs=3)
@@ -144,8 +146,18 @@ def test_e1_with_a_keras_schedule_on_the_optimizer(data):
     assert parts.learning_rate == pytest.approx(1e-2 * 0.5 ** (3 * STEPS_PER_EPOCH / 5))
     parts.fit(x, y, epochs=1, mode="warm")
     assert parts.learning_rate == pytest.approx(1e-2 * 0.5 ** (STEPS_PER_EPOCH / 5))
-    with pytest.raises(TypeError, match="is a keras LearningRateSchedule; it cannot"):
+    with pytest.raises(
+        TypeError,
+        match="is a keras LearningRateSchedule; a warmfit schedule cannot also set it. Pass "
+        "schedule=None",
+    ):
         parts.fit(x, y, epochs=1, schedule=schedules.constant(1e-3))
+    with pytest.raises(
+        TypeError,
+        match="is a keras LearningRateSchedule; ReduceLROnPlateau cannot also set it. Drop "
+        "ReduceLROnPlateau, or give the optimizer a float learning rate.",
+    ):
+        trainer(callbacks=[warmfit.ReduceLROnPlateau()])
 
 
 def test_e4_dropout_stream_is_owned_and_matters(data):

@@ -275,17 +275,29 @@ def test_kill9_never_leaves_an_unloadable_latest(tmp_path, reference):
 
 def test_resume_at_the_end_of_an_epoch_logs_the_same_lr(tmp_path):
     import warmfit
-    from conftest import assert_same_training_state, make_data, make_trainer
+    from conftest import MLP, assert_same_training_state, make_data, make_trainer, trainer_settings
+
+    class SignalAtStep(MLP):
+        """SIGTERM during the 25th training forward: the epoch's last step."""
+
+        calls = 0
+
+        def forward(self, x):
+            if self.training:
+                SignalAtStep.calls += 1
+                if SignalAtStep.calls == 25:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return super().forward(x)
 
     x, y = make_data(400)  # 25 steps per epoch
-    with make_trainer(run_dir=tmp_path / "run", checkpoint_every=25) as t:
+    t = make_trainer(run_dir=tmp_path / "run", model=SignalAtStep)
+    with t, pytest.raises(warmfit.TrainingInterrupted):
         t.fit(x, y, epochs=2)
-    periodic = RunDir(tmp_path / "run").checkpoints()[0]  # step 25: offset 400, epoch 0
-    _, state = read_checkpoint(periodic)
+    interrupted = RunDir(tmp_path / "run").latest()  # step 25: offset 400, epoch 0
+    _, state = read_checkpoint(interrupted)
     assert (state["counters"]["epoch"], state["counters"]["offset"]) == (0, 400)
-    from conftest import MLP, trainer_settings
 
-    resumed = warmfit.Trainer.load(periodic, model=MLP, **trainer_settings())
+    resumed = warmfit.Trainer.load(interrupted, model=MLP, **trainer_settings())
     resumed.fit(x, y, until_epoch=2)
     straight = make_trainer()
     straight.fit(x, y, epochs=2)

@@ -203,12 +203,13 @@ def test_background_save_failure_surfaces_at_the_next_save(tmp_path, monkeypatch
             t.fit(X, Y, epochs=1)
     assert str(err.value).startswith("previous checkpoint save failed: " + str(run / "checkpoints"))
     assert "[Errno 28] No space left on device" in str(err.value)
-    assert t.global_step == 12  # raised at the step-12 save, about the step-9 one
+    # Raised at the save after epoch 2 (its last step, 12, is a checkpoint_every step, so
+    # that save comes after the epoch is logged), about the step-9 one.
+    assert (t.epoch, t.global_step) == (2, 12)
     assert RunDir(run).latest() == before
     assert [p for p, why in verify_run_dir(run) if why] == []
-    assert t.epoch == 1  # stopped at the last step of epoch 2, before logging it
-    t.fit(X, Y, epochs=1)  # the fault is gone: continue finishes that epoch and saves
-    assert (t.epoch, t.global_step) == (2, 12)
+    t.fit(X, Y, epochs=1)  # the fault is gone: training goes on and saves
+    assert (t.epoch, t.global_step) == (3, 18)
     assert RunDir(run).latest() != before
     t.close()
 

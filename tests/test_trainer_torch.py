@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import warnings
 
 import numpy as np
@@ -482,3 +484,84 @@ def test_background_checkpoints_use_the_backends_host_buffers(tmp_path) -> None:
     assert sorted(written) == sorted(tensors)
     for name, arr in tensors.items():
         assert np.array_equal(written[name], arr), name
+
+
+# -- signals, the ledger and settings ------------------------------------------------------
+class _SignalAt(warmfit.Callback):
+    """Sends SIGTERM to this process at the end of epoch ``epoch`` (after its validation),
+    as a scheduler's time limit would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, logs):
+        if logs["epoch"] == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+
+@pytest.mark.parametrize("at_epoch", [1, 3])  # inside the call; after its last epoch
+def test_a_signal_is_never_lost_and_the_interrupted_call_is_in_the_ledger(tmp_path, at_epoch):
+    x, y = make_data()
+    xv, yv = make_data(60, seed=9)
+    with make_trainer(run_dir=tmp_path, callbacks=[_SignalAt(at_epoch)]) as t:
+        with pytest.raises(warmfit.TrainingInterrupted, match="training stopped by SIGTERM"):
+            t.fit(x, y, epochs=3, validation_data=(xv, yv))
+        stopped_at = t.global_step
+        assert t.ledger[-1]["stopped_by"] == "SIGTERM"
+        assert t.ledger[-1]["step_end"] == stopped_at
+    with make_trainer(run_dir=tmp_path, callbacks=[_SignalAt(0)]) as resumed:
+        assert resumed.global_step == stopped_at
+        assert [r["stopped_by"] for r in resumed.ledger] == ["SIGTERM"]  # saved with it
+        resumed.fit(x, y, until_epoch=4, validation_data=(xv, yv))
+        assert [r["call"] for r in resumed.ledger] == [0, 1]
+    straight = make_trainer(callbacks=[_SignalAt(0)])
+    straight.fit(x, y, epochs=4, validation_data=(xv, yv))
+    assert_same_training_state(straight, resumed)
+
+
+def test_load_state_dict_compares_settings_like_a_resume(data):
+    x, y = data
+    t = make_trainer(seed=0)
+    t.fit(x, y, epochs=1)
+    other = make_trainer(seed=1)
+    with pytest.warns(
+        UserWarning, match="resuming with different settings: seed: checkpoint 0, now 1"
+    ):
+        other.load_state_dict(t.state_dict())
+    with pytest.raises(warmfit.StateMismatchError, match="seed: checkpoint 0, now 1"):
+        other.fit(x, y, epochs=1)
+    assert other.epoch == 1
+    other.fit(x, y, epochs=1, mode="warm")  # allowed: a fresh optimizer, the data order of seed 1
+
+
+def test_the_validation_split_stays_fixed_when_the_seed_changes(tmp_path, data):
+    x, y = data
+    with make_trainer(seed=0, run_dir=tmp_path) as t:
+        t.fit(x, y, epochs=1, validation_split=0.25)
+        val_rows = t.state_dict()["tensors"]["data/val_rows"]
+    with make_trainer(seed=5, run_dir=tmp_path, override=("seed",)) as t2:
+        t2.fit(x, y, epochs=1, validation_split=0.25)
+        assert np.array_equal(t2.state_dict()["tensors"]["data/val_rows"], val_rows)
+        t2.fit(x, y, epochs=1, validation_split=0.25, mode="restart")  # a new run: a new split
+        assert not np.array_equal(t2.state_dict()["tensors"]["data/val_rows"], val_rows)
+
+
+def test_an_optimizer_setting_that_differs_says_which_value_is_kept(tmp_path, data):
+    x, y = data
+    with make_trainer(run_dir=tmp_path, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)) as t:
+        t.fit(x, y, epochs=1)
+    with pytest.warns(UserWarning) as caught:
+        t2 = make_trainer(
+            run_dir=tmp_path,
+            optimizer=lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+        )
+    message = str(caught[0].message)
+    assert message.startswith(
+        "resuming with different settings: optimizer.hyper[0].weight_decay: checkpoint 0, "
+        "now 0.1. On 'continue' the optimizer keeps the checkpoint's hyper-parameters"
+    )
+    with t2:
+        assert t2.optimizer.param_groups[0]["weight_decay"] == 0
+        t2.fit(x, y, epochs=1, mode="warm")
+        assert t2.optimizer.param_groups[0]["weight_decay"] == 0.1

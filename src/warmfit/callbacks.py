@@ -1,9 +1,11 @@
 """Callbacks whose state lives across fit calls and processes.
 
 Owns: the :class:`Callback` interface and the built-in callbacks. Each has
-``state_dict()`` / ``load_state_dict()`` over plain data, saved in every checkpoint,
-and ``reset()``. Following the modes table, the Trainer keeps callback state on
-``continue`` and calls ``reset()`` on ``warm`` and ``restart``.
+``state_dict()`` / ``load_state_dict()`` over plain data and, for arrays (the best
+weights of ``EarlyStopping(restore_best=True)``), ``state_arrays()`` /
+``load_state_arrays()``; both are saved in every checkpoint. And ``reset()``:
+following the modes table, the Trainer keeps callback state on ``continue`` and calls
+``reset()`` on ``warm`` and ``restart``.
 
 A callback asks training to stop by returning ``True`` from ``on_epoch_end``.
 """
@@ -14,7 +16,9 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .errors import invalid_param
+import numpy as np
+
+from .errors import check_int, check_real, invalid_param
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -37,10 +41,25 @@ class Callback:
         """Forget everything (``warm`` and ``restart``)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The callback's state as JSON data (saved in every checkpoint)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the callback's state, saved in the checkpoint's tensor file
+        (names are the callback's own; the Trainer prefixes them)."""
+        return {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_arrays`; called after :meth:`load_state_dict`, with an
+        empty dict for a checkpoint that has none."""
+
+
+def _check_monitor(monitor: object, owner: str) -> None:
+    if not isinstance(monitor, str) or not monitor:
+        raise invalid_param("monitor", owner, "a logged value's name, e.g. 'val_loss'", monitor)
 
 
 def _check_mode(mode: str, owner: str) -> str:
@@ -72,8 +91,11 @@ class EarlyStopping(Callback):
         mode: str = "min",
         restore_best: bool = False,
     ) -> None:
-        if patience < 0:
-            raise invalid_param("patience", "EarlyStopping", "an int >= 0", patience)
+        _check_monitor(monitor, "EarlyStopping")
+        check_int("patience", patience, "EarlyStopping", minimum=0)
+        check_real("min_delta", min_delta, "EarlyStopping")
+        if not isinstance(restore_best, bool):
+            raise invalid_param("restore_best", "EarlyStopping", "a bool", restore_best)
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
         self.mode = _check_mode(mode, "EarlyStopping")
         self.restore_best = restore_best
@@ -128,6 +150,14 @@ class EarlyStopping(Callback):
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.wait, self.stopped_epoch = state["wait"], state["stopped_epoch"]
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The best epoch's weights, with ``restore_best=True`` (so that a resumed run
+        restores the same weights as an uninterrupted one)."""
+        return dict(self._best_weights) if self._best_weights is not None else {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self._best_weights = {k: np.array(v, copy=True) for k, v in arrays.items()} or None
+
 
 class ReduceLROnPlateau(Callback):
     """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement.
@@ -149,8 +179,14 @@ class ReduceLROnPlateau(Callback):
         cooldown: int = 0,
         min_lr: float = 0.0,
     ) -> None:
+        _check_monitor(monitor, "ReduceLROnPlateau")
+        check_real("factor", factor, "ReduceLROnPlateau")
         if not 0.0 < factor < 1.0:
             raise invalid_param("factor", "ReduceLROnPlateau", "a float in (0, 1)", factor)
+        check_int("patience", patience, "ReduceLROnPlateau", minimum=0)
+        check_real("min_delta", min_delta, "ReduceLROnPlateau")
+        check_int("cooldown", cooldown, "ReduceLROnPlateau", minimum=0)
+        check_real("min_lr", min_lr, "ReduceLROnPlateau")
         self.monitor, self.factor, self.patience = monitor, factor, patience
         self.min_delta, self.cooldown, self.min_lr = min_delta, cooldown, min_lr
         self.mode = _check_mode(mode, "ReduceLROnPlateau")

@@ -11,9 +11,9 @@ This module owns:
   place; pointer and index files are replaced with ``os.replace``;
 - integrity on load: every problem is a :class:`~warmfit.errors.CheckpointError` that
   names the file and what is wrong. **Loading never unpickles**;
-- the run directory (:class:`RunDir`): the ``LATEST`` pointer, retention (last k and
-  the best), the lock against a second writer, falling back to the newest intact
-  checkpoint;
+- the run directory (:class:`RunDir`): the ``LATEST`` pointer, retention (per run: the
+  last k and the best), the lock against a second writer (released also when the
+  ``RunDir`` is dropped), falling back to the newest intact checkpoint;
 - saving in the background (:class:`AsyncWriter`, :class:`SnapshotBuffers`).
 
 It does not own what goes into a checkpoint (the state manifest, ``state.py``) nor
@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import math
@@ -56,6 +57,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -727,11 +729,53 @@ def _open_with_safetensors(tfile: Path) -> None:
 # --------------------------------------------------------------------------- run directory
 
 
-def _sort_key(path: Path) -> int:
-    """Save order: the sequence number every checkpoint name starts with."""
+def _name_number(path: Path, group: int) -> int:
     m = _NAME_RE.fullmatch(path.name)
     assert m is not None  # only called on names checkpoints() accepted
-    return int(m.group(1))
+    return int(m.group(group))
+
+
+def _sort_key(path: Path) -> int:
+    """Save order: the sequence number every checkpoint name starts with."""
+    return _name_number(path, 1)
+
+
+def _run_of(path: Path) -> int:
+    """The run (``counters.run``: 0, then +1 at each ``restart``) a checkpoint is of."""
+    return _name_number(path, 2)
+
+
+def _release_lock(fd: int, owner_pid: int) -> None:
+    """Drop a run directory's lock: clear the holder's record, close the descriptor
+    (closing releases the flock). Run by :meth:`RunDir.unlock`, or by the finalizer
+    when the ``RunDir`` is garbage-collected or the interpreter exits. In a forked
+    child, which shares the parent's lock, it only closes the child's descriptor."""
+    try:
+        if os.getpid() == owner_pid:
+            os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _locked_by_this_process(root: Path, pid: int, host: str) -> RunDirLockedError:
+    error = RunDirLockedError(root, pid, host)
+    error.args = (
+        f"run directory {error.run_dir} is locked by this process (pid {pid}): another "
+        "Trainer or RunDir in this program still has it open. Call close() on that "
+        "Trainer (or build it as 'with warmfit.Trainer(...) as trainer:', which closes "
+        "it), or delete every reference to it ('del trainer'); or use another run_dir.",
+    )
+    return error
 
 
 class RunDir:
@@ -745,14 +789,21 @@ class RunDir:
     :meth:`save`. "Newest" means "saved last" for retention and for the fallback of
     :meth:`latest`.
 
-    Retention after each save keeps the ``keep_last`` newest checkpoints (``None``:
-    all), plus the one with the best metric when ``keep_best`` (lowest for
-    ``monitor_mode="min"``, highest for ``"max"``; the earliest wins a tie), and never
-    deletes the one ``LATEST`` names. Metrics are recorded in ``index.json``.
+    Retention after each save applies within each run (the ``run<run>`` part of the
+    name): every run keeps its ``keep_last`` newest checkpoints (``None``: all), plus
+    its one with the best metric when ``keep_best`` (lowest for ``monitor_mode="min"``,
+    highest for ``"max"``; the earliest wins a tie). So a ``restart`` never deletes the
+    previous run: a finished run keeps its last ``keep_last`` and its best for good.
+    The one ``LATEST`` names is never deleted. Metrics are recorded in ``index.json``.
+    "Best" is per run too (:meth:`best`): metrics of different runs are not compared.
 
     The lock (:meth:`lock`, or ``with RunDir(...)``) is an ``fcntl.flock`` on
     ``<root>/lock``: the kernel drops it when its process dies, so a crashed or killed
-    run never leaves a stale lock. :meth:`save` and :meth:`clean_temporary` require it;
+    run never leaves a stale lock. Within a process it is released by :meth:`unlock`,
+    or, failing that, when the ``RunDir`` is garbage-collected or the interpreter
+    exits (a ``weakref.finalize``), so a ``RunDir`` (or a Trainer holding one) that is
+    dropped without being closed does not keep it. A copy or a pickle of a ``RunDir``
+    does not hold the lock. :meth:`save` and :meth:`clean_temporary` require it;
     reading does not.
 
     ``LATEST`` or a checkpoint folder that leads outside ``<root>/checkpoints`` (``..``,
@@ -782,6 +833,11 @@ class RunDir:
         self.monitor_mode = monitor_mode
         self._lock_fd: int | None = None
         self._lock_depth = 0
+        self._lock_release: weakref.finalize | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The lock belongs to this object: a copy (or a pickle) starts unlocked.
+        return {**self.__dict__, "_lock_fd": None, "_lock_depth": 0, "_lock_release": None}
 
     def __repr__(self) -> str:
         return (
@@ -816,7 +872,11 @@ class RunDir:
         """Take the exclusive lock on the run directory (re-entrant for this object).
 
         Raises :class:`~warmfit.errors.RunDirLockedError` naming the holder's pid and
-        host if another live process (or another ``RunDir`` object) holds it.
+        host if another live process holds it. If the holder is this process, an
+        unreachable ``RunDir`` (a dropped Trainer in a reference cycle) not yet
+        collected may hold it: one ``gc.collect()`` releases such a lock, then the lock
+        is tried again; if another ``RunDir`` of this process still holds it, the error
+        says so and how to close it.
         """
         if self._lock_fd is not None:
             self._lock_depth += 1
@@ -824,11 +884,13 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, host = self._lock_holder(fd)
-            os.close(fd)
-            raise RunDirLockedError(self.root, pid, host) from None
+            if not _try_flock(fd):
+                pid, host = self._lock_holder(fd)
+                if pid != os.getpid() or host != socket.gethostname():
+                    raise RunDirLockedError(self.root, pid, host)
+                gc.collect()
+                if not _try_flock(fd):
+                    raise _locked_by_this_process(self.root, pid, host)
         except BaseException:
             os.close(fd)
             raise
@@ -847,6 +909,7 @@ class RunDir:
             raise
         self._lock_fd = fd
         self._lock_depth = 1
+        self._lock_release = weakref.finalize(self, _release_lock, fd, os.getpid())
 
     @staticmethod
     def _lock_holder(fd: int) -> tuple[int, str]:
@@ -867,13 +930,9 @@ class RunDir:
         self._lock_depth -= 1
         if self._lock_depth > 0:
             return
-        fd, self._lock_fd = self._lock_fd, None
-        try:
-            os.ftruncate(fd, 0)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        release, self._lock_release, self._lock_fd = self._lock_release, None, None
+        if release is not None:
+            release()
 
     def __enter__(self) -> RunDir:
         self.lock()
@@ -975,13 +1034,27 @@ class RunDir:
             )
         return found[-1] if found else None
 
-    def best(self) -> Path | None:
-        """The checkpoint with the best recorded metric (see the class docstring), or
-        None if no existing checkpoint has one."""
-        index = self._read_index()
+    def best(self, *, run: int | None = None) -> Path | None:
+        """The checkpoint of run ``run`` with the best recorded metric (see the class
+        docstring), or None if no existing checkpoint of that run has one. ``run=None``:
+        the run of :meth:`latest` (the current one). Metrics of different runs are not
+        compared: each run is its own training from scratch."""
+        if run is not None and (
+            isinstance(run, bool) or not isinstance(run, numbers.Integral) or run < 0
+        ):
+            raise invalid_param("run", "RunDir.best", "an int >= 0 or None", run)
+        if run is None:
+            latest = self.latest()
+            if latest is None:
+                return None
+            run = _run_of(latest)
+        found = [p for p in self.checkpoints() if _run_of(p) == run]
+        return self._best_of(found, self._read_index())
+
+    def _best_of(self, paths: list[Path], index: dict[str, dict[str, Any]]) -> Path | None:
         sign = 1.0 if self.monitor_mode == "min" else -1.0
         scored = []
-        for path in self.checkpoints():
+        for path in paths:
             metric = index.get(path.name, {}).get("metric")
             if isinstance(metric, (int, float)) and math.isfinite(metric):
                 scored.append((sign * metric, _sort_key(path), path))
@@ -1117,18 +1190,22 @@ class RunDir:
         _replace_durably(self.index_file, (json.dumps(doc, indent=1) + "\n").encode())
 
     def _apply_retention(self, latest: Path) -> None:
+        """Per run: the ``keep_last`` newest and the best; and the one just saved."""
         found = self.checkpoints()
-        keep = set(found if self.keep_last is None else found[-self.keep_last :])
-        keep.add(latest)
-        if self.keep_best:
-            best = self.best()
+        index = self._read_index()
+        runs: dict[int, list[Path]] = {}
+        for path in found:
+            runs.setdefault(_run_of(path), []).append(path)
+        keep = {latest}
+        for paths in runs.values():
+            keep.update(paths if self.keep_last is None else paths[-self.keep_last :])
+            best = self._best_of(paths, index) if self.keep_best else None
             if best is not None:
                 keep.add(best)
         try:
             for path in found:
                 if path not in keep:
                     _remove_dir(path)
-            index = self._read_index()
             names = {p.name for p in found if p in keep}
             if set(index) - names:
                 self._write_index({k: v for k, v in index.items() if k in names})

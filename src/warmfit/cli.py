@@ -67,7 +67,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .errors import TrainingInterrupted, WarmfitError
+    from .errors import StateMismatchError, TrainingInterrupted, WarmfitError
     from .spec import load_spec
 
     try:
@@ -90,6 +90,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides: dict[str, Any] = {}
         if args.verbose is not None:
             overrides["verbose"] = args.verbose
+        if args.override:
+            overrides["override"] = tuple(args.override)
         data = spec.load_data()
         with spec.build_trainer(run_dir=run_dir, **overrides) as trainer:
             trainer.fit(data.x, data.y, mode=args.mode, **how, **data.fit_kwargs())
@@ -104,6 +106,14 @@ def _train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"warmfit train: {err}", file=sys.stderr)
         return 130
+    except StateMismatchError as err:
+        hint = (
+            " (On the command line: --override NAME for each setting you changed, or --mode warm.)"
+            if "override=" in str(err)
+            else ""
+        )
+        print(f"warmfit train: {err}{hint}", file=sys.stderr)
+        return 1
     except (WarmfitError, ValueError, TypeError) as err:
         print(f"warmfit train: {err}", file=sys.stderr)
         return 1
@@ -135,11 +145,16 @@ def read_run(root: str | Path, run: int | None = None) -> tuple[int, list[dict],
         checkpoint_state = _latest_checkpoint_state(root)
         if checkpoint_state is not None:
             ledger = ledger or list(checkpoint_state.get("ledger", []))
+    known = runs + [r["run"] for r in ledger if isinstance(r.get("run"), int)]
+    if checkpoint_state is not None:
+        known.append(checkpoint_state["counters"]["run"])
     if run is None:
-        known = runs + [r["run"] for r in ledger if isinstance(r.get("run"), int)]
-        if checkpoint_state is not None:
-            known.append(checkpoint_state["counters"]["run"])
         run = max(known, default=0)
+    elif known and run not in known:
+        raise FileNotFoundError(
+            f"{root} has no run {run}; its runs are {sorted(set(known))}. Pass one of them "
+            "to --run, or leave it out for the newest."
+        )
     file = root / f"history-run{run}.jsonl"
     if file.exists():
         history = _read_jsonl(file, "epoch")
@@ -280,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", help="where the run lives (default: the spec's run_dir, or runs/<spec stem>)"
     )
     p.add_argument("--verbose", type=int, default=None, help="0 for quiet (default: the spec's)")
+    p.add_argument(
+        "--override",
+        action="append",
+        choices=("batch_size", "seed"),
+        help="continue although this setting differs from the run's checkpoint (the "
+        "continuation is then not exact); repeat for several",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

@@ -7,7 +7,10 @@ Trainer.fit must be one of {...}. Got 'resum' instead."
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+
+import numpy as np
 
 
 class WarmfitError(Exception):
@@ -87,3 +90,16 @@ def invalid_param(
     if not isinstance(expected, str):
         expected = "one of {" + ", ".join(repr(e) for e in expected) + "}"
     return ValueError(f"The {name!r} parameter of {owner} must be {expected}. Got {got!r} instead.")
+
+
+def check_int(name: str, value: object, owner: str, *, minimum: int) -> None:
+    """Refuse anything but an int (not a bool) >= ``minimum``, with :func:`invalid_param`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise invalid_param(name, owner, f"an int >= {minimum}", value)
+
+
+def check_real(name: str, value: object, owner: str, *, minimum: float = 0.0) -> None:
+    """Refuse anything but a finite real number (not a bool) >= ``minimum``."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < minimum:  # type: ignore[arg-type]
+        raise invalid_param(name, owner, f"a finite number >= {minimum:g}", value)

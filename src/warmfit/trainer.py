@@ -44,6 +44,7 @@ from .errors import (
     StateMismatchError,
     TrainingInterrupted,
     WarmfitError,
+    check_int,
     invalid_param,
 )
 from .history import History, Ledger, epoch_table
@@ -90,7 +91,8 @@ class Trainer:
     checkpoint_every:
         Also write a checkpoint every N optimizer steps (covers ``kill -9``).
     keep_last, monitor, monitor_mode:
-        Retention: keep the last ``keep_last`` checkpoints and the best by ``monitor``.
+        Retention, per run: keep the last ``keep_last`` checkpoints and the best by
+        ``monitor``; a finished run (before a ``restart``) keeps its own for good.
     deterministic:
         Turn on ``torch.use_deterministic_algorithms`` during fit (needed for bit-exact
         results on a GPU; for Keras on the torch backend too, refused on Keras' other
@@ -132,10 +134,10 @@ class Trainer:
         backend_options: Mapping[str, Any] | None = None,
         framework: str | None = None,
     ) -> None:
-        _check_int("batch_size", batch_size, "Trainer", minimum=1)
-        _check_int("seed", seed, "Trainer", minimum=0)
+        check_int("batch_size", batch_size, "Trainer", minimum=1)
+        check_int("seed", seed, "Trainer", minimum=0)
         if checkpoint_every is not None:
-            _check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
+            check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
         if monitor_mode not in ("min", "max"):
             raise invalid_param("monitor_mode", "Trainer", ("min", "max"), monitor_mode)
         kwargs: dict[str, Any] = {"device": device}
@@ -158,7 +160,7 @@ class Trainer:
         self.batch_size = batch_size
         self.seed = seed
         self.schedule = as_schedule(schedule)
-        self.callbacks = list(callbacks)
+        self.callbacks = _check_callbacks(callbacks)
         self.deterministic = deterministic
         self.checkpoint_every = checkpoint_every
         self.monitor, self.monitor_mode = monitor, monitor_mode
@@ -171,6 +173,7 @@ class Trainer:
         self._writer: ckpt.AsyncWriter | None = None
         self._buffers: ckpt.SnapshotBuffers | None = None
         self._new_run(first=True)
+        self._check_plateau(self.schedule)
         self.run_dir: ckpt.RunDir | None = None
         if run_dir is not None:
             self.run_dir = ckpt.RunDir(run_dir, keep_last=keep_last, monitor_mode=monitor_mode)
@@ -255,7 +258,7 @@ class Trainer:
         if rounds is not None:
             if epochs is not None:
                 raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
-            _check_int("rounds", rounds, "Trainer.fit", minimum=1)
+            check_int("rounds", rounds, "Trainer.fit", minimum=1)
             epochs = rounds
         if (epochs is None) + (until_epoch is None) + (steps is None) != 2:
             raise ValueError(
@@ -265,11 +268,11 @@ class Trainer:
                 + (f", steps={steps!r}." if steps is not None else ".")
             )
         if epochs is not None:
-            _check_int("epochs", epochs, "Trainer.fit", minimum=1)
+            check_int("epochs", epochs, "Trainer.fit", minimum=1)
         elif until_epoch is not None:
-            _check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
+            check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
         else:
-            _check_int("steps", steps, "Trainer.fit", minimum=1)
+            check_int("steps", steps, "Trainer.fit", minimum=1)
         if validation_data is not None and validation_split is not None:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
@@ -277,6 +280,8 @@ class Trainer:
         check_schedule = getattr(self._backend, "check_schedule", None)
         if new_schedule is not None and check_schedule is not None:
             check_schedule(new_schedule)
+        if new_schedule is not None:
+            self._check_plateau(new_schedule)
         start_epoch = 0 if mode == "restart" else self.counters.epoch
         if steps is not None:
             target = None
@@ -295,6 +300,12 @@ class Trainer:
         val_rows = None
         if validation_split is not None:
             train_rows, val_rows = validation_split_rows(n_total, validation_split, self.seed)
+            kept = self._kept_val_rows(mode, shape, validation_split)
+            if kept is not None and not np.array_equal(kept, val_rows):
+                # The split is fixed for the run: rows that validated never become training
+                # rows because the seed changed (override=("seed",), or mode='warm').
+                val_rows = kept
+                train_rows = np.setdiff1d(np.arange(n_total, dtype=np.int64), kept)
         if new_data and self.counters.offset:
             raise ValueError(
                 "new_data=True needs the cursor on an epoch boundary; finish the epoch first "
@@ -302,7 +313,7 @@ class Trainer:
             )
         data_changed = None if new_data else self._check_data(mode, fp, shape, validation_split)
         if self._pending_diffs and mode == "continue":
-            breaking = [d for d in self._pending_diffs if d.split(":")[0] in EXACTNESS_SETTINGS]
+            breaking = [d for d in self._pending_diffs if _setting(d) in EXACTNESS_SETTINGS]
             if breaking:
                 raise StateMismatchError(
                     "this Trainer's settings differ from the checkpoint it resumed: "
@@ -375,7 +386,7 @@ class Trainer:
             "changes": changes,
         }
         started = time.perf_counter()
-        stopped_by = None
+        stopped_by = interrupted = None
         try:
             with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
                 self._progress = progress
@@ -385,6 +396,10 @@ class Trainer:
                 stopped_by = self._run_epochs(
                     data, val_data, target, step_target, segment, mode, shuffle, verbose
                 )
+                # A signal at a step boundary, or one that came during the last epoch's
+                # validation or after the last step: either way it is acted on here.
+                interrupted = self._agreed_signal()
+                stopped_by = interrupted or stopped_by
         finally:
             record.update(
                 epochs_done=self.counters.epoch - record["epoch_start"],
@@ -395,6 +410,8 @@ class Trainer:
             )
             self.ledger.append(record)
             self._append_jsonl("ledger.jsonl", record)
+        if interrupted is not None:
+            self._interrupt(interrupted)  # saves (the ledger row included) and raises
         for cb in self.callbacks:
             cb.on_fit_end(self)
         if self.run_dir is not None:
@@ -430,6 +447,7 @@ class Trainer:
                 c.epoch + 1, None if target == sys.maxsize else target, -(-n // bs), c.offset // bs
             )
             losses, sizes = [], []
+            save_at_epoch_end = False
             for batch in backend.batches(data, order, c.offset, bs, c.epoch):
                 if per_step_lr:
                     backend.set_learning_rate(self._lr_at(c.global_step))
@@ -445,15 +463,18 @@ class Trainer:
                 last = losses[-1]  # a float only where reading it was free (CPU)
                 progress.advance(c.global_step, last if type(last) is float else None)
                 if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
-                    self._fold_losses(losses, sizes)
-                    self._checkpoint(wait=False)
+                    if c.offset < n:
+                        self._fold_losses(losses, sizes)
+                        self._checkpoint(wait=False)
+                    else:  # the epoch's last step: save after its validation, with its metric
+                        save_at_epoch_end = True
                 if (
                     self._stop_signal is not None
                     if not distributed
                     else backend.any_rank(self._stop_signal is not None)  # type: ignore[attr-defined]
                 ):
                     self._fold_losses(losses, sizes)
-                    self._interrupt()
+                    return None  # fit() saves and raises TrainingInterrupted
                 if c.global_step == step_target:
                     break
             self._fold_losses(losses, sizes)
@@ -484,6 +505,8 @@ class Trainer:
             if verbose and self.rank == 0:
                 print(_epoch_line(logs, target), flush=True)
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
+            if save_at_epoch_end and not stop:  # (a stop ends the call, which saves)
+                self._checkpoint(wait=False)
             if stop:
                 return stop[0]
             if c.global_step == step_target:
@@ -513,7 +536,7 @@ class Trainer:
     def evaluate(self, x: Any, y: Any = None, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss and metrics on (x, y); never changes the training state or its streams."""
         if batch_size is not None:
-            _check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
+            check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
         data = self._backend.prepare(x, y)
         check_data = getattr(self._backend, "check_data", None)
         if check_data is not None:
@@ -524,7 +547,7 @@ class Trainer:
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The model's outputs for ``x`` in inference mode, in the framework's array type."""
         if batch_size is not None:
-            _check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
+            check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
         with self._fit_context(train=False):
             return self._backend.predict(x, batch_size or self.batch_size)
 
@@ -541,7 +564,7 @@ class Trainer:
         The arrays are copied: ``state_dict`` stays the caller's, and later changes to it
         do not reach this trainer."""
         tensors = {name: np.array(a) for name, a in state_dict["tensors"].items()}
-        self._load_state(tensors, state_dict["state"])
+        self._load_compared(tensors, state_dict["state"], stacklevel=3)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a checkpoint folder at ``path`` (atomically; see :mod:`warmfit.checkpoint`).
@@ -563,8 +586,7 @@ class Trainer:
         """Build a Trainer with ``kwargs`` and restore the checkpoint at ``path`` into it."""
         tensors, state = ckpt.read_checkpoint(path)
         trainer = cls(model, **kwargs)
-        trainer._compare_settings(state)
-        trainer._load_state(tensors, state)
+        trainer._load_compared(tensors, state, stacklevel=3)
         return trainer
 
     def rewind(
@@ -635,7 +657,7 @@ class Trainer:
                 f"Checkpoints kept: {kept}. Raise keep_last, or rewind to one of them."
             )
         if to == "best":
-            found = self.run_dir.best()
+            found = self.run_dir.best(run=self.counters.run)  # the best of this run
         elif to == "latest":
             found = self.run_dir.latest()
         else:
@@ -696,6 +718,22 @@ class Trainer:
     def _reset_callbacks(self) -> None:
         for cb in self.callbacks:
             cb.reset()
+
+    def _check_plateau(self, schedule: Any) -> None:
+        """ReduceLROnPlateau scales the rate warmfit sets each step: refuse it where
+        something else sets the rate (a torch LRScheduler, a Keras schedule)."""
+        if not any(isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks):
+            return
+        if isinstance(schedule, TorchScheduler):
+            raise TypeError(
+                "ReduceLROnPlateau scales the learning rate warmfit sets at each step, but a "
+                "torch LRScheduler sets the rate itself, so the reductions would have no "
+                "effect. Pass a warmfit schedule (warmfit.schedules) or none, or drop "
+                "ReduceLROnPlateau."
+            )
+        check = getattr(self._backend, "check_lr_settable", None)
+        if check is not None:
+            check("ReduceLROnPlateau", "Drop ReduceLROnPlateau")
 
     def _lr_at(self, step: int) -> float:
         base = (
@@ -767,10 +805,19 @@ class Trainer:
             previous[sig] = signal.signal(sig, handler)
         return previous
 
-    def _interrupt(self) -> None:
-        name, self._stop_signal = self._stop_signal, None
+    def _agreed_signal(self) -> str | None:
+        """The stop signal this fit call received (under DDP: any rank's, agreed by all
+        ranks, so that they save together), or None."""
+        name = self._stop_signal
+        if self.world_size > 1 and self._backend.any_rank(name is not None):  # type: ignore[attr-defined]
+            return name or "a signal to another rank"
+        return name
+
+    def _interrupt(self, name: str) -> None:
+        """Save at the current step boundary and raise :class:`TrainingInterrupted`."""
+        self._stop_signal = None
         path = self._checkpoint(wait=True) if self.run_dir is not None else None
-        err = TrainingInterrupted(name or "signal", path, self.counters.global_step)
+        err = TrainingInterrupted(name, path, self.counters.global_step)
         if self.rank == 0:
             print(f"warmfit: {err}", file=sys.stderr, flush=True)
         raise err
@@ -785,6 +832,16 @@ class Trainer:
             self._backend.install_rng(streams["framework"])
             self._backend.train_mode(True)
         return {f"val_{k}": v for k, v in metrics.items()}
+
+    def _kept_val_rows(self, mode: str, shape: list[int], split: float) -> np.ndarray | None:
+        """The validation rows of the previous call, where this call keeps them: not a
+        restart, the same data shape and the same ``validation_split``."""
+        prev = self._data_info
+        if mode == "restart" or prev is None or self._val_rows is None:
+            return None
+        if list(prev["shape"]) != list(shape) or prev.get("validation_split") != split:
+            return None
+        return self._val_rows
 
     def _check_data(self, mode: str, fp: str, shape: list[int], split: float | None) -> str | None:
         """Refuse data a 'continue' cannot continue on; return the warning to give if the
@@ -847,6 +904,9 @@ class Trainer:
                         tensors[f"rng/rank{r}/{name}"] = arr
         if self._val_rows is not None:
             tensors["data/val_rows"] = self._val_rows
+        for i, cb in enumerate(self.callbacks):
+            for name, arr in cb.state_arrays().items():
+                tensors[f"callbacks/{i}/{name}"] = arr
         if snapshot:
             assert self._buffers is not None
             tensors = self._buffers.copy(tensors)  # with the backend's arrays unless it copied
@@ -878,6 +938,17 @@ class Trainer:
             "ledger": self.ledger.state_dict(),
         }
         return tensors, state
+
+    def _load_compared(
+        self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any], *, stacklevel: int
+    ) -> None:
+        """:meth:`_load_state`, then warn of settings that differ from the state's; a
+        'continue' refuses those that break exactness (see :meth:`fit`)."""
+        diffs = self._setting_diffs(state)
+        self._load_state(tensors, state)
+        self._pending_diffs = diffs
+        if diffs:
+            warnings.warn(_settings_warning(diffs), stacklevel=stacklevel)
 
     def _load_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
         """Restore a state: every entry is read and checked first, then applied, so a
@@ -911,8 +982,11 @@ class Trainer:
         self._base_lr = staged["base_lr"]
         self._data_info = staged["data"]
         self._val_rows = staged["val_rows"]
-        for cb, cb_state in zip(self.callbacks, staged["callbacks"], strict=True):
+        for cb, cb_state, cb_arrays in zip(
+            self.callbacks, staged["callbacks"], staged["callback_arrays"], strict=True
+        ):
             cb.load_state_dict(cb_state)
+            cb.load_state_arrays(cb_arrays)
         self.history = staged["history"]
         self.ledger = staged["ledger"]
 
@@ -927,8 +1001,20 @@ class Trainer:
                 f"{[type(cb).__name__ for cb in self.callbacks]}. Pass the same callbacks "
                 "in the same order."
             )
-        for cb, saved in zip(self.callbacks, saved_cbs, strict=True):
-            copy.deepcopy(cb).load_state_dict(saved["state"])  # a trial on a copy
+        cb_arrays: list[dict[str, np.ndarray]] = [{} for _ in self.callbacks]
+        for name, arr in tensors.items():
+            if name.startswith("callbacks/"):
+                index, _, key = name[len("callbacks/") :].partition("/")
+                if not index.isdigit() or int(index) >= len(self.callbacks) or not key:
+                    raise StateMismatchError(
+                        f"{name} names no callback of this Trainer "
+                        f"({len(self.callbacks)} callbacks)."
+                    )
+                cb_arrays[int(index)][key] = arr
+        for cb, saved, arrays in zip(self.callbacks, saved_cbs, cb_arrays, strict=True):
+            trial = copy.deepcopy(cb)  # a trial on a copy
+            trial.load_state_dict(saved["state"])
+            trial.load_state_arrays(arrays)
         previous = self.counters
         self.counters = counters  # _rank_streams reads the step of the staged state
         try:
@@ -977,6 +1063,7 @@ class Trainer:
             "data": data,
             "val_rows": val_rows,
             "callbacks": [saved["state"] for saved in saved_cbs],
+            "callback_arrays": cb_arrays,
             "history": History([dict(r) for r in state["history"]]),
             "ledger": Ledger([dict(r) for r in state["ledger"]]),
         }
@@ -1022,7 +1109,7 @@ class Trainer:
         seed = self.seed + 1_000_003 * self.rank + self.counters.global_step
         return {"host": HostStreams.seeded(seed), "framework": self._backend.seeded_rng(seed)}
 
-    def _compare_settings(self, state: Mapping[str, Any]) -> list[str]:
+    def _setting_diffs(self, state: Mapping[str, Any]) -> list[str]:
         """Differences between this Trainer's settings and a checkpoint's, one line each."""
         saved = state.get("settings", {})
         if not isinstance(saved, dict) or not isinstance(saved.get("model") or {}, dict):
@@ -1037,10 +1124,7 @@ class Trainer:
         mine = self._backend.describe()
         for key, value in (saved.get("model") or {}).items():
             if key != "model" and mine.get(key) != value and key not in self.override:
-                diffs.append(f"{key}: checkpoint {value!r}, now {mine.get(key)!r}")
-        self._pending_diffs = diffs
-        if diffs:
-            warnings.warn("resuming with different settings: " + "; ".join(diffs), stacklevel=3)
+                diffs += _leaf_diffs(key, value, mine.get(key))
         return diffs
 
     def _resume_from_run_dir(self) -> None:
@@ -1049,8 +1133,7 @@ class Trainer:
         if found is None:
             return
         path, tensors, state = found
-        self._compare_settings(state)
-        self._load_state(tensors, state)
+        self._load_compared(tensors, state, stacklevel=4)
         c = self.counters
         if self.rank == 0:
             print(
@@ -1070,7 +1153,7 @@ class Trainer:
         if self.rank != 0:
             return None
         state = ckpt.snapshot_state(state)
-        metric = _monitored(self.history, self.monitor)
+        metric = _monitored(self.history, self.monitor, self.counters.global_step)
         step, run = self.counters.global_step, self.counters.run
         run_dir = self.run_dir
         result: dict[str, Path] = {}
@@ -1121,9 +1204,23 @@ def validation_split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarra
     return validation_split(n, fraction, seed)
 
 
-def _check_int(name: str, value: Any, owner: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise invalid_param(name, owner, f"an int >= {minimum}", value)
+def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    try:
+        out = list(callbacks)
+    except TypeError:
+        raise invalid_param(
+            "callbacks", "Trainer", "a list of warmfit.Callback objects", callbacks
+        ) from None
+    for i, cb in enumerate(out):
+        if not isinstance(cb, Callback):
+            raise TypeError(
+                f"callbacks[{i}] is {cb!r}, not a warmfit.Callback. Pass warmfit's callbacks "
+                "(EarlyStopping, ReduceLROnPlateau, OverfittingMonitor) or subclass "
+                "warmfit.Callback: its state must be saved with the run."
+            )
+    return out
 
 
 def _pair(validation_data: Any) -> tuple[Any, Any]:
@@ -1148,8 +1245,51 @@ def _final_metrics(history: History, segment: int) -> dict[str, float]:
     return {k: v for k, v in rows[-1].items() if isinstance(v, float) and k != "lr"}
 
 
-def _monitored(history: History, monitor: str) -> float | None:
-    if not len(history):
+def _setting(diff: str) -> str:
+    """The top-level setting a line of :func:`_leaf_diffs` is about."""
+    return diff.split(":")[0].split(".")[0].split("[")[0]
+
+
+def _leaf_diffs(where: str, saved: Any, now: Any) -> list[str]:
+    """``where.key: checkpoint A, now B`` for each differing leaf of two JSON values (the
+    whole values where their structure differs)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [
+            d
+            for k in sorted(set(saved) | set(now), key=str)
+            if saved.get(k) != now.get(k)
+            for d in _leaf_diffs(f"{where}.{k}", saved.get(k), now.get(k))
+        ]
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(saved, now, strict=True))
+            if a != b
+            for d in _leaf_diffs(f"{where}[{i}]", a, b)
+        ]
+    return [f"{where}: checkpoint {saved!r}, now {now!r}"]
+
+
+def _settings_warning(diffs: list[str]) -> str:
+    text = "resuming with different settings: " + "; ".join(diffs) + "."
+    if any(d.startswith("optimizer") for d in diffs):
+        text += (
+            " On 'continue' the optimizer keeps the checkpoint's hyper-parameters (its "
+            "state is restored, as torch's load_state_dict does); fit with mode='warm' to "
+            "build a fresh optimizer from the factory's."
+        )
+    if any(_setting(d) in EXACTNESS_SETTINGS for d in diffs):
+        text += (
+            " A 'continue' call will refuse batch_size/seed changes unless they are named in "
+            "override=(...) or the call uses mode='warm'."
+        )
+    return text
+
+
+def _monitored(history: History, monitor: str, step: int) -> float | None:
+    """The monitored value of the weights at ``step``: the last epoch's, if that epoch
+    ended at ``step`` (a save inside an epoch has no metric of its own)."""
+    if not len(history) or history[-1].get("step") != step:
         return None
     v = history[-1].get(monitor)
     return v if isinstance(v, float) and math.isfinite(v) else None

@@ -377,13 +377,21 @@ class KerasBackend:
 
     def check_schedule(self, schedule: Any) -> None:
         """A warmfit schedule cannot drive an optimizer whose LR is a Keras schedule."""
+        if schedule is not None:
+            self.check_lr_settable(
+                "a warmfit schedule",
+                "Pass schedule=None to Trainer (the Keras schedule "
+                "follows the optimizer's iteration counter, which warmfit saves)",
+            )
+
+    def check_lr_settable(self, who: str, instead: str) -> None:
+        """Refuse ``who`` setting the learning rate of an optimizer whose learning rate
+        is a Keras ``LearningRateSchedule`` (it cannot be assigned)."""
         own = getattr(self.optimizer, "_learning_rate", None)
-        if schedule is not None and not isinstance(own, keras.Variable):
+        if not isinstance(own, keras.Variable):
             raise TypeError(
-                "The optimizer's learning rate is a keras LearningRateSchedule; it cannot "
-                "also follow a warmfit schedule. Pass schedule=None to Trainer (the Keras "
-                "schedule follows the optimizer's iteration counter, which warmfit saves), "
-                "or give the optimizer a float learning rate."
+                f"The optimizer's learning rate is a keras LearningRateSchedule; {who} cannot "
+                f"also set it. {instead}, or give the optimizer a float learning rate."
             )
 
     def set_learning_rate(self, lr: float) -> None:
