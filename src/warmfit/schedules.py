@@ -12,6 +12,10 @@ starts again) — see the modes table in ``docs/design.md``.
 Past its ``horizon`` a schedule holds its last value, unless it is declared ``cyclic``,
 in which case it starts over every ``horizon`` steps.
 
+A learning rate is a finite number >= 0: the schedules below refuse other parameters
+when they are built, and :func:`lr_at` (what the Trainer evaluates a schedule with)
+refuses a value that is not, naming the step.
+
 A factory for a PyTorch ``LRScheduler`` is accepted too (:func:`from_torch`); such a
 scheduler keeps state of its own, which warmfit saves and restores.
 """
@@ -19,9 +23,12 @@ scheduler keeps state of its own, which warmfit saves and restores.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import check_int, check_real
 
 
 class Schedule:
@@ -47,6 +54,14 @@ def asdict_shallow(obj: object) -> dict[str, Any]:
     return {k: getattr(obj, k) for k in obj.__dataclass_fields__}  # type: ignore[attr-defined]
 
 
+def _power(gamma: float, n: int) -> float:
+    """``gamma ** n``, inf where it overflows (``lr_at`` refuses it, naming the step)."""
+    try:
+        return gamma**n
+    except OverflowError:
+        return math.inf
+
+
 def _check_step(step: int) -> int:
     if step < 0:
         raise ValueError(f"A schedule step must be >= 0. Got {step} instead.")
@@ -56,6 +71,9 @@ def _check_step(step: int) -> int:
 @dataclass(frozen=True, repr=False)
 class Constant(Schedule):
     lr: float
+
+    def __post_init__(self) -> None:
+        check_real("lr", self.lr, "Constant")
 
     def __call__(self, step: int) -> float:
         _check_step(step)
@@ -70,8 +88,13 @@ class StepDecay(Schedule):
     step_size: int
     gamma: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_real("lr", self.lr, "StepDecay")
+        check_int("step_size", self.step_size, "StepDecay", minimum=1)
+        check_real("gamma", self.gamma, "StepDecay")
+
     def __call__(self, step: int) -> float:
-        return float(self.lr * self.gamma ** (_check_step(step) // self.step_size))
+        return float(self.lr * _power(self.gamma, _check_step(step) // self.step_size))
 
 
 @dataclass(frozen=True, repr=False)
@@ -82,8 +105,13 @@ class Exponential(Schedule):
     gamma: float
     min_lr: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_real("lr", self.lr, "Exponential")
+        check_real("gamma", self.gamma, "Exponential")
+        check_real("min_lr", self.min_lr, "Exponential")
+
     def __call__(self, step: int) -> float:
-        return float(max(self.min_lr, self.lr * self.gamma ** _check_step(step)))
+        return float(max(self.min_lr, self.lr * _power(self.gamma, _check_step(step))))
 
 
 @dataclass(frozen=True, repr=False)
@@ -98,6 +126,11 @@ class Cosine(Schedule):
     horizon: int
     min_lr: float = 0.0
     cyclic: bool = False
+
+    def __post_init__(self) -> None:
+        check_real("lr", self.lr, "Cosine")
+        check_int("horizon", self.horizon, "Cosine", minimum=1)
+        check_real("min_lr", self.min_lr, "Cosine")
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
@@ -117,6 +150,10 @@ class Warmup(Schedule):
     steps: int
     then: Schedule
     start_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps, "Warmup", minimum=0)
+        check_real("start_factor", self.start_factor, "Warmup")
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
@@ -232,11 +269,16 @@ class TorchScheduler:
     epoch (``interval="epoch"``), and saves its ``state_dict()``. As PyTorch's own docs
     say for ``LambdaLR``, functions inside a scheduler are not saved: the factory
     rebuilds them on resume.
+
+    ``probe`` says why :func:`as_schedule` took a plain callable for such a factory
+    (what calling it with step 0 did), so that a step function it misread gets an error
+    that says so when the factory fails; empty for :func:`from_torch`.
     """
 
     factory: Callable[[Any], Any]
     interval: str = "step"
     extra: dict[str, Any] = field(default_factory=dict)
+    probe: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.interval not in ("step", "epoch"):
@@ -252,15 +294,20 @@ def from_torch(factory: Callable[[Any], Any], interval: str = "step") -> TorchSc
 
 
 def as_schedule(obj: object) -> Schedule | TorchScheduler | Callable[[int], float] | None:
-    """Interpret the ``schedule=`` argument: None, a step function, or a torch factory.
+    """Interpret the ``schedule=`` argument: None, a number, a step function, or a torch
+    factory.
 
-    A plain callable is probed with ``obj(0)``: a number means a step function; an
-    exception means a factory for a torch scheduler (wrapped with :func:`from_torch`).
+    A plain callable is probed with ``obj(0)``: a real number (a Python, NumPy or 0-d
+    array/tensor one) means a step function, whose value at step 0 must be a learning
+    rate (:func:`lr_at`); anything else, or an exception, means a factory for a torch
+    scheduler (wrapped with :func:`from_torch`; the backend refuses it, naming the probe,
+    if it does not build one).
     """
     if obj is None or isinstance(obj, (Schedule, TorchScheduler)):
         return obj  # type: ignore[return-value]
-    if isinstance(obj, (int, float)):
-        return Constant(float(obj))
+    lr = _real(obj)
+    if lr is not None:
+        return Constant(lr)  # Constant refuses a negative or non-finite rate
     if not callable(obj):
         raise TypeError(
             "The 'schedule' parameter must be a function step -> learning rate, a "
@@ -269,11 +316,57 @@ def as_schedule(obj: object) -> Schedule | TorchScheduler | Callable[[int], floa
         )
     try:
         value = obj(0)
-    except Exception:
-        return TorchScheduler(obj)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return obj  # type: ignore[return-value]
-    return TorchScheduler(obj)
+    except Exception as err:
+        probe = f"calling it with step 0 raised {type(err).__name__}: {err}"
+        return TorchScheduler(obj, probe=probe)
+    if _real(value) is None:
+        return TorchScheduler(obj, probe=f"calling it with step 0 returned {value!r}")
+    _checked(obj, 0, value)  # a bad rate at step 0 is refused now, before anything changes
+    return obj  # type: ignore[return-value]
+
+
+def lr_at(schedule: Callable[[int], Any], step: int) -> float:
+    """``schedule(step)`` as a float, checked: a real number (NumPy scalars and 0-d
+    tensors included), finite and >= 0, else a ``TypeError``/``ValueError`` naming the
+    step and the value. The Trainer evaluates schedules through this, so one that goes
+    negative, NaN or infinite (an ``exponential`` with ``gamma > 1``, a user function)
+    stops training before the step that would use it."""
+    return _checked(schedule, step, schedule(step))
+
+
+def _checked(schedule: object, step: int, value: Any) -> float:
+    lr = value if type(value) is float else _real(value)
+    if lr is None:
+        raise TypeError(
+            f"The schedule {_qualname(schedule)} returned {value!r} at step {step}. A "
+            "schedule must return a learning rate (a real number) for every step >= 0."
+        )
+    if not 0.0 <= lr < math.inf:  # False for NaN too
+        raise ValueError(
+            f"The schedule {_qualname(schedule)} gave the learning rate {lr!r} at step "
+            f"{step}. A learning rate must be a finite number >= 0: fix the schedule "
+            "(warmfit's schedules hold min_lr from below) or clamp what it returns."
+        )
+    return lr
+
+
+def _real(value: object) -> float | None:
+    """``float(value)`` for a real number: Python and NumPy scalars, and 0-d numeric
+    arrays or tensors (found by their ``ndim`` and ``dtype``: no framework import);
+    None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = str(getattr(value, "dtype", None))
+    if getattr(value, "ndim", None) == 0 and dtype != "None":
+        if "bool" in dtype or "complex" in dtype:
+            return None
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 def describe(schedule: object) -> Any:

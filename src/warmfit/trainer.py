@@ -49,7 +49,7 @@ from .errors import (
 )
 from .history import History, Ledger, epoch_table
 from .progress import Progress
-from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config
+from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
 MODES = ("continue", "warm", "restart")
@@ -448,35 +448,42 @@ class Trainer:
             )
             losses, sizes = [], []
             save_at_epoch_end = False
-            for batch in backend.batches(data, order, c.offset, bs, c.epoch):
-                if per_step_lr:
-                    backend.set_learning_rate(self._lr_at(c.global_step))
-                try:
-                    losses.append(backend.train_step(batch))
-                except NonFiniteLoss as err:
-                    raise NonFiniteLossError(c.global_step + 1, c.epoch, err.value) from None
-                size = min(bs, n - c.offset)
-                sizes.append(size)
-                c.global_step += 1
-                c.offset += size
-                c.samples_seen += size
-                last = losses[-1]  # a float only where reading it was free (CPU)
-                progress.advance(c.global_step, last if type(last) is float else None)
-                if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
-                    if c.offset < n:
+            try:
+                for batch in backend.batches(data, order, c.offset, bs, c.epoch):
+                    if per_step_lr:
+                        backend.set_learning_rate(self._lr_at(c.global_step))
+                    try:
+                        losses.append(backend.train_step(batch))
+                    except NonFiniteLoss as err:
+                        raise NonFiniteLossError(c.global_step + 1, c.epoch, err.value) from None
+                    size = min(bs, n - c.offset)
+                    sizes.append(size)
+                    c.global_step += 1
+                    c.offset += size
+                    c.samples_seen += size
+                    last = losses[-1]  # a float only where reading it was free (CPU)
+                    progress.advance(c.global_step, last if type(last) is float else None)
+                    if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
+                        if c.offset < n:
+                            self._fold_losses(losses, sizes)
+                            self._checkpoint(wait=False)
+                        else:  # the epoch's last step: save after its validation, with its metric
+                            save_at_epoch_end = True
+                    if (
+                        self._stop_signal is not None
+                        if not distributed
+                        else backend.any_rank(self._stop_signal is not None)  # type: ignore[attr-defined]
+                    ):
                         self._fold_losses(losses, sizes)
-                        self._checkpoint(wait=False)
-                    else:  # the epoch's last step: save after its validation, with its metric
-                        save_at_epoch_end = True
-                if (
-                    self._stop_signal is not None
-                    if not distributed
-                    else backend.any_rank(self._stop_signal is not None)  # type: ignore[attr-defined]
-                ):
+                        return None  # fit() saves and raises TrainingInterrupted
+                    if c.global_step == step_target:
+                        break
+            except BaseException:
+                # The steps already taken count in the epoch's loss, as they would in
+                # the state a later continue goes on from.
+                with contextlib.suppress(Exception):
                     self._fold_losses(losses, sizes)
-                    return None  # fit() saves and raises TrainingInterrupted
-                if c.global_step == step_target:
-                    break
+                raise
             self._fold_losses(losses, sizes)
             if c.offset < n:  # stopped by steps= in the middle of the epoch
                 return None
@@ -737,7 +744,9 @@ class Trainer:
 
     def _lr_at(self, step: int) -> float:
         base = (
-            self.schedule(step - self.counters.schedule_origin) if self.schedule else self._base_lr
+            lr_at(self.schedule, step - self.counters.schedule_origin)
+            if self.schedule
+            else self._base_lr
         )
         for cb in self.callbacks:
             if isinstance(cb, ReduceLROnPlateau):
@@ -1254,10 +1263,10 @@ def _leaf_diffs(where: str, saved: Any, now: Any) -> list[str]:
     """``where.key: checkpoint A, now B`` for each differing leaf of two JSON values (the
     whole values where their structure differs)."""
     if isinstance(saved, dict) and isinstance(now, dict):
-        return [
+        return [  # a key the checkpoint lacks was not recorded then (an older warmfit)
             d
             for k in sorted(set(saved) | set(now), key=str)
-            if saved.get(k) != now.get(k)
+            if k in saved and saved.get(k) != now.get(k)
             for d in _leaf_diffs(f"{where}.{k}", saved.get(k), now.get(k))
         ]
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):

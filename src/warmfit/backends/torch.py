@@ -11,8 +11,11 @@ optimizer step.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import copy
 import gc
 import math
+import numbers
 import random
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +51,14 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 _METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"accuracy": accuracy}
+
+# What a torch scheduler factory must build: the methods warmfit calls.
+_SCHEDULER_METHODS = ("step", "state_dict", "load_state_dict")
+
+_ITEMS = (
+    "A Dataset given to warmfit must yield (x, y) pairs or x alone, each a tensor, a NumPy "
+    "array or a number"
+)
 
 
 class TensorData:
@@ -182,11 +193,24 @@ class TorchBackend:
             )
         self.initial: dict[str, torch.Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        # Read from each fresh optimizer before a scheduler touches it (init_optimizer):
+        # its settings (describe) and its groups' learning rates (set_learning_rate).
+        self._built: dict[str, Any] = {"class": "NoneType", "hyper": []}
+        self._set_factory_lr([])
         self.scheduler: Any = None
         self.scheduler_interval = "step"
         # On the CPU reading a loss is free, so a NaN is caught before the optimizer
         # step. Under DDP a rank cannot stop alone: losses are read at readout points.
         self.check_each_step = self.device.type == "cpu" and not self.dist.active
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickle: everything but the previous step's loss (a
+        graph's output, which deepcopy refuses; the next step replaces it) and the host
+        buffers of background saves (rebuilt by the next save)."""
+        state = self.__dict__.copy()
+        state.pop("_last_loss", None)
+        state.pop("_snapshot", None)
+        return state
 
     @property
     def world_size(self) -> int:
@@ -253,19 +277,64 @@ class TorchBackend:
         return use_deterministic_algorithms()
 
     def init_optimizer(self, schedule: Any) -> None:
-        self.optimizer = self.optimizer_factory(self.model.parameters())
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
+        """A fresh optimizer from the factory, and its scheduler. What the factory built
+        is recorded first, before a scheduler changes it (OneCycleLR and CyclicLR set the
+        rate and momentum): :meth:`describe` reports those settings and
+        :meth:`set_learning_rate` keeps the groups' learning-rate ratios."""
+        optimizer = self._fresh_optimizer()
+        built = _built_settings(optimizer)
+        scheduler = self._build_scheduler(schedule, optimizer)  # may raise: nothing changed
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self._built = built[0]
+        self._set_factory_lr(built[1])
+        self.scheduler_interval = getattr(schedule, "interval", "step")
+
+    def _fresh_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "The optimizer factory must return a torch.optim.Optimizer. "
-                f"Got {self.optimizer!r} instead."
+                f"Got {optimizer!r} instead."
             )
-        self.set_schedule(schedule)
+        return optimizer
 
     def set_schedule(self, schedule: Any) -> None:
-        self.scheduler = None
+        """Called when ``fit(schedule=...)`` replaces the schedule (after
+        :meth:`check_schedule`)."""
+        self.scheduler = self._build_scheduler(schedule, self.optimizer)
+        self.scheduler_interval = getattr(schedule, "interval", "step")
+
+    def check_schedule(self, schedule: Any) -> None:
+        """Refuse a torch scheduler factory that does not build a scheduler, before the
+        Trainer changes: it is tried on a throwaway optimizer from the factory (a
+        scheduler changes its optimizer's rates)."""
         if isinstance(schedule, TorchScheduler):
-            self.scheduler = schedule.factory(self.optimizer)
-            self.scheduler_interval = schedule.interval
+            self._build_scheduler(schedule, self._fresh_optimizer())
+
+    def _build_scheduler(self, schedule: Any, optimizer: torch.optim.Optimizer) -> Any:
+        if not isinstance(schedule, TorchScheduler):
+            return None
+        why = (
+            f" It was taken for one because {schedule.probe}; a step -> learning rate "
+            "function must return a real number for every step >= 0, 0 included."
+            if schedule.probe
+            else ""
+        )
+        try:
+            scheduler = schedule.factory(optimizer)
+        except Exception as err:
+            raise TypeError(
+                f"The schedule {schedule.factory!r} is used as a factory optimizer -> torch "
+                f"LRScheduler, but calling it with the optimizer raised "
+                f"{type(err).__name__}: {err}.{why}"
+            ) from err
+        if not all(callable(getattr(scheduler, m, None)) for m in _SCHEDULER_METHODS):
+            raise TypeError(
+                f"The schedule {schedule.factory!r} is used as a factory optimizer -> torch "
+                f"LRScheduler, but it returned {scheduler!r}, which has no "
+                f"{'/'.join(_SCHEDULER_METHODS)}.{why}"
+            )
+        return scheduler
 
     def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
         # Rank 0's streams are those of a single process; other ranks get their own.
@@ -304,6 +373,11 @@ class TorchBackend:
                 raise TypeError(
                     "warmfit needs a map-style Dataset with __len__ (got an iterable one)."
                 )
+            if len(x) == 0:
+                raise ValueError(
+                    f"x is a Dataset with no items (len(x) == 0): nothing to train on. Pass "
+                    f"a Dataset with at least one item ({type(x).__name__} has none)."
+                )
             return DatasetData(x)
         xt = _as_tensor(x, "x", self.device)
         yt = None if y is None else _as_tensor(y, "y", self.device)
@@ -319,7 +393,14 @@ class TorchBackend:
     def fingerprint(self, data: Any) -> tuple[str, list[int]]:
         if isinstance(data, DatasetData):
             ds = data.dataset
-            probes = [ds[i] for i in sorted({0, len(ds) // 2, len(ds) - 1})]
+            probes = []
+            # Read with every stream forked and fixed: an augmenting Dataset then gives the
+            # same fingerprint on every call, and the caller's streams do not move.
+            with _isolated_streams(self._cuda_devices(), seed=0):
+                for i in sorted({0, len(ds) // 2, len(ds) - 1}):  # prepare refused len 0
+                    probes.append(ds[i])
+                    if not _trainable(probes[-1]):  # refused now, before the call starts
+                        raise _item_error(probes[-1], f"Item {i}")
             arrays = [
                 np.asarray(t.cpu() if torch.is_tensor(t) else t) for p in probes for t in _flat(p)
             ]
@@ -376,7 +457,7 @@ class TorchBackend:
         )
         global_sizes = (len(b) for b in epoch_batches(order, batch_size, offset))
         for batch, size in zip(loader, global_sizes, strict=False):
-            xb, yb = batch if isinstance(batch, (list, tuple)) else (batch, None)
+            xb, yb = _split_batch(batch)
             xb = xb.to(self.device, non_blocking=True)
             yb = None if yb is None else yb.to(self.device, non_blocking=True)
             yield (xb, yb, size) if self.dist.active else (xb, yb)
@@ -388,12 +469,38 @@ class TorchBackend:
         self.model.train(training)
 
     def set_learning_rate(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:  # type: ignore[union-attr]
-            group["lr"] = lr
+        """Set parameter group 0's learning rate to ``lr`` and every other group's to
+        ``lr`` times its ratio to group 0 in the optimizer as the factory built it: a
+        schedule drives group 0 and the other groups keep their ratio (what torch's
+        ``LambdaLR`` does per group). The ratios are saved with the optimizer, so a
+        ``continue`` keeps the checkpoint's and ``warm`` takes the factory's again. If the
+        factory gave group 0 a rate of 0, every group gets ``lr``."""
+        groups = self.optimizer.param_groups  # type: ignore[union-attr]
+        lr = float(lr)
+        if len(groups) == 1:
+            groups[0]["lr"] = lr
+            return
+        ratios = self._lr_ratios
+        if len(groups) != len(ratios):
+            raise ValueError(
+                f"The optimizer has {len(groups)} parameter groups, but its factory built "
+                f"{len(ratios)}. warmfit sets each group's learning rate from the ratios of "
+                "the groups the factory built (and a checkpoint restores those groups): add "
+                "parameter groups in the optimizer factory, not to the optimizer afterwards."
+            )
+        for group, ratio in zip(groups, ratios, strict=True):
+            group["lr"] = lr * ratio
+
+    def _set_factory_lr(self, lrs: list[float]) -> None:
+        """The groups' learning rates as the factory built them, and their ratios to
+        group 0's (1.0 for group 0, exactly, so its rate is the schedule's to the bit)."""
+        self._factory_lr = lrs
+        first = lrs[0] if lrs else 0.0
+        self._lr_ratios = [1.0] + [lr / first if first else 1.0 for lr in lrs[1:]]
 
     def learning_rate(self) -> float:
-        lr = self.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
-        return float(lr.item() if torch.is_tensor(lr) else lr)
+        """Parameter group 0's learning rate (the one a schedule drives)."""
+        return _lr_value(self.optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
 
     def train_step(self, batch: Any) -> Any:
         if self.dist.active:
@@ -465,7 +572,7 @@ class TorchBackend:
                 generator=torch.Generator().manual_seed(0),  # keeps off the global stream
             )
             for batch in loader:
-                xb, yb = batch if isinstance(batch, (list, tuple)) else (batch, None)
+                xb, yb = _split_batch(batch)
                 yield xb.to(self.device), None if yb is None else yb.to(self.device)
             return
         for start in range(0, len(data), batch_size):
@@ -540,6 +647,7 @@ class TorchBackend:
                 "class": type(self.optimizer).__name__,
                 "param_groups": _jsonable(sd["param_groups"]),
                 "scalars": scalars,
+                "factory_lr": list(self._factory_lr),  # for set_learning_rate's ratios
             },
             "scheduler": None if self.scheduler is None else _jsonable(self.scheduler.state_dict()),
             "dtypes": dtypes,
@@ -565,6 +673,17 @@ class TorchBackend:
             raise StateMismatchError(
                 f"the checkpoint's optimizer has {len(groups)} parameter groups, this one "
                 f"{len(current)}. Build the optimizer the same way as the run that wrote it."
+            )
+        # Checkpoints written before the groups' ratios were saved keep the factory's.
+        factory_lr = opt_meta.get("factory_lr", self._factory_lr)
+        if (
+            not isinstance(factory_lr, list)
+            or len(factory_lr) != len(current)
+            or not all(type(v) in (int, float) for v in factory_lr)
+        ):
+            raise StateMismatchError(
+                f"optimizer.factory_lr must list a learning rate per parameter group "
+                f"({len(current)}); got {factory_lr!r}."
             )
         dtypes = meta.get("dtypes", {})
         # load_state_dict copies into the parameters: no copy is needed before it.
@@ -606,6 +725,7 @@ class TorchBackend:
         if initial and self.model_factory is None:
             self.initial = {k: _from_numpy(v, dtypes.get(k)) for k, v in initial.items()}
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
+        self._set_factory_lr([float(v) for v in factory_lr])
         if self.scheduler is not None and meta.get("scheduler") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
 
@@ -630,10 +750,8 @@ class TorchBackend:
         xb = data.x[:2]
         yb = None if data.y is None else data.y[:2]
         was_training = self.model.training
-        devices = [self.device] if self.device.type == "cuda" else []
-        host = random.getstate(), np.random.get_state()  # a forward may draw from them
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with _isolated_streams(self._cuda_devices()), torch.no_grad():
                 self.model.eval()
                 out = self.model(xb)
                 if with_target:
@@ -650,8 +768,9 @@ class TorchBackend:
             ) from None
         finally:
             self.model.train(was_training)
-            random.setstate(host[0])
-            np.random.set_state(host[1])
+
+    def _cuda_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
 
     def load_weights(
         self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None
@@ -665,17 +784,37 @@ class TorchBackend:
             self.model.load_state_dict({k: _from_numpy(v, dtypes.get(k)) for k, v in saved.items()})
 
     def describe(self) -> dict[str, Any]:
-        groups = self.optimizer.state_dict()["param_groups"] if self.optimizer else []  # type: ignore[union-attr]
-        hyper = [
-            {k: _jsonable(v) for k, v in g.items() if k not in ("params", "lr")} for g in groups
-        ]
+        """The settings a resume compares. The optimizer's are those the factory built
+        (every hyper-parameter of every group, ``lr`` included), read before a scheduler
+        or training changed them: a scheduler that cycles momentum (OneCycleLR) does not
+        make a resume differ, and a changed learning rate in the factory does."""
         return {
             "framework": "torch",
             "model": {k: list(v.shape) for k, v in self.model.state_dict().items()},
-            "optimizer": {"class": type(self.optimizer).__name__, "hyper": hyper},
+            "optimizer": copy.deepcopy(self._built),
             "loss": self.loss_name,
             "device": str(self.device),
         }
+
+
+@contextlib.contextmanager
+def _isolated_streams(devices: list[torch.device], seed: int | None = None) -> Iterator[None]:
+    """Run a block with Python's, NumPy's and torch's global streams (CPU and ``devices``)
+    forked: put back as they were afterwards; with ``seed``, seeded to it inside."""
+    host = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.default_generator.manual_seed(seed)
+                for device in devices:
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(host[0])
+        np.random.set_state(host[1])
 
 
 def use_deterministic_algorithms() -> Callable[[], None]:
@@ -760,6 +899,67 @@ def _from_numpy(a: np.ndarray, dtype: str | None, *, copy: bool = True) -> torch
     if dtype == "torch.bfloat16":
         t = t.view(torch.bfloat16)
     return t
+
+
+def _built_settings(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[float]]:
+    """A fresh optimizer's class and hyper-parameters per group (JSON), and its groups'
+    learning rates."""
+    groups = optimizer.param_groups
+    hyper = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in groups]
+    lrs = [_lr_value(g["lr"]) for g in groups]
+    return {"class": type(optimizer).__name__, "hyper": hyper}, lrs
+
+
+def _lr_value(lr: Any) -> float:
+    return float(lr.item() if torch.is_tensor(lr) else lr)
+
+
+def _is_leaf(obj: Any) -> bool:
+    """A tensor, a numeric NumPy array or scalar, or a number: what collates to a tensor."""
+    if torch.is_tensor(obj):
+        return True
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.dtype.kind in "biufc"
+    return isinstance(obj, numbers.Number)
+
+
+def _trainable(item: Any) -> bool:
+    """Whether a Dataset item is one training can batch: (x, y) or x alone, of leaves
+    (not a dict, nested tuples or strings)."""
+    if isinstance(item, (tuple, list)):
+        return len(item) == 2 and all(map(_is_leaf, item))
+    return _is_leaf(item)
+
+
+def _item_error(item: Any, which: str) -> ValueError:
+    return ValueError(
+        f"{_ITEMS}. {which} is a {_kind(item)}. Wrap the Dataset so that __getitem__ "
+        "returns (x, y), e.g. `return item['x'], item['y']` for dict items."
+    )
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A collated batch as (x, y-or-None); refuses what :func:`_trainable` refuses (for a
+    Dataset no fingerprint has read: evaluate, predict)."""
+    if torch.is_tensor(batch):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(map(torch.is_tensor, batch)):
+        return batch[0], batch[1]
+    raise _item_error(batch, "A batch of its items")
+
+
+def _kind(obj: Any) -> str:
+    """What ``obj`` is, for an error message: "dict with keys ['x', 'y']", "tuple of 3
+    (Tensor of dtype torch.float32, int, float)"."""
+    name = type(obj).__name__
+    if isinstance(obj, Mapping):
+        return f"{name} with keys {list(obj)[:8]}"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(_kind(o) for o in obj[:4]) + (", ..." if len(obj) > 4 else "")
+        return f"{name} of {len(obj)} ({inner})"
+    if isinstance(obj, (np.ndarray, np.generic)) or torch.is_tensor(obj):
+        return f"{name} of dtype {obj.dtype}"
+    return name
 
 
 def _flat(obj: Any) -> list[Any]:
