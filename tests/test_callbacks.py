@@ -195,3 +195,23 @@ def test_callback_parameters_are_checked(make, message):
 def test_callbacks_must_be_callback_objects():
     with pytest.raises(TypeError, match=r"^callbacks\[1\] is <object object at .*>, not a warmfit"):
         make_trainer(callbacks=[EarlyStopping(), object()])
+
+
+def test_turning_restore_best_on_at_a_resume_warns_and_off_drops_the_weights(tmp_path):
+    x, y, val = noisy_data()
+    with make_trainer(callbacks=[EarlyStopping(patience=4)], run_dir=tmp_path / "a") as t:
+        t.fit(x, y, epochs=3, validation_data=val)
+    with pytest.warns(UserWarning, match=r"^EarlyStopping\(restore_best=True\) resumed from a"):
+        t2 = make_trainer(
+            callbacks=[EarlyStopping(patience=4, restore_best=True)], run_dir=tmp_path / "a"
+        )
+    t2.close()
+    with make_trainer(
+        callbacks=[EarlyStopping(patience=4, restore_best=True)], run_dir=tmp_path / "b"
+    ) as t:
+        t.fit(x, y, epochs=3, validation_data=val)
+        assert t.callbacks[0].state_arrays()
+    off = EarlyStopping(patience=4)
+    with make_trainer(callbacks=[off], run_dir=tmp_path / "b") as t3:
+        assert off.state_arrays() == {}  # not saved again, stale, in every checkpoint
+        assert not any(k.startswith("callbacks/") for k in t3.state_dict()["tensors"])

@@ -926,3 +926,18 @@ def test_large_files_are_hashed_in_a_second_thread_with_the_same_checksum(tmp_pa
     flip_bit(tfile, tfile.stat().st_size // 2)
     with pytest.raises(CheckpointError, match="checksum mismatch: the file is damaged"):
         read_checkpoint(path)
+
+
+def test_unlock_releases_the_lock_that_a_forked_child_shares(tmp_path: Path) -> None:
+    """A child forked while the lock is held (a multiprocessing pool, DataLoader workers)
+    shares the locked open file: unlock() must still release it, not wait for the child."""
+    import multiprocessing
+
+    run = RunDir(tmp_path)
+    run.lock()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(os.getpid) != os.getpid()  # the child is alive
+        run.unlock()
+        other = RunDir(tmp_path)
+        other.lock()  # raised RunDirLockedError while the child lived
+        other.unlock()

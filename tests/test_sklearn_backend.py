@@ -518,3 +518,26 @@ def test_bad_arguments_and_guardrails():
     )
     t.fit(x[:, :4], y, epochs=1, mode="restart")  # a restart may change the features
     assert t.model.n_features_in_ == 4
+
+
+def test_a_changed_estimator_parameter_says_which_value_is_kept(tmp_path):
+    from sklearn.linear_model import SGDClassifier
+
+    x, y = make_data(150)
+    kw = dict(batch_size=16, seed=1, verbose=0, run_dir=tmp_path)
+    with warmfit.Trainer(SGDClassifier(alpha=1e-4, random_state=0), **kw) as t:
+        t.fit(x, y, epochs=2)
+    with pytest.warns(UserWarning) as caught:
+        resumed = warmfit.Trainer(SGDClassifier(alpha=0.5, random_state=0), **kw)
+    assert str(caught[0].message) == (
+        "resuming with different settings: params.alpha: checkpoint 0.0001, now 0.5. The "
+        "estimator is restored whole from the checkpoint, its parameters included, so the "
+        "checkpoint's values are kept; to train with a new value, call "
+        "trainer.model.set_params(...) before fit (mode='warm' to record it as a change of "
+        "course)."
+    )
+    with resumed:
+        assert resumed.model.alpha == 1e-4
+        resumed.model.set_params(alpha=0.5)  # what the message says
+        resumed.fit(x, y, epochs=1, mode="warm")
+        assert resumed.model.alpha == 0.5

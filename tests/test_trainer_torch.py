@@ -565,3 +565,50 @@ def test_an_optimizer_setting_that_differs_says_which_value_is_kept(tmp_path, da
         assert t2.optimizer.param_groups[0]["weight_decay"] == 0
         t2.fit(x, y, epochs=1, mode="warm")
         assert t2.optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+class _SignalAtFitEnd(warmfit.Callback):
+    def on_fit_end(self, trainer):
+        os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the closing save
+
+
+def test_a_signal_during_the_closing_save_raises_after_the_save(tmp_path, data):
+    x, y = data
+    with make_trainer(run_dir=tmp_path, callbacks=[_SignalAtFitEnd()]) as t:
+        with pytest.raises(warmfit.TrainingInterrupted) as err:
+            t.fit(x, y, epochs=2)
+        assert err.value.checkpoint == t.run_dir.latest()
+        assert err.value.step == t.global_step == 26
+        _, state = warmfit.checkpoint.read_checkpoint(err.value.checkpoint)
+        assert state["counters"]["global_step"] == 26 and len(state["ledger"]) == 1
+
+
+def test_warm_with_other_data_inside_an_epoch_starts_that_epoch_over(data):
+    """The cursor's offset refers to the previous data's rows: a warm call on data of
+    another length trains the epoch from its start instead of training nothing."""
+    x, y = data
+    t = make_trainer()
+    t.fit(x, y, steps=5)  # offset 80 of 200
+    t.fit(x[:50], y[:50], epochs=1, mode="warm")
+    assert (t.epoch, t.cursor.offset, t.global_step) == (1, 0, 5 + 4)
+    assert t.ledger[-1]["changes"]["cursor"] == {"epoch": 0, "offset": 80, "now": 0}
+    assert t.history[-1]["loss"] is not None
+    u = make_trainer()
+    u.fit(x, y, steps=5)
+    u.fit(x, y, epochs=1, mode="warm")  # the same data: the epoch is finished
+    assert (u.epoch, u.global_step) == (1, 13) and "cursor" not in u.ledger[-1]["changes"]
+
+
+def test_a_trainer_with_a_run_dir_cannot_be_copied(tmp_path, data):
+    import copy
+
+    x, y = data
+    with make_trainer(run_dir=tmp_path) as t:
+        t.fit(x, y, epochs=1)
+        with pytest.raises(TypeError, match=r"^A Trainer with a run_dir \(.*\) cannot be copied"):
+            copy.deepcopy(t)
+        twin = make_trainer()
+        twin.load_state_dict(t.state_dict())  # what the message suggests
+        t.fit(x, y, epochs=1)
+        twin.fit(x, y, epochs=1)
+        assert_same_training_state(t, twin)

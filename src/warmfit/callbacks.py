@@ -156,7 +156,22 @@ class EarlyStopping(Callback):
         return dict(self._best_weights) if self._best_weights is not None else {}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take the saved best weights (dropped if ``restore_best`` is now off). If it is
+        on but the checkpoint has none although a best epoch exists (it was written with
+        ``restore_best=False``), warn: those weights cannot be restored."""
+        if not self.restore_best:
+            self._best_weights = None
+            return
         self._best_weights = {k: np.array(v, copy=True) for k, v in arrays.items()} or None
+        if self._best_weights is None and self.best_epoch is not None:
+            warnings.warn(
+                f"EarlyStopping(restore_best=True) resumed from a checkpoint that holds no "
+                f"best weights (written with restore_best=False): the weights of its best "
+                f"epoch so far ({self.best_epoch}) are lost, so a stop before a new best "
+                "keeps the current weights. Resume with restore_best=False to match the "
+                "checkpoint, or use trainer.rewind('best') to go back to that epoch.",
+                stacklevel=2,
+            )
 
 
 class ReduceLROnPlateau(Callback):

@@ -746,13 +746,16 @@ def _run_of(path: Path) -> int:
 
 
 def _release_lock(fd: int, owner_pid: int) -> None:
-    """Drop a run directory's lock: clear the holder's record, close the descriptor
-    (closing releases the flock). Run by :meth:`RunDir.unlock`, or by the finalizer
-    when the ``RunDir`` is garbage-collected or the interpreter exits. In a forked
-    child, which shares the parent's lock, it only closes the child's descriptor."""
+    """Drop a run directory's lock: clear the holder's record, unlock, close the
+    descriptor. Run by :meth:`RunDir.unlock`, or by the finalizer when the ``RunDir`` is
+    garbage-collected or the interpreter exits. The owner unlocks explicitly: a forked
+    child (a DataLoader worker, a multiprocessing pool) shares the open file, and
+    closing alone would leave the lock held until every child exits. In a forked child
+    it only closes the child's descriptor."""
     try:
         if os.getpid() == owner_pid:
             os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError:
         pass
     finally:

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -349,6 +349,17 @@ class Trainer:
             self.counters.schedule_origin = self.counters.global_step
             self._reset_callbacks()
             self._partial = (0.0, 0)
+            c = self.counters
+            prev = self._data_info
+            rows_changed = prev is None or (list(prev["shape"]), prev.get("validation_split")) != (
+                list(shape),
+                validation_split,
+            )
+            if c.offset and (rows_changed or c.offset >= len(data) or c.offset % self.batch_size):
+                # The cursor's offset refers to other rows (or batches): the epoch in
+                # progress starts over on this data rather than train nothing or misalign.
+                changes["cursor"] = {"epoch": c.epoch, "offset": c.offset, "now": 0}
+                c.offset = 0
         if new_schedule is not None:
             changes["schedule"] = {"from": describe(self.schedule), "to": describe(new_schedule)}
             self.schedule = new_schedule
@@ -387,35 +398,38 @@ class Trainer:
         }
         started = time.perf_counter()
         stopped_by = interrupted = None
-        try:
-            with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
-                self._progress = progress
-                for cb in self.callbacks:
-                    cb.on_fit_start(self, mode)
-                step_target = None if steps is None else self.counters.global_step + steps
-                stopped_by = self._run_epochs(
-                    data, val_data, target, step_target, segment, mode, shuffle, verbose
+        with self._signal_guard():  # until the closing save is written
+            try:
+                with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
+                    self._progress = progress
+                    for cb in self.callbacks:
+                        cb.on_fit_start(self, mode)
+                    step_target = None if steps is None else self.counters.global_step + steps
+                    stopped_by = self._run_epochs(
+                        data, val_data, target, step_target, segment, mode, shuffle, verbose
+                    )
+                    # A signal at a step boundary, or one that came during the last epoch's
+                    # validation or after the last step: either way it is acted on here.
+                    interrupted = self._agreed_signal()
+                    stopped_by = interrupted or stopped_by
+            finally:
+                record.update(
+                    epochs_done=self.counters.epoch - record["epoch_start"],
+                    step_end=self.counters.global_step,
+                    wall_s=round(time.perf_counter() - started, 4),
+                    final=_final_metrics(self.history, segment),
+                    stopped_by=stopped_by,
                 )
-                # A signal at a step boundary, or one that came during the last epoch's
-                # validation or after the last step: either way it is acted on here.
-                interrupted = self._agreed_signal()
-                stopped_by = interrupted or stopped_by
-        finally:
-            record.update(
-                epochs_done=self.counters.epoch - record["epoch_start"],
-                step_end=self.counters.global_step,
-                wall_s=round(time.perf_counter() - started, 4),
-                final=_final_metrics(self.history, segment),
-                stopped_by=stopped_by,
-            )
-            self.ledger.append(record)
-            self._append_jsonl("ledger.jsonl", record)
-        if interrupted is not None:
-            self._interrupt(interrupted)  # saves (the ledger row included) and raises
-        for cb in self.callbacks:
-            cb.on_fit_end(self)
-        if self.run_dir is not None:
-            self._checkpoint(wait=True)
+                self.ledger.append(record)
+                self._append_jsonl("ledger.jsonl", record)
+            if interrupted is not None:
+                self._interrupt(interrupted)  # saves (the ledger row included) and raises
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+            path = self._checkpoint(wait=True) if self.run_dir is not None else None
+            late = self._agreed_signal()  # during on_fit_end or the closing save
+            if late is not None:
+                self._interrupt(late, saved=path)
         if verbose and self.rank == 0:
             self._summary(segment)
         return self.history
@@ -439,7 +453,10 @@ class Trainer:
             target = sys.maxsize
         n, bs = len(data), self.batch_size
         per_step_lr = self.schedule is not None and not isinstance(self.schedule, TorchScheduler)
-        self._apply_lr()
+        if c.offset < n or not per_step_lr:
+            # Not at an epoch's end: there the optimizer keeps the rate of the epoch's
+            # last step, as in an uninterrupted run; the next step sets its own.
+            self._apply_lr()
         progress = self._progress
         while c.epoch < target:
             order = epoch_permutation(self.seed, c.epoch, n, shuffle=shuffle)
@@ -512,7 +529,9 @@ class Trainer:
             if verbose and self.rank == 0:
                 print(_epoch_line(logs, target), flush=True)
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
-            if save_at_epoch_end and not stop:  # (a stop ends the call, which saves)
+            # Not after the call's last epoch or a stop: the call's closing save follows.
+            last = stop or c.epoch >= target or c.global_step == step_target
+            if save_at_epoch_end and not last:
                 self._checkpoint(wait=False)
             if stop:
                 return stop[0]
@@ -698,6 +717,18 @@ class Trainer:
         if backend_close is not None:
             backend_close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` copy; refused with a ``run_dir``, which
+        one Trainer at a time owns (the copy could not save there)."""
+        if self.run_dir is not None:
+            raise TypeError(
+                f"A Trainer with a run_dir ({self.run_dir.root}) cannot be copied or "
+                "pickled: one Trainer at a time owns a run directory, so the copy could not "
+                "save there. Copy a Trainer built without run_dir, or build a new Trainer "
+                "and load_state_dict(trainer.state_dict()) into it."
+            )
+        return self.__dict__.copy()
+
     def __enter__(self) -> Trainer:
         return self
 
@@ -774,7 +805,6 @@ class Trainer:
         self._backend.install_rng(self._rng["framework"])
         self._in_fit = True
         restore_det = self._set_deterministic() if train else None
-        handlers = self._install_signal_handlers() if train else None
         try:
             self._backend.train_mode(train)
             yield
@@ -787,9 +817,6 @@ class Trainer:
                 }
             HostStreams.install(caller["host"])
             self._backend.install_rng(caller["framework"])
-            if handlers is not None:
-                for sig, h in handlers.items():
-                    signal.signal(sig, h)
             if restore_det is not None:
                 restore_det()
 
@@ -798,6 +825,17 @@ class Trainer:
         for scikit-learn); returns what puts the previous setting back."""
         hook = getattr(self._backend, "set_deterministic", None)
         return hook() if self.deterministic and hook is not None else None
+
+    @contextlib.contextmanager
+    def _signal_guard(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag that fit acts on at the next step boundary (a second
+        one stops at once); the previous handlers are put back afterwards."""
+        handlers = self._install_signal_handlers()
+        try:
+            yield
+        finally:
+            for sig, h in (handlers or {}).items():
+                signal.signal(sig, h)
 
     def _install_signal_handlers(self) -> dict[int, Any] | None:
         if threading.current_thread() is not threading.main_thread():
@@ -822,10 +860,14 @@ class Trainer:
             return name or "a signal to another rank"
         return name
 
-    def _interrupt(self, name: str) -> None:
-        """Save at the current step boundary and raise :class:`TrainingInterrupted`."""
+    def _interrupt(self, name: str, *, saved: Path | bool | None = False) -> NoReturn:
+        """Save at the current step boundary (unless ``saved``: the path of the save just
+        made, None on ranks other than 0) and raise :class:`TrainingInterrupted`."""
         self._stop_signal = None
-        path = self._checkpoint(wait=True) if self.run_dir is not None else None
+        if saved is False:
+            path = self._checkpoint(wait=True) if self.run_dir is not None else None
+        else:
+            path = saved  # type: ignore[assignment]
         err = TrainingInterrupted(name, path, self.counters.global_step)
         if self.rank == 0:
             print(f"warmfit: {err}", file=sys.stderr, flush=True)
@@ -1021,9 +1063,11 @@ class Trainer:
                     )
                 cb_arrays[int(index)][key] = arr
         for cb, saved, arrays in zip(self.callbacks, saved_cbs, cb_arrays, strict=True):
-            trial = copy.deepcopy(cb)  # a trial on a copy
-            trial.load_state_dict(saved["state"])
-            trial.load_state_arrays(arrays)
+            trial = copy.deepcopy(cb)  # a trial on a copy (its warnings come with the load)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial.load_state_dict(saved["state"])
+                trial.load_state_arrays(arrays)
         previous = self.counters
         self.counters = counters  # _rank_streams reads the step of the staged state
         try:
@@ -1286,6 +1330,13 @@ def _settings_warning(diffs: list[str]) -> str:
             " On 'continue' the optimizer keeps the checkpoint's hyper-parameters (its "
             "state is restored, as torch's load_state_dict does); fit with mode='warm' to "
             "build a fresh optimizer from the factory's."
+        )
+    if any(d.startswith("params.") for d in diffs):
+        text += (
+            " The estimator is restored whole from the checkpoint, its parameters "
+            "included, so the checkpoint's values are kept; to train with a new value, "
+            "call trainer.model.set_params(...) before fit (mode='warm' to record it as a "
+            "change of course)."
         )
     if any(_setting(d) in EXACTNESS_SETTINGS for d in diffs):
         text += (
