@@ -349,15 +349,8 @@ class Trainer:
             self.counters.schedule_origin = self.counters.global_step
             self._reset_callbacks()
             self._partial = (0.0, 0)
-            c = self.counters
-            prev = self._data_info
-            rows_changed = prev is None or (list(prev["shape"]), prev.get("validation_split")) != (
-                list(shape),
-                validation_split,
-            )
-            if c.offset and (rows_changed or c.offset >= len(data) or c.offset % self.batch_size):
-                # The cursor's offset refers to other rows (or batches): the epoch in
-                # progress starts over on this data rather than train nothing or misalign.
+            if self._warm_restarts_epoch(shape, validation_split, len(data)):
+                c = self.counters
                 changes["cursor"] = {"epoch": c.epoch, "offset": c.offset, "now": 0}
                 c.offset = 0
         if new_schedule is not None:
@@ -883,6 +876,20 @@ class Trainer:
             self._backend.install_rng(streams["framework"])
             self._backend.train_mode(True)
         return {f"val_{k}": v for k, v in metrics.items()}
+
+    def _warm_restarts_epoch(self, shape: list[int], split: float | None, n: int) -> bool:
+        """Whether a warm call starts the epoch in progress over: the cursor's offset
+        refers to the previous call's rows (another shape or split), or is neither a batch
+        boundary nor the end of this data. Finishing the epoch would then train nothing,
+        or batches cut at other places."""
+        offset, prev = self.counters.offset, self._data_info
+        if not offset:
+            return False
+        same_rows = prev is not None and (list(prev["shape"]), prev.get("validation_split")) == (
+            list(shape),
+            split,
+        )
+        return not same_rows or offset > n or (offset % self.batch_size != 0 and offset != n)
 
     def _kept_val_rows(self, mode: str, shape: list[int], split: float) -> np.ndarray | None:
         """The validation rows of the previous call, where this call keeps them: not a
