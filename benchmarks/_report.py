@@ -46,14 +46,24 @@ def machine() -> str:
 
 
 # -- device ----------------------------------------------------------------------------
-def add_device_option(parser: argparse.ArgumentParser) -> None:
-    """``--device {cpu,cuda}`` (default cpu): where the model and the in-memory data live."""
+def cli(
+    doc: str | None, add_options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, torch.device]:
+    """A benchmark's command line: ``--quick`` (a tiny smoke run that writes no report),
+    ``--device {cpu,cuda}`` (default cpu: where the model and the in-memory data live)
+    and what ``add_options`` adds. Returns the arguments and the device."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
         help="where the model and data live (cuda: the GPU variant, its own section)",
     )
+    if add_options is not None:
+        add_options(parser)
+    args = parser.parse_args()
+    return args, resolve_device(args.device)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -75,11 +75,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import (
-    add_device_option,
+    cli,
     command,
     device_label,
     median,
-    resolve_device,
     section,
     sync,
     write_section,
@@ -387,19 +386,18 @@ def _body(r: dict[str, float], rounds: int, width: int, layers: int, device: tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
-    add_device_option(parser)
-    parser.add_argument(
-        "--layers",
-        type=int,
-        default=LAYERS,
-        help=f"{WIDTH}x{WIDTH} layers: {LAYERS} = 100.7M params (default), 32 = the "
-        "issue's 537M (6.4 GB of state with Adam)",
-    )
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="counted rounds")
-    args = parser.parse_args()
-    device = resolve_device(args.device)
+
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--layers",
+            type=int,
+            default=LAYERS,
+            help=f"{WIDTH}x{WIDTH} layers: {LAYERS} = 100.7M params (default), 32 = the "
+            "issue's 537M (6.4 GB of state with Adam)",
+        )
+        parser.add_argument("--rounds", type=int, default=ROUNDS, help="counted rounds")
+
+    args, device = cli(__doc__, options)
     if args.quick:
         run(width=1024, layers=4, rounds=2, device=device, write=False)
     else:

@@ -35,7 +35,6 @@ section of BENCHMARKS.md (not with ``--quick``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,12 +45,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import (
-    add_device_option,
+    cli,
     command,
     device_label,
     interleaved,
     median,
-    resolve_device,
     section,
     write_section,
 )
@@ -257,11 +255,7 @@ def _body(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
-    add_device_option(parser)
-    args = parser.parse_args()
-    device = resolve_device(args.device)
+    args, device = cli(__doc__)
     if args.quick:
         run(n=4096, batch_sizes=(64,), repeats=2, device=device, write=False)
     else:

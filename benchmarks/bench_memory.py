@@ -32,7 +32,6 @@ Prints ratios and rewrites its section of BENCHMARKS.md (not with ``--quick``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -48,11 +47,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import (
     ROOT,
-    add_device_option,
+    cli,
     command,
     device_label,
     median,
-    resolve_device,
     section,
     sync,
     write_section,
@@ -264,11 +262,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])))
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
-    add_device_option(parser)
-    args = parser.parse_args()
-    device = resolve_device(args.device)
+    args, device = cli(__doc__)
     if args.quick:
         run(n=20_000, d=64, hidden=512, layers=2, steps=4, repeats=1, device=device, write=False)
     else:

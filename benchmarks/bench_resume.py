@@ -42,7 +42,6 @@ Prints ratios and rewrites its section of BENCHMARKS.md (not with ``--quick``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import functools
@@ -67,11 +66,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import (
     ROOT,
-    add_device_option,
+    cli,
     command,
     device_label,
     median,
-    resolve_device,
     section,
     sync,
     write_section,
@@ -548,11 +546,7 @@ def _body(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
-    add_device_option(parser)
-    args = parser.parse_args()
-    device = resolve_device(args.device)
+    args, device = cli(__doc__)
     if args.quick:
         run(
             n=100_000,

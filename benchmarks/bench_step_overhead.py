@@ -32,7 +32,6 @@ Prints the ratios and rewrites its section of BENCHMARKS.md (not with ``--quick`
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -42,12 +41,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import (
-    add_device_option,
+    cli,
     command,
     device_label,
     interleaved,
     median,
-    resolve_device,
     section,
     write_section,
 )
@@ -238,11 +236,7 @@ def _body(rows: list[str], repeats: int, device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no report")
-    add_device_option(parser)
-    args = parser.parse_args()
-    device = resolve_device(args.device)
+    args, device = cli(__doc__)
     if args.quick:
         run(repeats=3, device=device, scale=0.25, write=False)
     else:

@@ -770,17 +770,6 @@ def _try_flock(fd: int) -> bool:
     return True
 
 
-def _locked_by_this_process(root: Path, pid: int, host: str) -> RunDirLockedError:
-    error = RunDirLockedError(root, pid, host)
-    error.args = (
-        f"run directory {error.run_dir} is locked by this process (pid {pid}): another "
-        "Trainer or RunDir in this program still has it open. Call close() on that "
-        "Trainer (or build it as 'with warmfit.Trainer(...) as trainer:', which closes "
-        "it), or delete every reference to it ('del trainer'); or use another run_dir.",
-    )
-    return error
-
-
 class RunDir:
     """A run directory: checkpoint folders, the ``LATEST`` pointer, retention, a lock.
 
@@ -893,7 +882,7 @@ class RunDir:
                     raise RunDirLockedError(self.root, pid, host)
                 gc.collect()
                 if not _try_flock(fd):
-                    raise _locked_by_this_process(self.root, pid, host)
+                    raise RunDirLockedError(self.root, pid, host, this_process=True)
         except BaseException:
             os.close(fd)
             raise

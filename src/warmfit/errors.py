@@ -30,16 +30,29 @@ class CheckpointError(WarmfitError):
 
 
 class RunDirLockedError(WarmfitError):
-    """Another live process holds the run directory's lock."""
+    """Another live process, or another open Trainer or RunDir of this process
+    (``this_process``), holds the run directory's lock."""
 
-    def __init__(self, run_dir: object, pid: int, host: str = "") -> None:
+    def __init__(
+        self, run_dir: object, pid: int, host: str = "", *, this_process: bool = False
+    ) -> None:
         self.run_dir = str(run_dir)
         self.pid = pid
-        where = f" on {host}" if host else ""
-        super().__init__(
-            f"run directory {self.run_dir} is locked by process {pid}{where}. "
-            "Wait for it to finish, stop it, or use another run_dir."
-        )
+        if this_process:
+            message = (
+                f"run directory {self.run_dir} is locked by this process (pid {pid}): "
+                "another Trainer or RunDir in this program still has it open. Call close() "
+                "on that Trainer (or build it as 'with warmfit.Trainer(...) as trainer:', "
+                "which closes it), or delete every reference to it ('del trainer'); or use "
+                "another run_dir."
+            )
+        else:
+            where = f" on {host}" if host else ""
+            message = (
+                f"run directory {self.run_dir} is locked by process {pid}{where}. "
+                "Wait for it to finish, stop it, or use another run_dir."
+            )
+        super().__init__(message)
 
 
 class StateMismatchError(WarmfitError, ValueError):

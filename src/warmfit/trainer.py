@@ -788,8 +788,9 @@ class Trainer:
 
     @contextlib.contextmanager
     def _fit_context(self, train: bool = True) -> Iterator[None]:
-        """Swap the trainer's random streams in (and the caller's back out after), handle
-        signals and deterministic algorithms for the duration of a fit call."""
+        """Swap the trainer's random streams in (and the caller's back out after), and
+        switch deterministic algorithms on, for the duration of a fit call (or, with
+        ``train=False``, of an evaluate/predict call, which never moves the streams)."""
         if self._in_fit:
             yield
             return
@@ -822,28 +823,24 @@ class Trainer:
     @contextlib.contextmanager
     def _signal_guard(self) -> Iterator[None]:
         """SIGINT/SIGTERM set a flag that fit acts on at the next step boundary (a second
-        one stops at once); the previous handlers are put back afterwards."""
-        handlers = self._install_signal_handlers()
-        try:
-            yield
-        finally:
-            for sig, h in (handlers or {}).items():
-                signal.signal(sig, h)
-
-    def _install_signal_handlers(self) -> dict[int, Any] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
+        one stops at once); the previous handlers are put back afterwards. Only the main
+        thread can install handlers: elsewhere signals keep their own."""
         self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
 
         def handler(signum: int, frame: object) -> None:
             if self._stop_signal is not None:  # a second signal: stop right now
                 raise KeyboardInterrupt
             self._stop_signal = signal.Signals(signum).name
 
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
 
     def _agreed_signal(self) -> str | None:
         """The stop signal this fit call received (under DDP: any rank's, agreed by all
@@ -882,24 +879,27 @@ class Trainer:
         refers to the previous call's rows (another shape or split), or is neither a batch
         boundary nor the end of this data. Finishing the epoch would then train nothing,
         or batches cut at other places."""
-        offset, prev = self.counters.offset, self._data_info
+        offset = self.counters.offset
         if not offset:
             return False
-        same_rows = prev is not None and (list(prev["shape"]), prev.get("validation_split")) == (
-            list(shape),
-            split,
-        )
+        same_rows = self._same_rows(shape, split)
         return not same_rows or offset > n or (offset % self.batch_size != 0 and offset != n)
 
     def _kept_val_rows(self, mode: str, shape: list[int], split: float) -> np.ndarray | None:
         """The validation rows of the previous call, where this call keeps them: not a
         restart, the same data shape and the same ``validation_split``."""
-        prev = self._data_info
-        if mode == "restart" or prev is None or self._val_rows is None:
-            return None
-        if list(prev["shape"]) != list(shape) or prev.get("validation_split") != split:
+        if mode == "restart" or self._val_rows is None or not self._same_rows(shape, split):
             return None
         return self._val_rows
+
+    def _same_rows(self, shape: list[int], split: float | None) -> bool:
+        """Whether the previous fit call had data of this shape and this
+        ``validation_split``: its cursor and validation rows then refer to these rows."""
+        prev = self._data_info
+        return prev is not None and (list(prev["shape"]), prev.get("validation_split")) == (
+            list(shape),
+            split,
+        )
 
     def _check_data(self, mode: str, fp: str, shape: list[int], split: float | None) -> str | None:
         """Refuse data a 'continue' cannot continue on; return the warning to give if the
@@ -950,7 +950,7 @@ class Trainer:
         rng = self._current_rng()
         own_snapshot = getattr(self._backend, "snapshot_tensors", None) if snapshot else None
         backend_tensors = own_snapshot() if own_snapshot else self._backend.state_tensors()
-        tensors = {} if own_snapshot else dict(backend_tensors)
+        tensors: dict[str, np.ndarray] = {}  # everything but the backend's arrays
         for name, arr in rng["framework"].items():
             tensors[f"rng/{name}"] = arr
         host_ranks = {}
@@ -965,11 +965,14 @@ class Trainer:
         for i, cb in enumerate(self.callbacks):
             for name, arr in cb.state_arrays().items():
                 tensors[f"callbacks/{i}/{name}"] = arr
-        if snapshot:
+        if not snapshot:
+            tensors = {**backend_tensors, **tensors}
+        else:
             assert self._buffers is not None
-            tensors = self._buffers.copy(tensors)  # with the backend's arrays unless it copied
-            if own_snapshot:
-                tensors = {**backend_tensors, **tensors}
+            if own_snapshot:  # the backend's arrays are its own copies already
+                tensors = {**backend_tensors, **self._buffers.copy(tensors)}
+            else:
+                tensors = self._buffers.copy({**backend_tensors, **tensors})
         loss_sum, count = self._partial
         state = {
             "version": {"warmfit": __version__, "framework": self._backend.framework},
