@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,20 @@ def test_a_save_at_an_epoch_end_carries_that_epochs_metric(tmp_path):
         t.rewind("best")
         assert t.epoch == best["epoch"]
         assert t.evaluate(xv, yv)["loss"] == best["val_loss"]
+
+
+def test_the_save_after_restore_best_carries_the_best_epochs_metric(tmp_path):
+    """When EarlyStopping(restore_best=True) fires, the weights saved at that step are
+    the best epoch's: the checkpoint is tagged with the best value, not the last one."""
+    x, y, val = noisy_data()
+    es = EarlyStopping(patience=3, restore_best=True)
+    with make_trainer(callbacks=[es], schedule=None, run_dir=tmp_path, keep_last=None) as t:
+        t.fit(x, y, epochs=40, validation_data=val)
+        assert es.stopped_epoch == t.epoch < 40 and t.history[-1]["val_loss"] > es.best
+        assert t.evaluate(*val)["loss"] == es.best
+        latest = t.run_dir.latest()
+    index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
+    assert index["checkpoints"][latest.name]["metric"] == es.best
 
 
 def test_reduce_lr_on_plateau_refuses_a_torch_scheduler():

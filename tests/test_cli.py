@@ -4,7 +4,9 @@ check-resume; and the spec's error messages."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +205,24 @@ def test_train_after_a_setting_changed_says_how_on_the_command_line(tmp_path):
         "warmfit history: run has no run 7; its runs are [0]. Pass one of them to --run, or "
         "leave it out for the newest.\n"
     )
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_train_interrupted_exits_128_plus_the_signal_and_resumes(tmp_path, sig, code):
+    (tmp_path / "digits.py").write_text((EXAMPLES / "digits.py").read_text())
+    spec = tmp_path / "spec.toml"
+    spec.write_text(DIGITS.read_text().split("callbacks = [")[0])  # no early stopping
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "warmfit", "train", str(spec), "--epochs", "500"]
+    proc = subprocess.Popen(
+        [*argv, "--run-dir", "run"], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith("epoch 1/500")  # the handlers are installed
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"warmfit train: training stopped by {sig.name} at global step" in err
+    again = warmfit("train", str(spec), "--epochs", "1", "--run-dir", "run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "warmfit: resumed from run/checkpoints/" in again.stdout

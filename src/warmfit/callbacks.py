@@ -134,7 +134,7 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience:
             self.stopped_epoch = logs["epoch"]
             if self.restore_best and self._best_weights is not None:
-                trainer._restore_weights(self._best_weights)
+                trainer._restore_weights(self._best_weights, scored=(self.monitor, self.best))
             return True
         return False
 

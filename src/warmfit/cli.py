@@ -3,8 +3,9 @@
 Every command has ``--help``. The CLI sits on top of the library and imports only
 what the chosen command needs. Exit status: 0 on success, 1 when the command ran and
 found a problem (an error in the spec, a damaged checkpoint, a resume that is not
-exact), 2 for a wrong command line (argparse), 130 after an interrupt (the checkpoint
-is written; run the same command again to go on).
+exact), 2 for a wrong command line (argparse), 128 + the signal's number after an
+interrupt (130 for SIGINT, 143 for SIGTERM, as a shell reports them; the checkpoint is
+written: run the same command again to go on).
 
 ``warmfit train SPEC`` is the process-level "fit again": the Trainer resumes from the
 newest checkpoint in the run directory when it is built, so running the same command
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"warmfit train: {err}", file=sys.stderr)
-        return 130
+        return 128 + signal.Signals[err.signal_name].value
     except StateMismatchError as err:
         hint = (
             " (On the command line: --override NAME for each setting you changed, or --mode warm.)"

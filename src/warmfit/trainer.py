@@ -172,6 +172,7 @@ class Trainer:
         self._pending_diffs: list[str] = []
         self._writer: ckpt.AsyncWriter | None = None
         self._buffers: ckpt.SnapshotBuffers | None = None
+        self._restored_metric: tuple[int, int, float | None] | None = None
         self._new_run(first=True)
         self._check_plateau(self.schedule)
         self.run_dir: ckpt.RunDir | None = None
@@ -1216,8 +1217,10 @@ class Trainer:
         if self.rank != 0:
             return None
         state = ckpt.snapshot_state(state)
-        metric = _monitored(self.history, self.monitor, self.counters.global_step)
         step, run = self.counters.global_step, self.counters.run
+        metric = _monitored(self.history, self.monitor, step)
+        if self._restored_metric is not None and self._restored_metric[:2] == (run, step):
+            metric = self._restored_metric[2]  # the weights are an earlier epoch's
         run_dir = self.run_dir
         result: dict[str, Path] = {}
 
@@ -1237,8 +1240,15 @@ class Trainer:
             if k.startswith("model/")
         }
 
-    def _restore_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def _restore_weights(
+        self, weights: Mapping[str, np.ndarray], *, scored: tuple[str, float] | None = None
+    ) -> None:
+        """Load ``weights`` (an earlier epoch's). ``scored`` is the (key, value) they
+        scored, so that a save at this step is tagged with that value, not with the last
+        epoch's (no value at all if the key is not the one checkpoints are ranked by)."""
         self._backend.load_weights(weights)  # type: ignore[attr-defined]
+        value = scored[1] if scored is not None and scored[0] == self.monitor else None
+        self._restored_metric = (self.counters.run, self.counters.global_step, value)
 
     def _append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
         if self.run_dir is None or self.rank != 0:
