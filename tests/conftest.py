@@ -81,6 +81,15 @@ def assert_same_training_state(
     assert _history_values(a) == _history_values(b)
 
 
+def assert_latest_checkpoint_is_the_state(t: warmfit.Trainer) -> None:
+    """The run dir's newest checkpoint holds the trainer's state tensors, bit for bit."""
+    written, _ = warmfit.checkpoint.read_checkpoint(t.run_dir.latest())
+    tensors = t.state_dict()["tensors"]
+    assert sorted(written) == sorted(tensors)
+    for name, arr in tensors.items():
+        assert written[name].dtype == arr.dtype and np.array_equal(written[name], arr), name
+
+
 def _history_values(t: warmfit.Trainer) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in ("segment", "mode")} for r in t.history]
 

@@ -19,7 +19,7 @@ keras = pytest.importorskip(
 )
 
 import warmfit  # noqa: E402
-from conftest import make_data  # noqa: E402
+from conftest import assert_latest_checkpoint_is_the_state, make_data  # noqa: E402
 from warmfit import schedules  # noqa: E402
 from warmfit.checkpoint import read_checkpoint  # noqa: E402
 
@@ -746,3 +746,28 @@ def test_deterministic_true_on_other_keras_backends_is_refused_at_construction(m
     with pytest.raises(ValueError) as err:
         make_keras_trainer(deterministic=True)
     assert str(err.value) == DETERMINISTIC_ELSEWHERE
+
+
+def test_background_checkpoints_use_reused_host_buffers(tmp_path, data):
+    """On Keras's torch backend a save copies the variables' tensors into the reused
+    buffers of HostSnapshot (not one convert_to_numpy per variable): the state bit for
+    bit, dtypes and 0-d shapes kept, never aliasing the live variables."""
+    from warmfit.backends.torch import HostSnapshot
+
+    x, y = data
+    t = make_keras_trainer(run_dir=tmp_path / "run", checkpoint_every=2)
+    t.fit(x, y, epochs=1)
+    backend = t._backend
+    assert isinstance(backend._snapshot, HostSnapshot)  # fit's saves made it
+    live = backend.state_tensors()
+    snapshot = backend.snapshot_tensors()
+    assert sorted(snapshot) == sorted(live)
+    for name, arr in live.items():
+        assert snapshot[name].dtype == arr.dtype and snapshot[name].shape == arr.shape, name
+        assert np.array_equal(snapshot[name], arr), name
+        if not name.startswith("initial/"):  # replaced, never written in place
+            assert not np.shares_memory(snapshot[name], arr), name
+    again = backend.snapshot_tensors()
+    assert all(np.shares_memory(again[k], snapshot[k]) for k in snapshot)
+    assert_latest_checkpoint_is_the_state(t)
+    t.close()

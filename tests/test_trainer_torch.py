@@ -12,7 +12,14 @@ import pytest
 import torch
 
 import warmfit
-from conftest import MLP, adam, assert_same_training_state, make_data, make_trainer
+from conftest import (
+    MLP,
+    adam,
+    assert_latest_checkpoint_is_the_state,
+    assert_same_training_state,
+    make_data,
+    make_trainer,
+)
 from warmfit import schedules
 
 
@@ -479,11 +486,7 @@ def test_background_checkpoints_use_the_backends_host_buffers(tmp_path) -> None:
         assert np.array_equal(snapshot[name], arr) and not np.shares_memory(snapshot[name], arr)
     again = backend.snapshot_tensors()
     assert all(np.shares_memory(again[k], snapshot[k]) for k in snapshot)
-    written, _ = warmfit.checkpoint.read_checkpoint(t.run_dir.latest())
-    tensors = t.state_dict()["tensors"]
-    assert sorted(written) == sorted(tensors)
-    for name, arr in tensors.items():
-        assert np.array_equal(written[name], arr), name
+    assert_latest_checkpoint_is_the_state(t)
 
 
 # -- signals, the ledger and settings ------------------------------------------------------

@@ -47,6 +47,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from ..checkpoint import SnapshotBuffers
 from ..data import fingerprint
 from ..errors import StateMismatchError
 from ..state import derive_seed
@@ -96,6 +97,7 @@ class KerasBackend:
         self.device = device  # Keras places variables itself; recorded in describe()
         self.optimizer: Any = None
         self.initial: dict[str, np.ndarray] | None = None
+        self._snapshot: Any = None  # made by the first snapshot_tensors()
         self.torch = keras.backend.backend() == "torch"
         self._fresh_optimizer: Callable[[], Any] | None = None
         self._names: list[str] = []
@@ -486,6 +488,33 @@ class KerasBackend:
             out[f"optim/{name}"] = _to_numpy(v)
         return out
 
+    def snapshot_tensors(self) -> dict[str, np.ndarray]:
+        """:meth:`state_tensors` as private copies for the background writer, valid until
+        the next call. On Keras's torch backend the variables' tensors are copied into
+        reused host buffers (pinned on a GPU, one synchronisation per save: see
+        :class:`warmfit.backends.torch.HostSnapshot`) instead of one ``convert_to_numpy``
+        per variable; on other Keras backends into reused NumPy buffers. The ``initial/``
+        arrays are not copied: they are replaced, never written in place."""
+        if self.torch:
+            from .torch import HostSnapshot
+
+            if not isinstance(self._snapshot, HostSnapshot):
+                self._snapshot = HostSnapshot()
+            live = {
+                f"model/{n}": _torch_value(v)
+                for n, v in zip(self._names, self.model.variables, strict=True)
+            }
+            for name, v in zip(self._opt_names, self.optimizer.variables, strict=True):
+                live[f"optim/{name}"] = _torch_value(v)
+        else:
+            if not isinstance(self._snapshot, SnapshotBuffers):
+                self._snapshot = SnapshotBuffers()
+            live = {k: v for k, v in self.state_tensors().items() if not k.startswith("initial/")}
+        out = self._snapshot.copy(live)
+        if self.initial is not None:
+            out.update({f"initial/{k}": v for k, v in self.initial.items()})
+        return out
+
     def state_meta(self) -> dict[str, Any]:
         return {
             "optimizer": {"class": type(self.optimizer).__name__, "config": self._opt_config},
@@ -632,6 +661,15 @@ def _to_numpy(v: Any) -> np.ndarray:
     if tuple(arr.shape) != tuple(v.shape):
         arr = arr.reshape(tuple(v.shape))
     return arr
+
+
+def _torch_value(v: Any) -> Any:
+    """A variable's live torch tensor (Keras's torch backend), shaped like the variable;
+    bfloat16 as float32, as ``convert_to_numpy`` gives it."""
+    t = v.value
+    if tuple(t.shape) != tuple(v.shape):
+        t = t.reshape(tuple(v.shape))
+    return t.float() if str(t.dtype) == "torch.bfloat16" else t
 
 
 def _input_spec(model: keras.Model) -> str | None:
