@@ -76,7 +76,8 @@ from _report import (
 )
 
 import warmfit
-from warmfit.checkpoint import TENSOR_FILE, RunDir, read_checkpoint
+from warmfit.checkpoint import TENSOR_FILE, read_checkpoint
+from warmfit.rundir import RunDir
 
 SCRIPT = "bench_resume.py"
 

@@ -110,7 +110,7 @@ def _install_pause(spec: str) -> None:
         real_replace = os.replace
 
         def replace(src, dst, *a, **kw):  # type: ignore[no-untyped-def]
-            if Path(dst).name == ckpt.LATEST:
+            if Path(dst).name == warmfit.rundir.LATEST:
                 hit(str(dst))
             return real_replace(src, dst, *a, **kw)
 

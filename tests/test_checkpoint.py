@@ -25,25 +25,21 @@ from safetensors.numpy import load_file
 
 import warmfit
 from warmfit import checkpoint as ck
+from warmfit.background import AsyncWriter, SaveFailedError, SnapshotBuffers
 from warmfit.checkpoint import (
-    LATEST,
     SCHEMA_VERSION,
     STATE_FILE,
     TENSOR_FILE,
-    AsyncWriter,
     CheckpointExistsError,
     CheckpointWriteError,
-    RunDir,
-    SaveFailedError,
-    SnapshotBuffers,
     UnsupportedSchemaError,
     inspect_checkpoint,
     read_checkpoint,
     snapshot_state,
-    verify_run_dir,
     write_checkpoint,
 )
 from warmfit.errors import CheckpointError, RunDirLockedError, WarmfitError
+from warmfit.rundir import LATEST, RunDir, verify_run_dir
 
 DTYPES = [
     np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64,
@@ -585,7 +581,7 @@ def test_clean_temporary(tmp_path: Path) -> None:
 
 HOLD_LOCK = """
 import sys, time
-from warmfit.checkpoint import RunDir
+from warmfit.rundir import RunDir
 run = RunDir(sys.argv[1])
 run.lock()
 print("locked", flush=True)
@@ -709,7 +705,7 @@ def test_copies_of_a_locked_run_dir_do_not_hold_the_lock(tmp_path: Path) -> None
 
 
 def test_lock_still_held_at_exit_is_released_cleanly(tmp_path: Path) -> None:
-    code = "import sys; from warmfit.checkpoint import RunDir; RunDir(sys.argv[1]).lock"
+    code = "import sys; from warmfit.rundir import RunDir; RunDir(sys.argv[1]).lock"
     keep = code + "(); run = RunDir(sys.argv[1] + '/kept'); run.lock()"
     env = dict(os.environ, PYTHONPATH=str(Path(warmfit.__file__).parents[1]))
     done = subprocess.run(

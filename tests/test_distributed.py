@@ -147,7 +147,7 @@ def test_sigterm_on_one_rank_stops_all_at_one_step_then_resumes_exactly(tmp_path
     _out, err = proc.communicate(timeout=240)
     assert proc.returncode != 0
     assert "training stopped by SIGTERM at global step" in err
-    _, state = read_checkpoint(warmfit.checkpoint.RunDir(tmp_path / "run").latest())
+    _, state = read_checkpoint(warmfit.rundir.RunDir(tmp_path / "run").latest())
     stopped = state["counters"]["global_step"]
     assert 0 < stopped < 3 * STEPS_PER_EPOCH
     # both ranks stopped after the same step: each read exactly its shards up to it
@@ -181,6 +181,6 @@ def test_torchrun_cli_train_then_continue_in_one_process(tmp_path):
         env=env, timeout=300,
     )  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
-    _, state = read_checkpoint(warmfit.checkpoint.RunDir(tmp_path / "run").latest())
+    _, state = read_checkpoint(warmfit.rundir.RunDir(tmp_path / "run").latest())
     assert [r["world_size"] for r in state["ledger"]] == [2, 1]
     assert state["counters"]["epoch"] == 2

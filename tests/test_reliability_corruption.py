@@ -29,13 +29,12 @@ from warmfit.checkpoint import (
     SCHEMA_VERSION,
     STATE_FILE,
     TENSOR_FILE,
-    RunDir,
     UnsupportedSchemaError,
     read_checkpoint,
-    verify_run_dir,
     write_checkpoint,
 )
 from warmfit.errors import CheckpointError
+from warmfit.rundir import RunDir, verify_run_dir
 
 X, Y = make_data(96)  # 6 steps per epoch
 

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from conftest import LONG
-from warmfit.checkpoint import RunDir, read_checkpoint, verify_run_dir
+from warmfit.checkpoint import read_checkpoint
+from warmfit.rundir import RunDir, verify_run_dir
 
 WORKER = Path(__file__).resolve().parent / "_crash_worker.py"
 EPOCHS = 4

@@ -28,7 +28,9 @@ import torch
 import warmfit
 import warmfit.checkpoint as ckpt
 from conftest import make_data, make_trainer
-from warmfit.checkpoint import RunDir, SaveFailedError, read_checkpoint, verify_run_dir
+from warmfit.background import SaveFailedError
+from warmfit.checkpoint import read_checkpoint
+from warmfit.rundir import RunDir, verify_run_dir
 
 KINDS = ("mkdir", "open", "write", "fsync", "rename", "replace")
 

@@ -440,7 +440,7 @@ def test_sklearn_checkpoint_with_an_untrusted_payload_is_refused_by_the_trainer(
     from sklearn.preprocessing import FunctionTransformer
 
     import warmfit
-    from warmfit.checkpoint import RunDir
+    from warmfit.rundir import RunDir
 
     x, y = make_data(64)
     run = tmp_path / "run"

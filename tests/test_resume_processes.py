@@ -91,7 +91,7 @@ def test_e3_sigterm_mid_epoch_checkpoints_at_next_step(tmp_path, straight):
     assert code != 0
     assert "training stopped by SIGTERM at global step" in err
     assert "construct the Trainer on the same run_dir" in err
-    latest = warmfit.checkpoint.RunDir(run).latest()
+    latest = warmfit.rundir.RunDir(run).latest()
     _, state = read_checkpoint(latest)
     c = state["counters"]
     # The checkpoint lies on the step boundary right after the signal (after the last
@@ -197,7 +197,7 @@ def test_restart_keeps_old_run_on_disk(tmp_path):
         assert t.counters.run == 1
     assert (tmp_path / "history-run0.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "history-run1.jsonl").read_text().count("\n") == 1
-    names = [p.name for p in warmfit.checkpoint.RunDir(tmp_path).checkpoints()]
+    names = [p.name for p in warmfit.rundir.RunDir(tmp_path).checkpoints()]
     assert any("-run000-" in n for n in names) and names[-1].startswith("ckpt-00000002-run001-")
     with make_trainer(run_dir=tmp_path) as t:  # resumes the new run, ledger has all calls
         assert t.counters.run == 1 and t.epoch == 1

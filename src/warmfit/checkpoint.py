@@ -1,5 +1,4 @@
-"""Checkpoints on disk: the format, atomic writes, integrity, the run directory, saving
-in the background.
+"""Checkpoints on disk: the format, atomic writes, integrity.
 
 This module owns:
 
@@ -8,58 +7,35 @@ This module owns:
   ``state.json`` (everything else, with :data:`SCHEMA_VERSION`, the size and the
   XXH3-128 checksum of the tensor file, and the checksum of the state itself);
 - atomic writes: a checkpoint is written to ``.tmp-*``, fsync'd, then renamed into
-  place; pointer and index files are replaced with ``os.replace``;
+  place; small files (the run directory's pointer and index) are replaced with
+  ``os.replace`` (:func:`replace_durably`);
 - integrity on load: every problem is a :class:`~warmfit.errors.CheckpointError` that
-  names the file and what is wrong. **Loading never unpickles**;
-- the run directory (:class:`RunDir`): the ``LATEST`` pointer, retention (per run: the
-  last k and the best), the lock against a second writer (released also when the
-  ``RunDir`` is dropped), falling back to the newest intact checkpoint;
-- saving in the background (:class:`AsyncWriter`, :class:`SnapshotBuffers`).
+  names the file and what is wrong. **Loading never unpickles**.
 
-It does not own what goes into a checkpoint (the state manifest, ``state.py``) nor
-when to save (the Trainer). It imports only the standard library, numpy, safetensors
-and xxhash.
+It does not own the run directory (``LATEST``, retention, the lock:
+:mod:`warmfit.rundir`), saving in the background (:mod:`warmfit.background`), what
+goes into a checkpoint (the state manifest, ``state.py``) nor when to save (the
+Trainer). It imports only the standard library, numpy, safetensors and xxhash.
 
 The checksums detect damage (a torn write, a flipped bit, a truncated copy, an edit),
 not tampering: whoever can rewrite the file can rewrite its checksum too, so a
 cryptographic hash would buy nothing and cost its speed. Safety against a hostile file
 comes from never unpickling. XXH3-128 runs at ~15 GB/s on one core, SHA-256 at
 ~1.5 GB/s, which bounded resume (schema 1 used SHA-256 and is still read).
-
-Layout of a run directory::
-
-    <root>/lock                          fcntl.flock'd; JSON {pid, host, started}
-    <root>/checkpoints/ckpt-00000007-run000-step-000000001000/{tensors.safetensors, state.json}
-    <root>/checkpoints/LATEST            text: the name of the newest checkpoint folder
-    <root>/checkpoints/index.json        step and metric of each checkpoint (for retention)
-    <root>/checkpoints/.tmp-* .trash-*   in-progress writes and deletions, never checkpoints
-
-The commit point of :meth:`RunDir.save` is the replacement of ``LATEST``: a process
-killed at any instant leaves either the previous state or the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import gc
 import hashlib
 import json
-import math
-import numbers
 import os
 import queue
-import re
 import secrets
 import shutil
-import socket
 import threading
-import time
-import warnings
-import weakref
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -67,35 +43,29 @@ import numpy as np
 import xxhash
 from safetensors import safe_open
 
-from warmfit.errors import CheckpointError, RunDirLockedError, WarmfitError, invalid_param
+from warmfit.errors import CheckpointError, WarmfitError
 
 __all__ = [
-    "LATEST",
     "SCHEMA_VERSION",
     "STATE_FILE",
     "TENSOR_FILE",
-    "AsyncWriter",
     "CheckpointExistsError",
     "CheckpointWriteError",
-    "RunDir",
-    "SaveFailedError",
-    "SnapshotBuffers",
     "UnsupportedSchemaError",
+    "fsync_dir",
     "inspect_checkpoint",
     "read_checkpoint",
     "read_state",
+    "remove_checkpoint_dir",
+    "replace_durably",
     "snapshot_state",
-    "verify_run_dir",
+    "verify_checkpoint",
     "write_checkpoint",
 ]
 
 SCHEMA_VERSION: int = 2
 TENSOR_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
-LATEST = "LATEST"
-INDEX_FILE = "index.json"
-LOCK_FILE = "lock"
-CHECKPOINTS_DIR = "checkpoints"
 
 # numpy kind + itemsize -> safetensors dtype name. Nothing else is written.
 _CODES: dict[str, str] = {
@@ -124,7 +94,6 @@ _CHECKSUM_FIELDS: dict[int, tuple[str, str, str]] = {
     2: (CHECKSUM, "tensors_checksum", "state_checksum"),
 }
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-_NAME_RE = re.compile(r"ckpt-(\d{8,})-run(\d{3,})-step-(\d{12,})")
 
 
 class CheckpointExistsError(WarmfitError, FileExistsError):
@@ -140,14 +109,17 @@ class CheckpointWriteError(CheckpointError):
         super().__init__(path, problem)
         self.errno = errno_
 
+    @classmethod
+    def from_os_error(cls, path: object, exc: OSError) -> CheckpointWriteError:
+        return cls(
+            path,
+            f"not written: {exc}. Nothing was changed; the previous checkpoint is intact.",
+            exc.errno,
+        )
+
 
 class UnsupportedSchemaError(CheckpointError):
     """A checkpoint's schema version is not one this warmfit reads."""
-
-
-class SaveFailedError(WarmfitError):
-    """A background save failed; raised at the next :meth:`AsyncWriter.submit` or
-    :meth:`AsyncWriter.wait`. The cause is chained (``__cause__``)."""
 
 
 # --------------------------------------------------------------------------- writing
@@ -215,11 +187,11 @@ def write_checkpoint(
         # Splice the state in rather than dumping one dict, so 'state' stays last.
         text = head[:-1] + ', "state": ' + state_tail + "}\n"
         _write_durably(tmp / STATE_FILE, text.encode("utf-8"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
+            raise CheckpointWriteError.from_os_error(path, exc) from exc
         raise
 
     aside: Path | None = None
@@ -234,33 +206,25 @@ def write_checkpoint(
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
         if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
+            raise CheckpointWriteError.from_os_error(path, exc) from exc
         raise
 
     try:
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException as exc:
         # The rename may not be durable; the caller is told the save failed, so the
         # new folder must not survive as if it had succeeded.
         with contextlib.suppress(OSError):
-            _remove_dir(path)
+            remove_checkpoint_dir(path)
         if aside is not None:
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
         if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
+            raise CheckpointWriteError.from_os_error(path, exc) from exc
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return path
-
-
-def _write_error(path: Path, exc: OSError) -> CheckpointWriteError:
-    return CheckpointWriteError(
-        path,
-        f"not written: {exc}. Nothing was changed; the previous checkpoint is intact.",
-        exc.errno,
-    )
 
 
 def _prepare_tensors(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple, Any]]:
@@ -410,7 +374,8 @@ def _write_durably(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -421,7 +386,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _replace_durably(file: Path, data: bytes) -> None:
+def replace_durably(file: Path, data: bytes) -> None:
     """Replace ``file`` atomically: write a sibling temp file, fsync, ``os.replace``,
     fsync the directory."""
     tmp = file.parent / f".tmp-{file.name}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -432,10 +397,10 @@ def _replace_durably(file: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(file.parent)
+    fsync_dir(file.parent)
 
 
-def _remove_dir(path: Path) -> None:
+def remove_checkpoint_dir(path: Path) -> None:
     """Delete a folder so that a half-deleted one never looks like a checkpoint:
     rename it to ``.trash-*`` first. Raises OSError if the rename fails."""
     if not os.path.lexists(path):
@@ -443,6 +408,20 @@ def _remove_dir(path: Path) -> None:
     trash = path.parent / f".trash-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def snapshot_state(state: dict) -> dict:
+    """A deep copy of ``state`` made of fresh plain containers, exactly as
+    :func:`read_checkpoint` will return it (tuples become lists). Raises
+    :class:`TypeError` naming the key path, like :func:`write_checkpoint`.
+
+    Call it on the training thread before handing ``state`` to
+    :class:`~warmfit.background.AsyncWriter`: the writer thread serialises ``state``
+    while training goes on, so any list or dict training still mutates (history,
+    ledger) must not be shared with it.
+    """
+    _check_json(state, "")
+    return json.loads(json.dumps(state, allow_nan=True))
 
 
 # --------------------------------------------------------------------------- reading
@@ -652,6 +631,14 @@ def _read_state_doc(folder: Path) -> dict[str, Any]:
     return doc
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """Read every byte of the checkpoint folder ``path`` and check it against its
+    checksums; load no arrays. Raises :class:`~warmfit.errors.CheckpointError` naming
+    the damaged file and the problem."""
+    folder = Path(path)
+    _read_header(_check_tensor_file(folder, _read_state_doc(folder), verify=True))
+
+
 def _state_checksum(text: str, algorithm: str) -> str:
     """Checksum of the state as ``json.dumps`` writes it (a parsed state dumps back to
     the same text: floats round-trip, key order is kept)."""
@@ -724,641 +711,3 @@ def _open_with_safetensors(tfile: Path) -> None:
             pass
     except Exception as exc:
         raise CheckpointError(tfile, f"not a safetensors file: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- run directory
-
-
-def _name_number(path: Path, group: int) -> int:
-    m = _NAME_RE.fullmatch(path.name)
-    assert m is not None  # only called on names checkpoints() accepted
-    return int(m.group(group))
-
-
-def _sort_key(path: Path) -> int:
-    """Save order: the sequence number every checkpoint name starts with."""
-    return _name_number(path, 1)
-
-
-def _run_of(path: Path) -> int:
-    """The run (``counters.run``: 0, then +1 at each ``restart``) a checkpoint is of."""
-    return _name_number(path, 2)
-
-
-def _release_lock(fd: int, owner_pid: int) -> None:
-    """Drop a run directory's lock: clear the holder's record, unlock, close the
-    descriptor. Run by :meth:`RunDir.unlock`, or by the finalizer when the ``RunDir`` is
-    garbage-collected or the interpreter exits. The owner unlocks explicitly: a forked
-    child (a DataLoader worker, a multiprocessing pool) shares the open file, and
-    closing alone would leave the lock held until every child exits. In a forked child
-    it only closes the child's descriptor."""
-    try:
-        if os.getpid() == owner_pid:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-class RunDir:
-    """A run directory: checkpoint folders, the ``LATEST`` pointer, retention, a lock.
-
-    Checkpoints live in ``<root>/checkpoints/ckpt-<seq>-run<run>-step-<global_step>``,
-    where ``seq`` counts saves, so name order is save order — also across a restart
-    (steps start again at 0 in a new run) and a rewind (training goes on from an
-    earlier step). ``LATEST`` (in the same folder) holds the name of the last
-    checkpoint saved and is replaced atomically; it is the commit point of
-    :meth:`save`. "Newest" means "saved last" for retention and for the fallback of
-    :meth:`latest`.
-
-    Retention after each save applies within each run (the ``run<run>`` part of the
-    name): every run keeps its ``keep_last`` newest checkpoints (``None``: all), plus
-    its one with the best metric when ``keep_best`` (lowest for ``monitor_mode="min"``,
-    highest for ``"max"``; the earliest wins a tie). So a ``restart`` never deletes the
-    previous run: a finished run keeps its last ``keep_last`` and its best for good.
-    The one ``LATEST`` names is never deleted. Metrics are recorded in ``index.json``.
-    "Best" is per run too (:meth:`best`): metrics of different runs are not compared.
-
-    The lock (:meth:`lock`, or ``with RunDir(...)``) is an ``fcntl.flock`` on
-    ``<root>/lock``: the kernel drops it when its process dies, so a crashed or killed
-    run never leaves a stale lock. Within a process it is released by :meth:`unlock`,
-    or, failing that, when the ``RunDir`` is garbage-collected or the interpreter
-    exits (a ``weakref.finalize``), so a ``RunDir`` (or a Trainer holding one) that is
-    dropped without being closed does not keep it. A copy or a pickle of a ``RunDir``
-    does not hold the lock. :meth:`save` and :meth:`clean_temporary` require it;
-    reading does not.
-
-    ``LATEST`` or a checkpoint folder that leads outside ``<root>/checkpoints`` (``..``,
-    an absolute path, a symbolic link) is refused with
-    :class:`~warmfit.errors.CheckpointError`.
-
-    Constructing a ``RunDir`` touches nothing on disk.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        keep_last: int | None = 3,
-        keep_best: bool = True,
-        monitor_mode: str = "min",
-    ) -> None:
-        if keep_last is not None and (
-            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
-        ):
-            raise invalid_param("keep_last", "RunDir", "an int >= 1 or None", keep_last)
-        if monitor_mode not in ("min", "max"):
-            raise invalid_param("monitor_mode", "RunDir", ("min", "max"), monitor_mode)
-        self.root = Path(root)
-        self.keep_last = keep_last
-        self.keep_best = keep_best
-        self.monitor_mode = monitor_mode
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
-        self._lock_release: weakref.finalize | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The lock belongs to this object: a copy (or a pickle) starts unlocked.
-        return {**self.__dict__, "_lock_fd": None, "_lock_depth": 0, "_lock_release": None}
-
-    def __repr__(self) -> str:
-        return (
-            f"RunDir({str(self.root)!r}, keep_last={self.keep_last}, "
-            f"keep_best={self.keep_best}, monitor_mode={self.monitor_mode!r})"
-        )
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
-
-    @property
-    def latest_file(self) -> Path:
-        return self.checkpoints_dir / LATEST
-
-    @property
-    def index_file(self) -> Path:
-        return self.checkpoints_dir / INDEX_FILE
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / LOCK_FILE
-
-    @property
-    def locked(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._lock_fd is not None
-
-    # -- lock ---------------------------------------------------------------------
-
-    def lock(self) -> None:
-        """Take the exclusive lock on the run directory (re-entrant for this object).
-
-        Raises :class:`~warmfit.errors.RunDirLockedError` naming the holder's pid and
-        host if another live process holds it. If the holder is this process, an
-        unreachable ``RunDir`` (a dropped Trainer in a reference cycle) not yet
-        collected may hold it: one ``gc.collect()`` releases such a lock, then the lock
-        is tried again; if another ``RunDir`` of this process still holds it, the error
-        says so and how to close it.
-        """
-        if self._lock_fd is not None:
-            self._lock_depth += 1
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            if not _try_flock(fd):
-                pid, host = self._lock_holder(fd)
-                if pid != os.getpid() or host != socket.gethostname():
-                    raise RunDirLockedError(self.root, pid, host)
-                gc.collect()
-                if not _try_flock(fd):
-                    raise RunDirLockedError(self.root, pid, host, this_process=True)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            # Not fsync'd: the flock is the lock, and this text only names the holder
-            # for the error message of a second taker (a crash drops both anyway).
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
-        except BaseException:
-            os.close(fd)  # closing drops the flock
-            raise
-        self._lock_fd = fd
-        self._lock_depth = 1
-        self._lock_release = weakref.finalize(self, _release_lock, fd, os.getpid())
-
-    @staticmethod
-    def _lock_holder(fd: int) -> tuple[int, str]:
-        # The holder writes its pid right after taking the lock: retry briefly.
-        for _ in range(20):
-            try:
-                info = json.loads(os.pread(fd, 4096, 0).decode())
-                return int(info["pid"]), str(info.get("host", ""))
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                time.sleep(0.01)
-        return 0, ""
-
-    def unlock(self) -> None:
-        """Release one level of the lock; the last level releases it. No-op when not
-        held. The lock file stays (deleting it would race with a new taker)."""
-        if self._lock_fd is None:
-            return
-        self._lock_depth -= 1
-        if self._lock_depth > 0:
-            return
-        release, self._lock_release, self._lock_fd = self._lock_release, None, None
-        if release is not None:
-            release()
-
-    def __enter__(self) -> RunDir:
-        self.lock()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.unlock()
-
-    def _require_lock(self, what: str) -> None:
-        if self._lock_fd is None:
-            raise WarmfitError(
-                f"RunDir.{what} needs the run directory's lock: call lock() first or use "
-                f"'with RunDir({str(self.root)!r}) as run_dir:'."
-            )
-
-    # -- listing --------------------------------------------------------------------
-
-    def _safe_checkpoints_dir(self) -> Path:
-        cdir = self.checkpoints_dir
-        if cdir.is_symlink():
-            raise CheckpointError(
-                cdir, "is a symbolic link; refusing to follow it out of the run directory"
-            )
-        return cdir
-
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest (lowest step) first. Temporary and
-        half-deleted folders (``.tmp-*``, ``.trash-*``), files and symbolic links are
-        not checkpoints."""
-        cdir = self._safe_checkpoints_dir()
-        if not cdir.is_dir():
-            return []
-        found = [
-            Path(entry.path)
-            for entry in os.scandir(cdir)
-            if _NAME_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
-        ]
-        return sorted(found, key=_sort_key)
-
-    def _inside(self, name: str, source: Path) -> Path:
-        """``checkpoints_dir / name``, refusing anything that leads outside it."""
-        cdir = self._safe_checkpoints_dir()
-        if (
-            not name
-            or name in (".", "..")
-            or "/" in name
-            or "\\" in name
-            or "\0" in name
-            or os.path.isabs(name)
-        ):
-            raise CheckpointError(
-                source,
-                f"points outside the run directory: {name!r}; it must name a "
-                f"checkpoint folder inside {cdir}",
-            )
-        target = cdir / name
-        if target.is_symlink() or not target.resolve().is_relative_to(cdir.resolve()):
-            raise CheckpointError(
-                source,
-                f"points outside the run directory: {name!r} is a symbolic link "
-                f"(to {os.path.realpath(target)})",
-            )
-        return target
-
-    def _read_latest_name(self) -> str | None:
-        file = self.latest_file
-        if file.is_symlink():
-            raise CheckpointError(file, "is a symbolic link; refusing to follow it")
-        try:
-            raw = file.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise CheckpointError(file, f"unreadable: {exc}") from exc
-        # Bytes that are no text (a damaged file) name no checkpoint: latest() then falls
-        # back to the newest checkpoint folder with a warning.
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            return "<not UTF-8 text>"
-        return "<contains NUL bytes>" if "\0" in text else text
-
-    def latest(self) -> Path | None:
-        """The checkpoint ``LATEST`` names; if it names no existing checkpoint folder
-        (warns), the newest in :meth:`checkpoints`; None if there is none. Raises
-        :class:`~warmfit.errors.CheckpointError` if ``LATEST`` leads outside the run
-        directory."""
-        name = self._read_latest_name()
-        if name:
-            target = self._inside(name, self.latest_file)
-            if _NAME_RE.fullmatch(name) and target.is_dir():
-                return target
-        found = self.checkpoints()
-        if name is not None and found:
-            warnings.warn(
-                f"{self.latest_file} names {name!r}, which is not a checkpoint folder; "
-                f"using the newest checkpoint, {found[-1].name}",
-                stacklevel=2,
-            )
-        return found[-1] if found else None
-
-    def best(self, *, run: int | None = None) -> Path | None:
-        """The checkpoint of run ``run`` with the best recorded metric (see the class
-        docstring), or None if no existing checkpoint of that run has one. ``run=None``:
-        the run of :meth:`latest` (the current one). Metrics of different runs are not
-        compared: each run is its own training from scratch."""
-        if run is not None and (
-            isinstance(run, bool) or not isinstance(run, numbers.Integral) or run < 0
-        ):
-            raise invalid_param("run", "RunDir.best", "an int >= 0 or None", run)
-        if run is None:
-            latest = self.latest()
-            if latest is None:
-                return None
-            run = _run_of(latest)
-        found = [p for p in self.checkpoints() if _run_of(p) == run]
-        return self._best_of(found, self._read_index())
-
-    def _best_of(self, paths: list[Path], index: dict[str, dict[str, Any]]) -> Path | None:
-        sign = 1.0 if self.monitor_mode == "min" else -1.0
-        scored = []
-        for path in paths:
-            metric = index.get(path.name, {}).get("metric")
-            if isinstance(metric, (int, float)) and math.isfinite(metric):
-                scored.append((sign * metric, _sort_key(path), path))
-        return min(scored)[2] if scored else None
-
-    # -- loading --------------------------------------------------------------------
-
-    def load_latest(self) -> tuple[Path, dict[str, np.ndarray], dict] | None:
-        """Load the newest intact checkpoint: :meth:`latest`, then older ones.
-
-        Each damaged one is skipped with a warning (``skipping damaged checkpoint
-        <path>: <file>: <problem>``). Returns ``(path, tensors, state)``; None if there
-        are no checkpoints. Raises :class:`~warmfit.errors.CheckpointError` listing
-        every problem if all are damaged, and :class:`UnsupportedSchemaError` at once
-        for a checkpoint written by a newer warmfit (falling back past it would
-        silently lose progress; upgrade instead).
-        """
-        first = self.latest()
-        if first is None:
-            return None
-        key = _sort_key(first)
-        older = [p for p in reversed(self.checkpoints()) if _sort_key(p) < key]
-        problems = []
-        for path in [first, *older]:
-            try:
-                tensors, state = read_checkpoint(path)
-            except UnsupportedSchemaError as exc:
-                if "newer" in exc.problem:
-                    raise
-                problem = f"{Path(exc.path).name}: {exc.problem}"
-            except CheckpointError as exc:
-                problem = f"{Path(exc.path).name}: {exc.problem}"
-            else:
-                return path, tensors, state
-            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
-            problems.append(f"{path.name} ({problem})")
-        raise CheckpointError(self.checkpoints_dir, "no intact checkpoint: " + "; ".join(problems))
-
-    # -- saving ---------------------------------------------------------------------
-
-    def save(
-        self,
-        tensors: Mapping[str, np.ndarray],
-        state: dict,
-        *,
-        step: int,
-        metric: float | None = None,
-        run: int = 0,
-    ) -> Path:
-        """Write a checkpoint for global step ``step``, point ``LATEST`` at it, then
-        apply retention; return its path. Requires the lock.
-
-        ``metric`` (lower is better for ``monitor_mode="min"``) ranks checkpoints for
-        ``keep_best``; None or non-finite means unranked.
-
-        If writing the checkpoint, the index or ``LATEST`` fails,
-        :class:`CheckpointWriteError` is raised and nothing changed: ``LATEST`` and the
-        previous checkpoints are as before and the new folder is removed. A failure
-        while deleting old checkpoints only warns: the save itself succeeded.
-        """
-        self._require_lock("save")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise invalid_param("step", "RunDir.save", "an int >= 0", step)
-        if metric is not None and (
-            isinstance(metric, bool) or not isinstance(metric, numbers.Real)
-        ):
-            raise invalid_param("metric", "RunDir.save", "a float or None", metric)
-        step = int(step)
-        metric = None if metric is None or not math.isfinite(metric) else float(metric)
-        cdir = self._safe_checkpoints_dir()
-        found = self.checkpoints()
-        seq = _sort_key(found[-1]) + 1 if found else 1
-        name = f"ckpt-{seq:08d}-run{int(run):03d}-step-{step:012d}"
-        while os.path.lexists(cdir / name):  # a leftover of a failed deletion
-            seq += 1
-            name = f"ckpt-{seq:08d}-run{int(run):03d}-step-{step:012d}"
-        path = write_checkpoint(cdir / name, tensors, state)
-
-        previous = self._read_latest_raw()
-        index = self._read_index()
-        index[name] = {
-            "step": step,
-            "metric": metric,
-        }
-        try:
-            self._write_index(index)
-            _replace_durably(self.latest_file, (name + "\n").encode())
-        except BaseException as exc:
-            self._roll_back_latest(previous)
-            with contextlib.suppress(OSError):
-                _remove_dir(path)
-            if isinstance(exc, OSError):
-                raise _write_error(path, exc) from exc
-            raise
-        self._apply_retention(path)
-        return path
-
-    def _read_latest_raw(self) -> bytes | None:
-        try:
-            return self.latest_file.read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def _roll_back_latest(self, previous: bytes | None) -> None:
-        try:
-            if self._read_latest_raw() == previous:
-                return
-            if previous is None:
-                os.unlink(self.latest_file)
-                _fsync_dir(self.checkpoints_dir)
-            else:
-                _replace_durably(self.latest_file, previous)
-        except OSError as exc:
-            warnings.warn(f"could not restore {self.latest_file}: {exc}", stacklevel=3)
-
-    def _read_index(self) -> dict[str, dict[str, Any]]:
-        try:
-            doc = json.loads(self.index_file.read_text(encoding="utf-8"))
-            entries = doc["checkpoints"]
-            if isinstance(entries, dict):
-                return {k: v for k, v in entries.items() if isinstance(v, dict)}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        warnings.warn(
-            f"{self.index_file} is damaged; checkpoint metrics are forgotten", stacklevel=3
-        )
-        return {}
-
-    def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
-        doc = {"schema_version": SCHEMA_VERSION, "checkpoints": index}
-        _replace_durably(self.index_file, (json.dumps(doc, indent=1) + "\n").encode())
-
-    def _apply_retention(self, latest: Path) -> None:
-        """Per run: the ``keep_last`` newest and the best; and the one just saved."""
-        found = self.checkpoints()
-        index = self._read_index()
-        runs: dict[int, list[Path]] = {}
-        for path in found:
-            runs.setdefault(_run_of(path), []).append(path)
-        keep = {latest}
-        for paths in runs.values():
-            keep.update(paths if self.keep_last is None else paths[-self.keep_last :])
-            best = self._best_of(paths, index) if self.keep_best else None
-            if best is not None:
-                keep.add(best)
-        try:
-            for path in found:
-                if path not in keep:
-                    _remove_dir(path)
-            names = {p.name for p in found if p in keep}
-            if set(index) - names:
-                self._write_index({k: v for k, v in index.items() if k in names})
-        except OSError as exc:
-            warnings.warn(
-                f"checkpoint {latest} was saved, but deleting old checkpoints failed: {exc}",
-                stacklevel=3,
-            )
-
-    def clean_temporary(self) -> None:
-        """Remove leftover ``.tmp-*`` and ``.trash-*`` entries of interrupted saves and
-        deletions. Requires the lock (so no save of ours is in progress)."""
-        self._require_lock("clean_temporary")
-        for folder in (self.root, self.checkpoints_dir):
-            if not folder.is_dir() or folder.is_symlink():
-                continue
-            for entry in os.scandir(folder):
-                if entry.name.startswith((".tmp-", ".trash-")):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-
-
-def verify_run_dir(root: str | Path) -> list[tuple[Path, str | None]]:
-    """Every checkpoint of the run directory at ``root``, oldest first, with its
-    problem (``"<file>: <problem>"``) or None if intact. Reads every byte; loads no
-    arrays; needs no lock."""
-    report: list[tuple[Path, str | None]] = []
-    for path in RunDir(root).checkpoints():
-        try:
-            doc = _read_state_doc(path)
-            _read_header(_check_tensor_file(path, doc, verify=True))
-        except CheckpointError as exc:
-            report.append((path, f"{Path(exc.path).name}: {exc.problem}"))
-        else:
-            report.append((path, None))
-    return report
-
-
-# --------------------------------------------------------------------------- background
-
-
-class SnapshotBuffers:
-    """Reused host buffers that make background saving safe.
-
-    :meth:`copy` copies each array into a buffer of the same dtype and shape,
-    allocated on first use (and again if the dtype or shape changes), so the training
-    thread pays one memcpy per array per save and the writer thread reads data that
-    training no longer touches.
-
-    The returned arrays *are* the buffers: the next :meth:`copy` overwrites them. So
-    the order for each save is: :meth:`AsyncWriter.wait` (or ``submit``, which waits)
-    for the previous save, *then* ``copy``, then ``submit``::
-
-        writer.wait()
-        snapshot = buffers.copy(arrays)
-        writer.submit(run_dir.save, snapshot, snapshot_state(state), step=step)
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def copy(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Copy ``arrays`` (anything ``np.asarray`` accepts) into the buffers; return
-        ``{name: buffer}``. Buffers of names no longer present are freed."""
-        out: dict[str, np.ndarray] = {}
-        for name, value in arrays.items():
-            a = np.asarray(value)
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
-                buf = np.empty(a.shape, dtype=a.dtype)
-            np.copyto(buf, a, casting="no")
-            out[name] = buf
-        self._buffers = dict(out)
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the buffers."""
-        return sum(b.nbytes for b in self._buffers.values())
-
-
-def snapshot_state(state: dict) -> dict:
-    """A deep copy of ``state`` made of fresh plain containers, exactly as
-    :func:`read_checkpoint` will return it (tuples become lists). Raises
-    :class:`TypeError` naming the key path, like :func:`write_checkpoint`.
-
-    Call it on the training thread before handing ``state`` to :class:`AsyncWriter`:
-    the writer thread serialises ``state`` while training goes on, so any list or dict
-    training still mutates (history, ledger) must not be shared with it.
-    """
-    _check_json(state, "")
-    return json.loads(json.dumps(state, allow_nan=True))
-
-
-class AsyncWriter:
-    """Runs saves in the background, one at a time.
-
-    :meth:`submit` first waits for the previous save; if that save failed it raises
-    :class:`SaveFailedError` ("previous checkpoint save failed: <cause>", the cause
-    chained) *instead of* starting the new one. :meth:`wait` blocks until idle and
-    raises a pending failure the same way. Each failure is raised once.
-
-    Each save runs in its own non-daemon thread: a save in flight when the program
-    ends is completed, not cut off (a daemon thread would be killed mid-write, losing
-    the last checkpoint; a long-lived non-daemon worker would keep a crashed program
-    from exiting). Use from one thread (the training thread).
-    """
-
-    def __init__(self, name: str = "warmfit-checkpoint-writer") -> None:
-        self.name = name
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._closed = False
-
-    @property
-    def busy(self) -> bool:
-        """Whether a save is running."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-        """Wait for the previous save (raising its failure, if any), then run
-        ``fn(*args, **kwargs)`` in the background."""
-        if self._closed:
-            raise WarmfitError("AsyncWriter.submit after close(); create a new AsyncWriter.")
-        self.wait()
-
-        def run() -> None:
-            try:
-                fn(*args, **kwargs)
-            except BaseException as exc:
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name=self.name, daemon=False)
-        self._thread.start()
-
-    def wait(self) -> None:
-        """Block until no save is running; raise :class:`SaveFailedError` if the last
-        one failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            detail = (
-                str(error)
-                if isinstance(error, OSError | WarmfitError)
-                else (f"{type(error).__name__}: {error}")
-            )
-            raise SaveFailedError(f"previous checkpoint save failed: {detail}") from error
-
-    def close(self) -> None:
-        """Wait for the save in flight, then refuse further submits. Raises a pending
-        failure like :meth:`wait`."""
-        self._closed = True
-        self.wait()
-
-    def __enter__(self) -> AsyncWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

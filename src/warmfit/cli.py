@@ -46,7 +46,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .checkpoint import verify_run_dir
+    from .rundir import verify_run_dir
 
     if not Path(args.run_dir, "checkpoints").is_dir():
         print(
@@ -189,7 +189,8 @@ def _read_jsonl(path: Path, key: str) -> list[dict]:
 
 
 def _latest_checkpoint_state(root: Path) -> dict | None:
-    from .checkpoint import RunDir, read_checkpoint
+    from .checkpoint import read_checkpoint
+    from .rundir import RunDir
 
     latest = RunDir(root).latest
     if callable(latest):  # a method in newer checkpoint.py, a property before

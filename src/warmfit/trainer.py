@@ -37,6 +37,7 @@ import numpy as np
 from . import __version__
 from . import checkpoint as ckpt
 from .backends import NonFiniteLoss, select
+from .background import AsyncWriter, SnapshotBuffers
 from .callbacks import Callback, ReduceLROnPlateau
 from .data import Cursor, check_offset, epoch_permutation, validation_split
 from .errors import (
@@ -49,6 +50,7 @@ from .errors import (
 )
 from .history import History, Ledger, epoch_table
 from .progress import Progress
+from .rundir import RunDir
 from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
@@ -170,15 +172,15 @@ class Trainer:
         self._in_fit = False
         self._stop_signal: str | None = None
         self._pending_diffs: list[str] = []
-        self._writer: ckpt.AsyncWriter | None = None
-        self._buffers: ckpt.SnapshotBuffers | None = None
+        self._writer: AsyncWriter | None = None
+        self._buffers: SnapshotBuffers | None = None
         self._restored_metric: tuple[int, int, float | None] | None = None
         self._new_run(first=True)
         self._check_plateau(self.schedule)
-        self.run_dir: ckpt.RunDir | None = None
+        self.run_dir: RunDir | None = None
         if run_dir is not None:
-            self.run_dir = ckpt.RunDir(run_dir, keep_last=keep_last, monitor_mode=monitor_mode)
-            self._writer, self._buffers = ckpt.AsyncWriter(), ckpt.SnapshotBuffers()
+            self.run_dir = RunDir(run_dir, keep_last=keep_last, monitor_mode=monitor_mode)
+            self._writer, self._buffers = AsyncWriter(), SnapshotBuffers()
             if self.rank == 0:  # one writer: rank 0 writes the replicated state
                 self.run_dir.lock()
                 self.run_dir.clean_temporary()

@@ -116,9 +116,7 @@ def check_samples(x: Any, x_rows: Any, y_rows: Any) -> None:
     """The checks every array backend makes of x and y, in one wording: x is not a
     scalar, x and y have as many rows, and there is at least one."""
     if x_rows is None:
-        raise ValueError(
-            f"x must have at least one dimension (samples first). Got a scalar {x!r}."
-        )
+        raise ValueError(f"x must have at least one dimension (samples first). Got a scalar {x!r}.")
     if y_rows is not None and y_rows != x_rows:
         raise ValueError(
             f"x and y must have the same number of samples. Got {x_rows} rows in x and "

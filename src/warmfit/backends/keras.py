@@ -47,7 +47,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..checkpoint import SnapshotBuffers
+from ..background import SnapshotBuffers
 from ..data import fingerprint
 from ..errors import StateMismatchError
 from ..state import derive_seed

@@ -112,7 +112,7 @@ class HostSnapshot:
     allocation. On the CPU it is one ``copy_`` per tensor.
 
     The returned arrays *are* the buffers: the next :meth:`copy` overwrites them (the
-    same contract as :class:`warmfit.checkpoint.SnapshotBuffers`).
+    same contract as :class:`warmfit.background.SnapshotBuffers`).
     """
 
     def __init__(self) -> None:
