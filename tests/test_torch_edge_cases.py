@@ -406,7 +406,9 @@ def test_a_group_added_after_the_factory_is_refused_when_a_schedule_sets_the_rat
         r"parameter groups in the optimizer factory, not to the optimizer afterwards\.$",
     ):
         t.fit(x, y, epochs=1)
-    assert t.global_step == 0
+    assert (t.global_step, t.counters.fit_calls, len(t.ledger)) == (0, 0, 0)  # refused first
+    t.fit(x, y, epochs=1, mode="warm")  # the factory's optimizer again: its two groups
+    assert len(t.optimizer.param_groups) == 2 and t.epoch == 1
 
 
 # -- the optimizer settings a resume compares -------------------------------------------

@@ -285,6 +285,9 @@ class Trainer:
             check_schedule(new_schedule)
         if new_schedule is not None:
             self._check_plateau(new_schedule)
+        check_lr_groups = getattr(self._backend, "check_lr_groups", None)
+        if mode == "continue" and check_lr_groups is not None and self._sets_lr(new_schedule):
+            check_lr_groups()  # warm and restart rebuild the optimizer from its factory
         start_epoch = 0 if mode == "restart" else self.counters.epoch
         if steps is not None:
             target = None
@@ -780,13 +783,20 @@ class Trainer:
                 base = cb.lr_scale(base)
         return base
 
+    def _sets_lr(self, schedule: Any = None) -> bool:
+        """Whether warmfit sets the learning rate at each step under ``schedule`` (the
+        current one if None): a warmfit schedule or a ``ReduceLROnPlateau`` does; a torch
+        ``LRScheduler`` sets it itself."""
+        schedule = self.schedule if schedule is None else schedule
+        if isinstance(schedule, TorchScheduler):
+            return False
+        return schedule is not None or any(
+            isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks
+        )
+
     def _apply_lr(self) -> None:
         """Set the learning rate for the next step (schedule x plateau reductions)."""
-        if isinstance(self.schedule, TorchScheduler):
-            return
-        if self.schedule is not None or any(
-            isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks
-        ):
+        if self._sets_lr():
             self._backend.set_learning_rate(self._lr_at(self.counters.global_step))
 
     @contextlib.contextmanager

@@ -480,16 +480,22 @@ class TorchBackend:
         if len(groups) == 1:
             groups[0]["lr"] = lr
             return
-        ratios = self._lr_ratios
-        if len(groups) != len(ratios):
-            raise ValueError(
-                f"The optimizer has {len(groups)} parameter groups, but its factory built "
-                f"{len(ratios)}. warmfit sets each group's learning rate from the ratios of "
-                "the groups the factory built (and a checkpoint restores those groups): add "
-                "parameter groups in the optimizer factory, not to the optimizer afterwards."
-            )
-        for group, ratio in zip(groups, ratios, strict=True):
+        self.check_lr_groups()
+        for group, ratio in zip(groups, self._lr_ratios, strict=True):
             group["lr"] = lr * ratio
+
+    def check_lr_groups(self) -> None:
+        """Raise ``ValueError`` if the optimizer no longer has the parameter groups its
+        factory built (one was added afterwards): :meth:`set_learning_rate` has no
+        ratio for it. The Trainer calls this before a fit call changes anything."""
+        n, built = len(self.optimizer.param_groups), len(self._lr_ratios)  # type: ignore[union-attr]
+        if n != built and n > 1:
+            raise ValueError(
+                f"The optimizer has {n} parameter groups, but its factory built {built}. "
+                "warmfit sets each group's learning rate from the ratios of the groups the "
+                "factory built (and a checkpoint restores those groups): add parameter "
+                "groups in the optimizer factory, not to the optimizer afterwards."
+            )
 
     def _set_factory_lr(self, lrs: list[float]) -> None:
         """The groups' learning rates as the factory built them, and their ratios to
