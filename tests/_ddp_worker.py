@@ -1,10 +1,12 @@
 """A training process for the distributed tests, started by torchrun (or plainly, as a
 world of one): ``_ddp_worker.py RUN_DIR UNTIL_EPOCH [--dropout P] [--slow S] [--out PATH]
-[--seen DIR]``.
+[--seen DIR] [--rows N] [--arrays] [--nan-row I] [--checkpoint-every K]``.
 
 Trains the conftest MLP on a map-style dataset that records which samples this rank
-read (written to ``--seen/rank<r>.json``), resuming from RUN_DIR if it holds a
-checkpoint; rank 0 writes the final state to ``--out``.
+read (written to ``--seen/rank<r>.json``), or with ``--arrays`` on the arrays
+themselves, resuming from RUN_DIR if it holds a checkpoint; rank 0 writes the final
+state to ``--out``. ``--nan-row I`` makes row I's features NaN; a NonFiniteLossError is
+printed as ``rank R: NonFiniteLossError: <message>`` and exits 3.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
+import warmfit
 from conftest import MLP, make_data, make_trainer
 
 
@@ -49,13 +52,22 @@ def main() -> None:
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--out", default=None)
     p.add_argument("--seen", default=None)
+    p.add_argument("--rows", type=int, default=192)
+    p.add_argument("--arrays", action="store_true")
+    p.add_argument("--nan-row", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    x, y = make_data(192)
+    x, y = make_data(args.rows)
+    if args.nan_row is not None:
+        x[args.nan_row] = float("nan")
     data = Recording(x, y, args.slow)
     trainer = make_trainer(
-        model=lambda: MLP(p=args.dropout), run_dir=args.run_dir, checkpoint_every=None
+        model=lambda: MLP(p=args.dropout),
+        run_dir=args.run_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_last=None,
     )
     if args.seen:
         Path(args.seen).mkdir(parents=True, exist_ok=True)
@@ -65,7 +77,11 @@ def main() -> None:
     start = trainer.global_step
     print(f"rank {rank} of {trainer.world_size} started at step {start}", flush=True)
     try:
-        trainer.fit(data, until_epoch=args.until_epoch, verbose=0)
+        inputs = (x, y) if args.arrays else (data,)
+        trainer.fit(*inputs, until_epoch=args.until_epoch, verbose=0)
+    except warmfit.NonFiniteLossError as err:
+        print(f"rank {rank}: NonFiniteLossError: {err}", flush=True)
+        sys.exit(3)
     finally:
         if args.seen:
             probes = {0, len(data) // 2, len(data) - 1}

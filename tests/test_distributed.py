@@ -184,3 +184,37 @@ def test_torchrun_cli_train_then_continue_in_one_process(tmp_path):
     _, state = read_checkpoint(warmfit.rundir.RunDir(tmp_path / "run").latest())
     assert [r["world_size"] for r in state["ledger"]] == [2, 1]
     assert state["counters"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("source", ["arrays", "dataset"])
+def test_a_global_batch_that_leaves_a_rank_no_rows_trains_like_one_process(tmp_path, source):
+    """17 rows, global batch 16, 2 ranks: each epoch's second batch has one row, which
+    rank 1 gets; rank 0 still takes the step (DDP's collectives), on zero rows."""
+    extra = ["--rows", "17", "--out", str(tmp_path / "final")]
+    run(2, tmp_path / "run", 2, *extra, *(["--arrays"] if source == "arrays" else []))
+    tensors, state = read_checkpoint(tmp_path / "final")
+    assert state["counters"]["global_step"] == 4
+    x, y = make_data(17)
+    t = make_trainer(model=lambda: MLP(p=0.0))
+    t.fit(x, y, until_epoch=2, verbose=0)
+    for k, v in weights(t.state_dict()["tensors"]).items():
+        assert np.allclose(tensors[k], v, rtol=0, atol=ATOL), k
+    losses = [r["loss"] for r in state["history"]]
+    assert np.allclose(losses, [r["loss"] for r in t.history], rtol=0, atol=ATOL)
+
+
+def test_a_nan_loss_under_ddp_stops_every_rank_before_a_save(tmp_path):
+    """Under DDP the loss is read at saves and epoch ends: a NaN raises there, on every
+    rank, and no checkpoint with NaN weights is written."""
+    run_dir = tmp_path / "run"
+    proc = launch(2, run_dir, 3, "--arrays", "--nan-row", "150", "--checkpoint-every", "4")
+    out, _err = proc.communicate(timeout=240)
+    assert proc.returncode != 0, out
+    for rank in (0, 1):
+        assert f"rank {rank}: NonFiniteLossError: the loss became nan at global step" in out
+    assert "It was read at step" in out
+    saved = warmfit.rundir.RunDir(run_dir).checkpoints()
+    assert saved  # the saves before the NaN
+    for path in saved:
+        tensors, _ = read_checkpoint(path)
+        assert all(np.isfinite(v).all() for v in weights(tensors).values()), path.name

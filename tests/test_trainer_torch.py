@@ -615,3 +615,59 @@ def test_a_trainer_with_a_run_dir_cannot_be_copied(tmp_path, data):
         t.fit(x, y, epochs=1)
         twin.fit(x, y, epochs=1)
         assert_same_training_state(t, twin)
+
+
+def test_numpy_integers_are_taken_as_plain_ints(tmp_path, data):
+    """NumPy integers (a grid of settings, a config read with NumPy) pass the checks and
+    are stored as ints: the ledger and checkpoints take them, and training is the same."""
+    x, y = data
+    with make_trainer(
+        batch_size=np.int64(16), seed=np.int64(7), checkpoint_every=np.int32(5),
+        run_dir=tmp_path / "run", schedule=warmfit.schedules.cosine(np.float32(0.5), np.int64(40)),
+    ) as t:  # fmt: skip
+        t.fit(x, y, epochs=np.int64(1))
+        t.fit(x, y, steps=np.uint8(3))
+        t.fit(x, y, until_epoch=np.int16(3))
+        assert type(t.batch_size) is int and type(t.seed) is int
+        asked = ("epochs_asked", "steps_asked", "until_epoch")
+        assert [type(r[k]) for r, k in zip(t.ledger, asked, strict=True)] == [int] * 3
+        assert t.run_dir.latest() is not None
+    ref = make_trainer(
+        batch_size=16, seed=7, checkpoint_every=5, schedule=warmfit.schedules.cosine(0.5, 40)
+    )
+    ref.fit(x, y, epochs=1)
+    ref.fit(x, y, steps=3)
+    ref.fit(x, y, until_epoch=3)
+    assert_same_training_state(t, ref)
+
+
+def test_a_nan_seen_at_a_readout_raises_before_anything_is_saved(tmp_path, data):
+    """Where the loss stays on the device (a GPU, DDP) it is read at saves and epoch ends
+    (check_each_step off): a NaN raises there, naming its step, and no checkpoint after
+    it is written."""
+    x, y = data
+    x = x.copy()
+    x[100] = np.nan  # in order (no shuffle), batches of 16: in step 7
+    with make_trainer(
+        schedule=None, run_dir=tmp_path / "run", checkpoint_every=4, keep_last=None
+    ) as t:
+        t._backend.check_each_step = False  # as on a GPU
+        with pytest.raises(warmfit.NonFiniteLossError) as err:
+            t.fit(x, y, epochs=1, shuffle=False)
+        e = err.value
+        assert (e.step, e.seen_at, t.global_step) == (7, 8, 8)
+        assert str(e) == (
+            f"the loss became nan at global step {e.step} (epoch 0). It was read at step "
+            f"{e.seen_at} (on a GPU or under DDP losses are read at saves and epoch ends): "
+            "the trainer holds the state after that step, its weights possibly NaN, and "
+            "nothing after the NaN was saved. Rewind to a checkpoint "
+            "(trainer.rewind('latest')) before going on. Lower the learning rate, or check "
+            "the data for NaN/inf."
+        )
+        saved = t.run_dir.checkpoints()  # fit raised once its saves were on disk
+        assert [warmfit.checkpoint.read_state(p)["counters"]["global_step"] for p in saved] == [4]
+        for path in saved:
+            tensors, _ = warmfit.checkpoint.read_checkpoint(path)
+            assert all(np.isfinite(v).all() for k, v in tensors.items() if k.startswith("model/"))
+        t.rewind("latest")
+        assert all(torch.isfinite(p).all() for p in t.model.parameters())

@@ -122,6 +122,14 @@ class AsyncWriter:
             )
             raise SaveFailedError(f"previous checkpoint save failed: {detail}") from error
 
+    def drain(self) -> None:
+        """Block until no save is running, without raising: a failure stays pending for
+        the next :meth:`wait` or :meth:`submit` (for a caller already raising an error
+        of its own)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
         """Wait for the save in flight, then refuse further submits. Raises a pending
         failure like :meth:`wait`."""

@@ -92,8 +92,8 @@ class EarlyStopping(Callback):
         restore_best: bool = False,
     ) -> None:
         _check_monitor(monitor, "EarlyStopping")
-        check_int("patience", patience, "EarlyStopping", minimum=0)
-        check_real("min_delta", min_delta, "EarlyStopping")
+        patience = check_int("patience", patience, "EarlyStopping", minimum=0)
+        min_delta = check_real("min_delta", min_delta, "EarlyStopping")
         if not isinstance(restore_best, bool):
             raise invalid_param("restore_best", "EarlyStopping", "a bool", restore_best)
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
@@ -195,13 +195,13 @@ class ReduceLROnPlateau(Callback):
         min_lr: float = 0.0,
     ) -> None:
         _check_monitor(monitor, "ReduceLROnPlateau")
-        check_real("factor", factor, "ReduceLROnPlateau")
+        factor = check_real("factor", factor, "ReduceLROnPlateau")
         if not 0.0 < factor < 1.0:
             raise invalid_param("factor", "ReduceLROnPlateau", "a float in (0, 1)", factor)
-        check_int("patience", patience, "ReduceLROnPlateau", minimum=0)
-        check_real("min_delta", min_delta, "ReduceLROnPlateau")
-        check_int("cooldown", cooldown, "ReduceLROnPlateau", minimum=0)
-        check_real("min_lr", min_lr, "ReduceLROnPlateau")
+        patience = check_int("patience", patience, "ReduceLROnPlateau", minimum=0)
+        min_delta = check_real("min_delta", min_delta, "ReduceLROnPlateau")
+        cooldown = check_int("cooldown", cooldown, "ReduceLROnPlateau", minimum=0)
+        min_lr = check_real("min_lr", min_lr, "ReduceLROnPlateau")
         self.monitor, self.factor, self.patience = monitor, factor, patience
         self.min_delta, self.cooldown, self.min_lr = min_delta, cooldown, min_lr
         self.mode = _check_mode(mode, "ReduceLROnPlateau")

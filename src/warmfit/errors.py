@@ -60,17 +60,34 @@ class StateMismatchError(WarmfitError, ValueError):
 
 
 class NonFiniteLossError(WarmfitError, FloatingPointError):
-    """Training produced a NaN or infinite loss; the state is the last good one."""
+    """Training produced a NaN or infinite loss. Nothing after it is saved.
 
-    def __init__(self, step: int, epoch: int, value: float) -> None:
+    Where the loss is read at every step (the CPU, one process) training stops before
+    that step changes anything. Where it stays on the device (a GPU, DDP) it is read at
+    the next save or epoch end (``seen_at``): the steps up to there have run, and the
+    trainer's weights may be NaN; the run directory's checkpoints are the good ones.
+    """
+
+    def __init__(self, step: int, epoch: int, value: float, seen_at: int | None = None) -> None:
         self.step = step
         self.epoch = epoch
         self.value = value
+        self.seen_at = seen_at
+        if seen_at is None:
+            where = (
+                f"Training stopped before that step changed anything: the trainer holds the "
+                f"state after step {step - 1}."
+            )
+        else:
+            where = (
+                f"It was read at step {seen_at} (on a GPU or under DDP losses are read at "
+                "saves and epoch ends): the trainer holds the state after that step, its "
+                "weights possibly NaN, and nothing after the NaN was saved. Rewind to a "
+                "checkpoint (trainer.rewind('latest')) before going on."
+            )
         super().__init__(
-            f"the loss became {value} at global step {step} (epoch {epoch}). Training "
-            "stopped before that step changed anything: the trainer holds the state "
-            "after step {prev}. Lower the learning rate, check the data for NaN/inf, "
-            "or rewind and continue.".format(prev=step - 1)
+            f"the loss became {value} at global step {step} (epoch {epoch}). {where} Lower "
+            "the learning rate, or check the data for NaN/inf."
         )
 
 
@@ -105,14 +122,18 @@ def invalid_param(
     return ValueError(f"The {name!r} parameter of {owner} must be {expected}. Got {got!r} instead.")
 
 
-def check_int(name: str, value: object, owner: str, *, minimum: int) -> None:
-    """Refuse anything but an int (not a bool) >= ``minimum``, with :func:`invalid_param`."""
+def check_int(name: str, value: object, owner: str, *, minimum: int) -> int:
+    """Refuse anything but an int (not a bool) >= ``minimum``, with :func:`invalid_param`;
+    return it as a plain ``int`` (a NumPy integer converted: it goes into JSON and torch)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise invalid_param(name, owner, f"an int >= {minimum}", value)
+    return int(value)
 
 
-def check_real(name: str, value: object, owner: str, *, minimum: float = 0.0) -> None:
-    """Refuse anything but a finite real number (not a bool) >= ``minimum``."""
+def check_real(name: str, value: object, owner: str, *, minimum: float = 0.0) -> float:
+    """Refuse anything but a finite real number (not a bool) >= ``minimum``; return it
+    as a plain ``float``."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value < minimum:  # type: ignore[arg-type]
         raise invalid_param(name, owner, f"a finite number >= {minimum:g}", value)
+    return float(value)  # type: ignore[arg-type]

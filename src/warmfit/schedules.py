@@ -62,6 +62,12 @@ def _power(gamma: float, n: int) -> float:
         return math.inf
 
 
+def _set(schedule: Schedule, name: str, value: object) -> None:
+    """Store a checked parameter of a frozen schedule as the plain number the check
+    returned (a NumPy scalar would not go into the checkpoint's JSON)."""
+    object.__setattr__(schedule, name, value)
+
+
 def _check_step(step: int) -> int:
     if step < 0:
         raise ValueError(f"A schedule step must be >= 0. Got {step} instead.")
@@ -73,7 +79,7 @@ class Constant(Schedule):
     lr: float
 
     def __post_init__(self) -> None:
-        check_real("lr", self.lr, "Constant")
+        _set(self, "lr", check_real("lr", self.lr, "Constant"))
 
     def __call__(self, step: int) -> float:
         _check_step(step)
@@ -89,9 +95,9 @@ class StepDecay(Schedule):
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        check_real("lr", self.lr, "StepDecay")
-        check_int("step_size", self.step_size, "StepDecay", minimum=1)
-        check_real("gamma", self.gamma, "StepDecay")
+        _set(self, "lr", check_real("lr", self.lr, "StepDecay"))
+        _set(self, "step_size", check_int("step_size", self.step_size, "StepDecay", minimum=1))
+        _set(self, "gamma", check_real("gamma", self.gamma, "StepDecay"))
 
     def __call__(self, step: int) -> float:
         return float(self.lr * _power(self.gamma, _check_step(step) // self.step_size))
@@ -106,9 +112,9 @@ class Exponential(Schedule):
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        check_real("lr", self.lr, "Exponential")
-        check_real("gamma", self.gamma, "Exponential")
-        check_real("min_lr", self.min_lr, "Exponential")
+        _set(self, "lr", check_real("lr", self.lr, "Exponential"))
+        _set(self, "gamma", check_real("gamma", self.gamma, "Exponential"))
+        _set(self, "min_lr", check_real("min_lr", self.min_lr, "Exponential"))
 
     def __call__(self, step: int) -> float:
         return float(max(self.min_lr, self.lr * _power(self.gamma, _check_step(step))))
@@ -128,9 +134,9 @@ class Cosine(Schedule):
     cyclic: bool = False
 
     def __post_init__(self) -> None:
-        check_real("lr", self.lr, "Cosine")
-        check_int("horizon", self.horizon, "Cosine", minimum=1)
-        check_real("min_lr", self.min_lr, "Cosine")
+        _set(self, "lr", check_real("lr", self.lr, "Cosine"))
+        _set(self, "horizon", check_int("horizon", self.horizon, "Cosine", minimum=1))
+        _set(self, "min_lr", check_real("min_lr", self.min_lr, "Cosine"))
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
@@ -152,8 +158,8 @@ class Warmup(Schedule):
     start_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        check_int("steps", self.steps, "Warmup", minimum=0)
-        check_real("start_factor", self.start_factor, "Warmup")
+        _set(self, "steps", check_int("steps", self.steps, "Warmup", minimum=0))
+        _set(self, "start_factor", check_real("start_factor", self.start_factor, "Warmup"))
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)

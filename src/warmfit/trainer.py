@@ -136,10 +136,10 @@ class Trainer:
         backend_options: Mapping[str, Any] | None = None,
         framework: str | None = None,
     ) -> None:
-        check_int("batch_size", batch_size, "Trainer", minimum=1)
-        check_int("seed", seed, "Trainer", minimum=0)
+        batch_size = check_int("batch_size", batch_size, "Trainer", minimum=1)
+        seed = check_int("seed", seed, "Trainer", minimum=0)
         if checkpoint_every is not None:
-            check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
+            checkpoint_every = check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
         if monitor_mode not in ("min", "max"):
             raise invalid_param("monitor_mode", "Trainer", ("min", "max"), monitor_mode)
         kwargs: dict[str, Any] = {"device": device}
@@ -261,8 +261,7 @@ class Trainer:
         if rounds is not None:
             if epochs is not None:
                 raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
-            check_int("rounds", rounds, "Trainer.fit", minimum=1)
-            epochs = rounds
+            epochs = check_int("rounds", rounds, "Trainer.fit", minimum=1)
         if (epochs is None) + (until_epoch is None) + (steps is None) != 2:
             raise ValueError(
                 "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
@@ -271,11 +270,11 @@ class Trainer:
                 + (f", steps={steps!r}." if steps is not None else ".")
             )
         if epochs is not None:
-            check_int("epochs", epochs, "Trainer.fit", minimum=1)
+            epochs = check_int("epochs", epochs, "Trainer.fit", minimum=1)
         elif until_epoch is not None:
-            check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
+            until_epoch = check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
         else:
-            check_int("steps", steps, "Trainer.fit", minimum=1)
+            steps = check_int("steps", steps, "Trainer.fit", minimum=1)
         if validation_data is not None and validation_split is not None:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
@@ -411,6 +410,10 @@ class Trainer:
                     # validation or after the last step: either way it is acted on here.
                     interrupted = self._agreed_signal()
                     stopped_by = interrupted or stopped_by
+            except BaseException:
+                if self._writer is not None:  # the saves this call started are on disk
+                    self._writer.drain()  # before its error reaches the caller
+                raise
             finally:
                 record.update(
                     epochs_done=self.counters.epoch - record["epoch_start"],
@@ -548,6 +551,13 @@ class Trainer:
             return
         total, count = self._partial
         values = self._backend.read_losses(losses)
+        if values is not None and not np.isfinite(values).all():
+            # Where the loss stays on the device (a GPU, DDP) this is where a NaN shows:
+            # at a readout, before anything is saved. Every rank holds the same values.
+            i = int(np.flatnonzero(~np.isfinite(values))[0])
+            c = self.counters
+            step = c.global_step - len(values) + i + 1
+            raise NonFiniteLossError(step, c.epoch, float(values[i]), seen_at=c.global_step)
         if values is None or total is None:
             self._partial = (None, count + sum(sizes))  # type: ignore[assignment]
         else:
@@ -561,7 +571,7 @@ class Trainer:
     def evaluate(self, x: Any, y: Any = None, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss and metrics on (x, y); never changes the training state or its streams."""
         if batch_size is not None:
-            check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
+            batch_size = check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
         data = self._backend.prepare(x, y)
         check_data = getattr(self._backend, "check_data", None)
         if check_data is not None:
@@ -572,7 +582,7 @@ class Trainer:
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The model's outputs for ``x`` in inference mode, in the framework's array type."""
         if batch_size is not None:
-            check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
+            batch_size = check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
         with self._fit_context(train=False):
             return self._backend.predict(x, batch_size or self.batch_size)
 

@@ -92,11 +92,17 @@ class _OrderSampler(torch.utils.data.Sampler):
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
+        for idx in self.shards():
+            if len(idx):  # an empty shard is not loaded: see TorchBackend._loader_batches
+                yield idx.tolist()
+
+    def shards(self) -> Iterator[np.ndarray]:
+        """This rank's shard of each global batch, empty ones included."""
         for idx in epoch_batches(self.order, self.batch_size, self.offset):
-            yield shard(idx, self.rank, self.world).tolist()
+            yield shard(idx, self.rank, self.world)
 
     def __len__(self) -> int:
-        return -(-(len(self.order) - self.offset) // self.batch_size)
+        return sum(1 for idx in self.shards() if len(idx))
 
 
 class HostSnapshot:
@@ -155,6 +161,7 @@ class TorchBackend:
     framework = "torch"
     _last_loss: torch.Tensor | None = None  # the previous step's loss (see train_step)
     _snapshot: HostSnapshot | None = None  # made by the first snapshot_tensors()
+    _no_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see _zero_rows
 
     def __init__(
         self,
@@ -447,20 +454,46 @@ class TorchBackend:
         # The loader's own generator seeds its workers; giving it one keeps it off the
         # trainer's global torch stream, so split and straight runs draw the same numbers.
         gen = torch.Generator().manual_seed(derive_seed(self._seed, "loader", epoch, offset))
-        rank, world = self.dist.rank, self.dist.world_size
+        sampler = _OrderSampler(order, offset, batch_size, self.dist.rank, self.dist.world_size)
         loader = torch.utils.data.DataLoader(
             data.dataset,
-            batch_sampler=_OrderSampler(order, offset, batch_size, rank, world),
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             generator=gen,
             pin_memory=self.device.type == "cuda",
         )
-        global_sizes = (len(b) for b in epoch_batches(order, batch_size, offset))
-        for batch, size in zip(loader, global_sizes, strict=False):
-            xb, yb = _split_batch(batch)
-            xb = xb.to(self.device, non_blocking=True)
-            yb = None if yb is None else yb.to(self.device, non_blocking=True)
-            yield (xb, yb, size) if self.dist.active else (xb, yb)
+        if not self.dist.active:
+            for batch in loader:
+                yield self._to_device(batch)
+            return
+        # Under DDP a short global batch can leave this rank no rows; it still takes the
+        # step (DDP's collectives must match on every rank), on a batch of zero rows.
+        loaded, self._no_rows = iter(loader), None
+        for idx, rows in zip(
+            epoch_batches(order, batch_size, offset), sampler.shards(), strict=True
+        ):
+            if len(rows):
+                xb, yb = self._to_device(next(loaded))
+                self._no_rows = (xb[:0], None if yb is None else yb[:0])
+            else:
+                xb, yb = self._zero_rows(data)
+            yield xb, yb, len(idx)
+
+    def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        xb, yb = _split_batch(batch)
+        xb = xb.to(self.device, non_blocking=True)
+        return xb, None if yb is None else yb.to(self.device, non_blocking=True)
+
+    def _zero_rows(self, data: DatasetData) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of zero rows shaped like the Dataset's: the last loaded batch's, or,
+        before any (a global batch smaller than the world, a resume at an epoch's short
+        last batch), sample 0's, read with every stream forked and fixed."""
+        if self._no_rows is None:
+            with _isolated_streams(self._cuda_devices(), seed=0):
+                item = torch.utils.data.default_collate([data.dataset[0]])
+            xb, yb = self._to_device(item)
+            self._no_rows = (xb[:0], None if yb is None else yb[:0])
+        return self._no_rows
 
     _seed = 0  # set by the Trainer; only the DataLoader worker seed uses it
 
@@ -541,11 +574,13 @@ class TorchBackend:
         """
         assert self.ddp is not None
         local_n = len(xb)
+        # Through DDP's forward even with no rows: it runs collectives of its own (the
+        # buffers' broadcast), which every rank must join.
+        out = self.ddp(xb)
         if local_n:
-            out = self.ddp(xb)
             mean = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
             part = mean * (local_n / global_n)
-        else:  # a short last batch left this rank nothing: join the all-reduce with zeros
+        else:  # a short global batch left this rank nothing: join the all-reduce with zeros
             part = sum(p.sum() for p in self.model.parameters()) * 0.0
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         (part * self.dist.world_size).backward()
