@@ -181,3 +181,73 @@ def test_docs_example_runs():
         warnings.simplefilter("error")
         for code in blocks:
             exec(compile(code, "docs/sklearn.md", "exec"), {})
+
+
+@pytest.mark.parametrize("make", [NeuralNetClassifier, NeuralNetRegressor])
+def test_module_instance_is_refused_with_a_pointer_to_the_class(make):
+    x, y = make_data(40)
+    est = make(module=nn.Linear(5, 3), max_epochs=1, random_state=0)
+    message = (
+        f"The 'module' parameter of {make.__name__} must be a callable (n_features, "
+        "n_outputs) -> torch.nn.Module, or None. Got an instance of Linear (a network "
+        "already built) instead. Pass the class (module=Linear) or a factory such as "
+        "functools.partial(Linear, ...): fit builds a new network from it for the data's "
+        "shape."
+    )
+    for call in (est.fit, est.partial_fit):
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            call(x, y)
+    assert not hasattr(est, "trainer_")  # refused before anything was built
+    # The class itself is the documented way: nn.Linear(in_features, out_features).
+    assert isinstance(make(module=nn.Linear, max_epochs=1).fit(x, y).module_, nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "lr", [0, -1e-3, float("nan"), np.float32("inf"), True, "0.01", np.array([1e-2])]
+)
+def test_lr_must_be_a_finite_positive_real(lr):
+    x, y = make_data(40)
+    with pytest.raises(ValueError) as err:
+        NeuralNetClassifier(lr=lr, max_epochs=1).fit(x, y)
+    assert str(err.value) == (
+        f"The 'lr' parameter of NeuralNetClassifier must be a finite float > 0. Got {lr!r} instead."
+    )
+
+
+def test_numpy_scalar_params_train_as_plain_numbers(tmp_path):
+    x, y = make_data(64)
+    # 2**-6 is exact in float32, so both estimators use the very same learning rate.
+    plain = dict(batch_size=16, lr=2.0**-6, max_epochs=3, random_state=0)
+    numpy = dict(
+        batch_size=np.int64(16), lr=np.float32(2.0**-6), max_epochs=np.int64(3),
+        random_state=np.int64(0),
+    )  # fmt: skip
+    ref = NeuralNetClassifier(hidden_layer_sizes=(8,), **plain).fit(x, y)
+    est = NeuralNetClassifier(hidden_layer_sizes=(np.int64(8),), **numpy).fit(x, y)
+    assert np.array_equal(est.predict_proba(x), ref.predict_proba(x))
+    assert est.get_params()["lr"] is numpy["lr"]  # the parameter itself is kept as given
+    assert type(est.trainer_.batch_size) is int
+    assert type(est.trainer_.optimizer.param_groups[0]["lr"]) is float
+    assert type(est.trainer_.ledger[0]["epochs_asked"]) is int
+    est.trainer_.save(tmp_path / "ckpt")  # JSON holds the counters
+    # Changed between continued calls: applied as plain numbers, the same as plain ones.
+    for e, bs, lr in ((ref, 8, 2.0**-7), (est, np.int64(8), np.float32(2.0**-7))):
+        e.set_params(warm_start=True, batch_size=bs, lr=lr, max_epochs=np.int64(1))
+        with pytest.warns(UserWarning, match="the optimizer keeps its state"):
+            e.fit(x, y)
+    assert type(est.trainer_.batch_size) is int
+    assert type(est.trainer_.optimizer.param_groups[0]["lr"]) is float
+    assert np.array_equal(est.predict_proba(x), ref.predict_proba(x))
+    est.trainer_.save(tmp_path / "ckpt2")
+
+
+def test_grid_search_over_numpy_arrays_of_batch_sizes_and_learning_rates():
+    x, y = make_data(64)
+    grid = GridSearchCV(
+        NeuralNetClassifier(hidden_layer_sizes=(8,), max_epochs=1, random_state=0),
+        {"batch_size": np.array([16, 32]), "lr": np.array([1e-2, 3e-2], dtype=np.float32)},
+        cv=2,
+        error_score="raise",
+    ).fit(x, y)
+    assert grid.best_params_["batch_size"] in (16, 32)
+    assert type(grid.best_estimator_.trainer_.batch_size) is int

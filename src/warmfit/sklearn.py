@@ -18,6 +18,8 @@ predictions equal whole-batch ones. Everything the estimator keeps is picklable.
 from __future__ import annotations
 
 import functools
+import math
+import operator
 import warnings
 from typing import Any
 
@@ -38,7 +40,8 @@ class _MLP:
     """Default module factory: ``hidden_layer_sizes`` Linear+ReLU layers, then a Linear."""
 
     def __init__(self, hidden_layer_sizes: tuple[int, ...]) -> None:
-        self.hidden_layer_sizes = tuple(hidden_layer_sizes)
+        # operator.index: NumPy integers become plain ints, a float is refused.
+        self.hidden_layer_sizes = tuple(operator.index(h) for h in hidden_layer_sizes)
 
     def __call__(self, n_features: int, n_outputs: int) -> Any:
         from torch import nn
@@ -104,15 +107,15 @@ class _NeuralNet:
     # -- public API ------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> Any:
         """Train ``max_epochs`` epochs: from scratch, or more epochs if ``warm_start``."""
-        self._check_params()
+        epochs = self._checked_params()["max_epochs"]
         if self.warm_start and hasattr(self, "trainer_"):
-            return self._train(X, y, self.max_epochs, first=False)
-        return self._train(X, y, self.max_epochs, first=True)
+            return self._train(X, y, epochs, first=False)
+        return self._train(X, y, epochs, first=True)
 
     def partial_fit(self, X: Any, y: Any, classes: Any = None) -> Any:
         """Train one more epoch on (X, y) in ``continue`` mode (the first call builds the
         network; ``classes`` lists every class a classifier will ever see)."""
-        self._check_params()
+        self._checked_params()
         return self._train(X, y, 1, first=not hasattr(self, "trainer_"), classes=classes)
 
     def _train(self, X: Any, y: Any, epochs: int, *, first: bool, classes: Any = None) -> Any:
@@ -138,48 +141,86 @@ class _NeuralNet:
         return self
 
     def _build_trainer(self, n_features: int) -> None:
+        """A new Trainer (and network) from the current parameters. The numbers are
+        passed on as plain ``int``/``float`` (a NumPy scalar from a parameter grid would
+        reach torch and the checkpoint's JSON otherwise)."""
         from sklearn.utils import check_random_state
 
+        plain = self._checked_params()
         factory = self.module if self.module is not None else _MLP(self.hidden_layer_sizes)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         self.trainer_ = Trainer(
             functools.partial(_build, factory, n_features, self.n_outputs_, self._dtype),
-            optimizer=functools.partial(_adam, lr=self.lr),
+            optimizer=functools.partial(_adam, lr=plain["lr"]),
             loss=self._loss,
-            batch_size=self.batch_size,
+            batch_size=plain["batch_size"],
             seed=seed,
             verbose=0,
         )
         self.module_ = self.trainer_.model
-        self.built_params_ = {k: self.get_params()[k] for k in (*_ARCHITECTURE, "lr", "batch_size")}
+        params = self.get_params()
+        self.built_params_ = {
+            **{k: params[k] for k in _ARCHITECTURE},
+            "lr": plain["lr"],
+            "batch_size": plain["batch_size"],
+        }
 
-    def _check_params(self) -> None:
+    def _checked_params(self) -> dict[str, Any]:
+        """Check the parameters (scikit-learn's convention: at fit, not in ``__init__``,
+        which stores them as given) and return the numeric ones as plain Python numbers:
+        ``max_epochs`` and ``batch_size`` as ``int``, ``lr`` as ``float``.
+
+        NumPy scalars are accepted (``np.integer`` for the ints; ``np.integer`` and
+        ``np.floating`` for ``lr``), bools never. A bad value raises ``ValueError``; a
+        ``module`` that is not a callable, or is an ``nn.Module`` instance (callable, but
+        its ``forward`` is not a factory), raises ``TypeError``."""
         name = type(self).__name__
-        checks = (
-            ("max_epochs", self.max_epochs, "an int >= 1"),
-            ("batch_size", self.batch_size, "an int >= 1"),
-        )
-        for key, value, expected in checks:
+        plain: dict[str, Any] = {}
+        for key in ("max_epochs", "batch_size"):
+            value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(
-                    f"The {key!r} parameter of {name} must be {expected}. Got {value!r} instead."
+                    f"The {key!r} parameter of {name} must be an int >= 1. Got {value!r} instead."
                 )
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (float, int)) or self.lr <= 0:
+            plain[key] = int(value)
+        lr = self.lr
+        real = isinstance(lr, (int, float, np.integer, np.floating)) and not isinstance(lr, bool)
+        if not real or not math.isfinite(lr) or lr <= 0:
             raise ValueError(
-                f"The 'lr' parameter of {name} must be a float > 0. Got {self.lr!r} instead."
+                f"The 'lr' parameter of {name} must be a finite float > 0. Got {lr!r} instead."
             )
-        if self.module is not None and not callable(self.module):
+        plain["lr"] = float(lr)
+        self._check_module(name)
+        return plain
+
+    def _check_module(self, name: str) -> None:
+        """``module`` must be None or a factory ``(n_features, n_outputs) -> nn.Module``."""
+        module = self.module
+        if module is None:
+            return
+        expected = (
+            f"The 'module' parameter of {name} must be a callable (n_features, n_outputs) "
+            "-> torch.nn.Module, or None."
+        )
+        from torch import nn
+
+        if isinstance(module, nn.Module):
+            cls = type(module).__name__
             raise TypeError(
-                f"The 'module' parameter of {name} must be a callable (n_features, n_outputs) "
-                f"-> torch.nn.Module, or None. Got {self.module!r} instead."
+                f"{expected} Got an instance of {cls} (a network already built) instead. Pass "
+                f"the class (module={cls}) or a factory such as functools.partial({cls}, "
+                "...): fit builds a new network from it for the data's shape."
             )
+        if not callable(module):
+            raise TypeError(f"{expected} Got {module!r} instead.")
 
     def _check_changed_params(self) -> None:
         """Guardrails for set_params between continued calls: an architecture change is
         an error; a new lr or batch_size is applied to the running optimizer/Trainer
-        (its state is kept, never silently reset) with a warning."""
+        (its state is kept, never silently reset) with a warning. ``lr`` and
+        ``batch_size`` are compared and applied as plain ``float``/``int``."""
         name = type(self).__name__
-        now = self.get_params()
+        now = {**self.get_params(), **self._checked_params()}
         for key in _ARCHITECTURE:
             if now[key] is not self.built_params_[key] and now[key] != self.built_params_[key]:
                 raise ValueError(
@@ -232,18 +273,24 @@ class NeuralNetClassifier(ClassifierMixin, _NeuralNet, BaseEstimator):
     ----------
     module : callable (n_features, n_outputs) -> torch.nn.Module, default=None
         Builds the network (must be picklable: a class or ``functools.partial``, not
-        a lambda). None: an MLP with ``hidden_layer_sizes`` and ReLU.
+        a lambda). None: an MLP with ``hidden_layer_sizes`` and ReLU. A module
+        instance (``nn.Linear(5, 2)``) is refused with a ``TypeError``: pass the
+        class (``nn.Linear``).
     hidden_layer_sizes : tuple of int, default=(100,)
         Hidden widths of the default MLP (ignored when ``module`` is given).
     max_epochs : int, default=10
         Epochs per ``fit`` call (additional epochs when ``warm_start=True``).
     batch_size : int, default=32
     lr : float, default=1e-3
-        Adam's learning rate.
+        Adam's learning rate, finite and > 0.
     warm_start : bool, default=False
         ``fit`` continues the previous training instead of starting over.
     random_state : int, RandomState instance or None, default=None
         Seeds the weights, the data order and every random stream of training.
+
+    The parameters are checked at ``fit``/``partial_fit`` (``__init__`` stores them as
+    given). NumPy scalars are accepted for the numbers (``np.int64``, ``np.float32``;
+    bools never) and passed on to the Trainer as plain ``int``/``float``.
 
     Attributes
     ----------
