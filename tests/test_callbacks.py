@@ -98,6 +98,34 @@ def test_rewind_to_best_then_continue_is_exact(tmp_path):
     assert_same_training_state(ref, t)
 
 
+def test_a_rewind_is_saved_so_a_new_process_resumes_from_it(tmp_path):
+    """rewind writes the rewound state (its ledger row included) as the run dir's newest
+    checkpoint: a new Trainer on the run dir goes on from the rewind, not from before
+    it, and the ledger keeps every call."""
+    x, y = make_data()
+    with make_trainer(run_dir=tmp_path, keep_last=10) as t:
+        for _ in range(3):
+            t.fit(x, y, epochs=1)
+        t.rewind(epoch=1)
+        rewound = t.state_dict()
+    with make_trainer(run_dir=tmp_path, keep_last=10) as again:
+        assert (again.epoch, again.global_step) == (1, 13)
+        modes = ["continue"] * 3 + ["rewind"]
+        assert [r["mode"] for r in again.ledger] == modes
+        assert_same_training_state(again, trainer_from(rewound))
+        again.fit(x, y, epochs=2)
+        assert [r["mode"] for r in again.ledger] == [*modes, "continue"]
+    ref = make_trainer()
+    ref.fit(x, y, epochs=3)
+    assert_same_training_state(ref, again)
+
+
+def trainer_from(state_dict: dict) -> warmfit.Trainer:
+    t = make_trainer()
+    t.load_state_dict(state_dict)
+    return t
+
+
 def test_rewind_to_epoch_and_missing_epoch(tmp_path):
     x, y = make_data()
     with make_trainer(run_dir=tmp_path, keep_last=10) as t:

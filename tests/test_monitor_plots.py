@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 from torch import nn
 
-from conftest import make_trainer
+from conftest import make_data, make_trainer
 from warmfit.monitor import OverfittingMonitor, OverfittingWarning, summary_line
 from warmfit.plots import plot_history
 from warmfit.progress import Progress
@@ -38,6 +38,23 @@ def test_summary_line_overfitting_case():
         "overfitting monitor: best val_loss=0.65 at epoch 4 (4 epochs past it); train/validation "
         "gap (val_loss - loss) widening over the last 5 epochs (+0.15 -> +0.8)"
     )
+
+
+def test_summary_line_for_a_metric_the_training_data_never_logs():
+    acc = [{**r, "val_accuracy": 1 - r["val_loss"]} for r in records()]
+    assert summary_line(acc, "val_accuracy", "max") == (
+        "overfitting monitor: best val_accuracy=0.35 at epoch 4 (4 epochs past it); no "
+        "train/validation gap: the history has no 'accuracy'"
+    )
+
+
+def test_the_summary_follows_the_fit_calls_verbose(capsys):
+    x, y = make_data(64)
+    t = make_trainer(callbacks=[OverfittingMonitor()], verbose=1)
+    t.fit(x, y, epochs=2, validation_split=0.25, verbose=0)
+    assert capsys.readouterr().out == ""
+    t.fit(x, y, epochs=1, validation_split=0.25)
+    assert "overfitting monitor: best val_loss=" in capsys.readouterr().out
 
 
 def test_summary_line_best_is_last_flat_gap_and_edge_cases():

@@ -508,3 +508,31 @@ def test_an_augmenting_dataset_keeps_its_fingerprint_and_the_callers_streams(dat
         t.fit(ds, epochs=1)
     assert torch.equal(torch.get_rng_state(), caller)
     assert t.ledger[0]["fingerprint"] == t.ledger[1]["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        (
+            "gpu",
+            "The 'device' parameter of Trainer must be a torch device such as 'cpu', 'cuda' or "
+            "'cuda:1'. Got 'gpu' instead.",
+        ),
+        (
+            42.0,
+            "The 'device' parameter of Trainer must be a torch device such as 'cpu', 'cuda' or "
+            "'cuda:1'. Got 42.0 instead.",
+        ),
+        pytest.param(
+            "cuda",
+            f"The 'device' parameter of Trainer is 'cuda', but this torch {torch.__version__} "
+            "sees no CUDA device. Use device='cpu', or run where a GPU and a CUDA build of "
+            "torch are.",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
+    ],
+)
+def test_a_device_that_is_not_here_is_refused_with_a_message(device, message):
+    with pytest.raises(ValueError) as err:
+        make_trainer(device=device)
+    assert str(err.value) == message

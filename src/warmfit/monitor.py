@@ -112,7 +112,7 @@ class OverfittingMonitor(Callback):
         return False
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if self.verbose and getattr(trainer, "verbose", 1) and getattr(trainer, "rank", 0) == 0:
+        if self.verbose and trainer.fit_verbose and trainer.rank == 0:
             print(self.summary(), flush=True)
 
     # -- the work -------------------------------------------------------------------------
@@ -186,6 +186,10 @@ class OverfittingMonitor(Callback):
         if trend == "n/a":
             if self.train_key is None:
                 return line + f"; no train/validation gap for {self.monitor!r}"
+            if all(r[3] is None for r in self.recent):  # e.g. accuracy: only the loss is
+                return line + (  # logged for the training data
+                    f"; no train/validation gap: the history has no {self.train_key!r}"
+                )
             return line + "; train/validation gap: too few epochs for a trend"
         return line + (
             f"; train/validation gap ({self.monitor} - {self.train_key}) {trend} over the "

@@ -168,6 +168,7 @@ class Trainer:
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self.override = set(override)
         self.verbose = verbose
+        self.fit_verbose = verbose  # the verbosity of the fit call in progress (or the last)
         self.ledger = Ledger()
         self._in_fit = False
         self._stop_signal: str | None = None
@@ -278,6 +279,7 @@ class Trainer:
         if validation_data is not None and validation_split is not None:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
+        self.fit_verbose = verbose  # what callbacks print by (the call's, not the Trainer's)
         new_schedule = as_schedule(schedule) if schedule is not None else None
         check_schedule = getattr(self._backend, "check_schedule", None)
         if new_schedule is not None and check_schedule is not None:
@@ -633,7 +635,9 @@ class Trainer:
     ) -> Path:
         """Restore the whole state — weights, optimizer, counters, random streams,
         callbacks, history — from a checkpoint of the run directory, so that a following
-        ``continue`` is exact from there. Recorded in the ledger.
+        ``continue`` is exact from there. Recorded in the ledger, and saved: the rewound
+        state becomes the run directory's newest checkpoint, so a new process resumes
+        from it too.
 
         ``to="best"`` (by ``monitor``), ``"latest"``, a checkpoint path; or ``epoch=K``
         (the checkpoint at the end of global epoch K) or ``step=S``.
@@ -666,6 +670,9 @@ class Trainer:
         }
         self.ledger.append(record)
         self._append_jsonl("ledger.jsonl", record)
+        # The rewound state, its ledger row included, is the run dir's newest checkpoint:
+        # a new process on the run dir resumes from here, not from before the rewind.
+        self._checkpoint(wait=True)
         if self.verbose and self.rank == 0:
             print(
                 f"warmfit: rewound to {path} (epoch {self.counters.epoch}, "

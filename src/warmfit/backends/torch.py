@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data import epoch_batches, fingerprint, shard
 from ..distributed import DistContext
-from ..errors import StateMismatchError
+from ..errors import StateMismatchError, invalid_param
 from ..schedules import TorchScheduler
 from ..state import derive_seed
 from .base import NonFiniteLoss, check_keys, check_samples
@@ -179,7 +179,7 @@ class TorchBackend:
                 "torch.optim.Optimizer, e.g. lambda params: torch.optim.Adam(params, lr=1e-3), "
                 f"so that 'warm' and 'restart' can build a fresh one. Got {optimizer!r} instead."
             )
-        self.device = torch.device(device)
+        self.device = _check_device(device)
         self.dist = DistContext.from_env(self.device)
         self.device = self.dist.device
         self.ddp: nn.Module | None = None
@@ -977,6 +977,30 @@ def _item_error(item: Any, which: str) -> ValueError:
         f"{_ITEMS}. {which} is a {_kind(item)}. Wrap the Dataset so that __getitem__ "
         "returns (x, y), e.g. `return item['x'], item['y']` for dict items."
     )
+
+
+def _check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` this process can use; a ``ValueError`` that says
+    what to pass instead of torch's errors for a bad name or a device not here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise invalid_param(
+            "device", "Trainer", "a torch device such as 'cpu', 'cuda' or 'cuda:1'", device
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"The 'device' parameter of Trainer is {device!r}, but this torch "
+            f"{torch.__version__} sees no CUDA device. Use device='cpu', or run where a GPU "
+            "and a CUDA build of torch are."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"The 'device' parameter of Trainer is {device!r}, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s). Use one of cuda:0..."
+            f"cuda:{torch.cuda.device_count() - 1}."
+        )
+    return dev
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
