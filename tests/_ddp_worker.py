@@ -5,8 +5,9 @@ world of one): ``_ddp_worker.py RUN_DIR UNTIL_EPOCH [--dropout P] [--slow S] [--
 Trains the conftest MLP on a map-style dataset that records which samples this rank
 read (written to ``--seen/rank<r>.json``), or with ``--arrays`` on the arrays
 themselves, resuming from RUN_DIR if it holds a checkpoint; rank 0 writes the final
-state to ``--out``. ``--nan-row I`` makes row I's features NaN; a NonFiniteLossError is
-printed as ``rank R: NonFiniteLossError: <message>`` and exits 3.
+state to ``--out``; a ``{rank}`` in RUN_DIR gives each rank its own. ``--nan-row I``
+makes row I's features NaN. A NonFiniteLossError (CheckpointError) is printed as
+``rank R: NonFiniteLossError: <message>`` and exits 3 (4).
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ def main() -> None:
     if args.nan_row is not None:
         x[args.nan_row] = float("nan")
     data = Recording(x, y, args.slow)
-    trainer = make_trainer(
-        model=lambda: MLP(p=args.dropout),
-        run_dir=args.run_dir,
-        checkpoint_every=args.checkpoint_every,
-        keep_last=None,
-    )
+    try:
+        trainer = make_trainer(
+            model=lambda: MLP(p=args.dropout),
+            run_dir=args.run_dir.format(rank=rank),  # "{rank}": a run dir per rank
+            checkpoint_every=args.checkpoint_every,
+            keep_last=None,
+        )
+    except warmfit.CheckpointError as err:
+        print(f"rank {rank}: CheckpointError: {err}", flush=True)
+        sys.exit(4)
     if args.seen:
         Path(args.seen).mkdir(parents=True, exist_ok=True)
         (Path(args.seen) / f"pid{rank}").write_text(str(os.getpid()))

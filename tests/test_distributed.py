@@ -218,3 +218,20 @@ def test_a_nan_loss_under_ddp_stops_every_rank_before_a_save(tmp_path):
     for path in saved:
         tensors, _ = read_checkpoint(path)
         assert all(np.isfinite(v).all() for v in weights(tensors).values()), path.name
+
+
+def test_ranks_that_find_different_checkpoints_refuse_to_start(tmp_path):
+    """A run dir on each node's own disk: rank 0 finds a checkpoint, rank 1 none. Both
+    stop with a CheckpointError that says so, instead of training from two states."""
+    run(1, tmp_path / "rank0", 1)  # rank 0's disk holds epoch 1
+    proc = launch(2, tmp_path / "rank{rank}", 2)
+    out, _err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"rank {rank}: CheckpointError: {tmp_path / f'rank{rank}'}/checkpoints: the ranks "
+            "found different newest checkpoints (rank 0: ckpt-00000001-run000-step-"
+            "000000000012, rank 1: none). Every rank must see the same run directory: put "
+            "run_dir on storage that all nodes share (not a node's own disk), then start the "
+            "job again."
+        ) in out

@@ -89,7 +89,8 @@ class DistContext:
         dist.all_gather(sizes, size)
         longest = int(max(s.item() for s in sizes))
         buf = torch.zeros(longest, dtype=torch.uint8, device=self.device)
-        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        if payload:  # frombuffer refuses an empty buffer
+            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         bufs = [torch.zeros_like(buf) for _ in range(self.world_size)]
         dist.all_gather(bufs, buf)
         return [bytes(b[: int(s.item())].cpu().numpy()) for b, s in zip(bufs, sizes, strict=True)]

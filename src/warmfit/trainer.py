@@ -41,6 +41,7 @@ from .background import AsyncWriter, SnapshotBuffers
 from .callbacks import Callback, ReduceLROnPlateau
 from .data import Cursor, check_offset, epoch_permutation, validation_split
 from .errors import (
+    CheckpointError,
     NonFiniteLossError,
     StateMismatchError,
     TrainingInterrupted,
@@ -1223,6 +1224,8 @@ class Trainer:
     def _resume_from_run_dir(self) -> None:
         assert self.run_dir is not None
         found = self.run_dir.load_latest()
+        if self.world_size > 1:
+            self._check_ranks_agree(None if found is None else found[0])
         if found is None:
             return
         path, tensors, state = found
@@ -1233,6 +1236,22 @@ class Trainer:
                 f"warmfit: resumed from {path} (run {c.run}, epoch {c.epoch}, "
                 f"offset {c.offset}, step {c.global_step})",
                 flush=True,
+            )
+
+    def _check_ranks_agree(self, path: Path | None) -> None:
+        """Under DDP every rank reads the run directory itself: refuse to start when they
+        found different newest checkpoints (a run_dir on each node's own disk, a stale
+        view of a network filesystem), which would train from different states."""
+        assert self.run_dir is not None
+        name = "" if path is None else path.name
+        found = [b.decode() for b in self._backend.gather_bytes(name.encode())]  # type: ignore[attr-defined]
+        if len(set(found)) > 1:
+            seen = ", ".join(f"rank {r}: {n or 'none'}" for r, n in enumerate(found))
+            raise CheckpointError(
+                self.run_dir.checkpoints_dir,
+                f"the ranks found different newest checkpoints ({seen}). Every rank must "
+                "see the same run directory: put run_dir on storage that all nodes share "
+                "(not a node's own disk), then start the job again.",
             )
 
     def _checkpoint(self, *, wait: bool) -> Path | None:
