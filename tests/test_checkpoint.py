@@ -24,6 +24,7 @@ import xxhash
 from safetensors.numpy import load_file
 
 import warmfit
+from conftest import make_data, make_trainer
 from warmfit import checkpoint as ck
 from warmfit.background import AsyncWriter, SaveFailedError, SnapshotBuffers
 from warmfit.checkpoint import (
@@ -39,7 +40,7 @@ from warmfit.checkpoint import (
     write_checkpoint,
 )
 from warmfit.errors import CheckpointError, RunDirLockedError, WarmfitError
-from warmfit.rundir import LATEST, RunDir, verify_run_dir
+from warmfit.rundir import LATEST, RunDir, verify_checkpoints, verify_run_dir
 
 DTYPES = [
     np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64,
@@ -351,9 +352,54 @@ def test_inspect_checkpoint(tmp_path: Path) -> None:
         "s": ("float64", (), 8),
     }
     assert summary["state_keys"] == ["model", "counters"]
+    assert (summary["version"], summary["counters"]) == (None, {"step": 1})
     tfile = path / TENSOR_FILE
     flip_bit(tfile, tfile.stat().st_size - 1)
     assert inspect_checkpoint(path)["checksum_ok"] is False
+
+
+def test_inspect_shows_a_trainers_counters_and_version(tmp_path: Path) -> None:
+    x, y = make_data(n=48)
+    with make_trainer(run_dir=tmp_path) as trainer:
+        trainer.fit(x, y, epochs=1)
+        summary = inspect_checkpoint(trainer.run_dir.latest())
+    assert summary["version"] == {"warmfit": warmfit.__version__, "framework": "torch"}
+    assert summary["counters"] == {
+        "epoch": 1, "offset": 0, "global_step": 3, "samples_seen": 48, "fit_calls": 1,
+        "run": 0, "schedule_origin": 0,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("step", "gone"),
+    [
+        ("_check_tensor_file", "missing"),
+        ("_file_checksum", "missing"),
+        ("_read_header", "missing"),
+        ("_file_checksum", "a directory"),
+        ("_read_header", "a directory"),
+    ],
+)
+def test_a_tensor_file_gone_while_being_read_is_a_checkpoint_error(
+    tmp_path: Path, step: str, gone: str
+) -> None:
+    """verify reads a folder that retention may delete meanwhile: every read of the tensor
+    file turns an OSError into a CheckpointError naming the file."""
+    path = save(tmp_path / "ck")
+    doc = ck._read_state_doc(path)
+    tfile = path / TENSOR_FILE
+    tfile.unlink()
+    if gone == "a directory":
+        tfile.mkdir()
+    read = {
+        "_check_tensor_file": lambda: ck._check_tensor_file(path, doc, verify=True),
+        "_file_checksum": lambda: ck._file_checksum(tfile, doc["checksum"]),
+        "_read_header": lambda: ck._read_header(tfile),
+    }[step]
+    with pytest.raises(CheckpointError) as info:
+        read()
+    problem = "missing" if gone == "missing" else "unreadable: Is a directory"
+    assert str(info.value) == f"{tfile}: {problem}"
 
 
 # --------------------------------------------------------------------------- run directory
@@ -454,6 +500,23 @@ def test_retention_is_per_run_and_keeps_finished_runs(tmp_path: Path) -> None:
         for r, step in [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]:
             run.save(step_tensors(step), {}, step=step, metric=float(step), run=r)
         assert runs_and_steps(run.checkpoints()) == [(0, 2), (1, 3)]
+
+
+def test_verify_leaves_out_a_checkpoint_retention_deleted_after_the_listing(
+    tmp_path: Path,
+) -> None:
+    """``warmfit verify`` needs no lock: a Trainer may delete an old checkpoint between
+    the listing and the read. Such a folder is left out, not reported damaged."""
+    with RunDir(tmp_path, keep_last=2) as run:
+        for step in (1, 2):
+            run.save(step_tensors(step), {}, step=step)
+        listing = run.checkpoints()
+        flip_bit(listing[1] / TENSOR_FILE, (listing[1] / TENSOR_FILE).stat().st_size - 1)
+        run.save(step_tensors(3), {}, step=3)  # retention deletes step 1
+        assert not listing[0].exists()
+        damaged = "tensors.safetensors: checksum mismatch: the file is damaged"
+        assert verify_checkpoints(listing) == [(listing[1], damaged)]
+        assert verify_run_dir(tmp_path) == [(listing[1], damaged), (run.checkpoints()[1], None)]
 
 
 def test_same_step_twice_gets_its_own_folder(tmp_path: Path) -> None:

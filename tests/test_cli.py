@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from warmfit import __version__
 from warmfit.cli import main, read_run
 from warmfit.spec import SpecError, load_spec
 
@@ -226,3 +227,217 @@ def test_train_interrupted_exits_128_plus_the_signal_and_resumes(tmp_path, sig, 
     again = warmfit("train", str(spec), "--epochs", "1", "--run-dir", "run", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "warmfit: resumed from run/checkpoints/" in again.stdout
+
+
+# -- errors are one line on stderr, never a traceback --------------------------------------------
+
+TINY = """\
+import numpy as np
+import torch
+from torch import nn
+
+
+def model():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def data():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+"""
+
+
+def tiny_spec(tmp_path: Path, extra: str = "") -> Path:
+    """A spec of 3 steps an epoch (48 training rows, batch 16); its module is named after
+    the test's folder, so that no two tests share an imported module."""
+    module = f"tiny_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(TINY)
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(
+        f'model = "{module}:model"\ndata = "{module}:data"\noptimizer = "{module}:adam"\n'
+        'loss = "cross_entropy"\nbatch_size = 16\nepochs = 2\nverbose = 0\n'
+        f"validation_split = 0.25\n{extra}"
+    )
+    return spec
+
+
+def test_check_resume_when_early_stopping_stops_the_straight_run(tmp_path, capsys):
+    # patience 0 and an unreachable min_delta: EarlyStopping stops at the end of epoch 2
+    spec = tiny_spec(
+        tmp_path, 'callbacks = [{ name = "EarlyStopping", patience = 0, min_delta = 10.0 }]\n'
+    )
+    assert main(["check-resume", str(spec), "--steps", "12"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "exact",
+        "6 steps straight == k steps, save, load into a fresh Trainer, 6 - k steps (k = 3, 2): "
+        "weights, optimizer state, counters, RNG streams, schedule, callbacks and history are "
+        "bit-identical.",
+        "The straight run was stopped by EarlyStopping at step 6, before the 12 steps asked: "
+        "the 6 steps it trained were compared.",
+    ]
+    assert main(["check-resume", str(spec), "--steps", "12", "--cut", "3", "--cut", "8"]) == 1
+    assert capsys.readouterr().err == (
+        "warmfit check-resume: the straight run was stopped by EarlyStopping at step 6, before "
+        "the 12 steps asked, so a run cut at step 8 would go on training after it in its next "
+        "fit call and cannot be compared. Pass --cut below 6, or --steps 6 or fewer.\n"
+    )
+
+
+def test_train_into_a_file_says_so(tmp_path, capsys):
+    spec = tiny_spec(tmp_path)
+    assert main(["train", str(spec), "--run-dir", str(spec)]) == 1
+    assert capsys.readouterr().err == (
+        f"warmfit train: --run-dir {spec} is not a directory. Pass a directory for the run "
+        "(it is created if missing).\n"
+    )
+    assert main(["train", str(spec), "--run-dir", str(spec / "run")]) == 1
+    assert capsys.readouterr().err == (
+        f"warmfit train: --run-dir {spec / 'run'} lies under {spec}, which is not a directory. "
+        "Pass a directory for the run (it is created if missing).\n"
+    )
+
+
+def write_run(root: Path, ledger: list[str], history: list[str]) -> Path:
+    """A run dir as training writes it: ledger.jsonl and history-run0.jsonl, a line each."""
+    root.mkdir()
+    (root / "ledger.jsonl").write_text("".join(line + "\n" for line in ledger))
+    (root / "history-run0.jsonl").write_text("".join(line + "\n" for line in history))
+    return root
+
+
+def ledger_row(call: int, mode: str, start: int, end: int) -> str:
+    row = {"call": call, "run": 0, "mode": mode, "epoch_start": start, "epochs_done": end - start}
+    row.update(epochs_asked=end - start, step_start=3 * start, step_end=3 * end, wall_s=0.1)
+    return json.dumps({**row, "final": {}})
+
+
+def epoch_row(epoch: int, segment: int, loss: float) -> str:
+    return json.dumps(
+        {"epoch": epoch, "segment": segment, "mode": "continue", "loss": loss, "lr": 0.01}
+    )
+
+
+def test_history_plot_to_a_directory_or_under_a_file_says_so(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [ledger_row(0, "continue", 0, 1)], [epoch_row(1, 0, 0.5)])
+    (tmp_path / "somedir").mkdir()
+    assert main(["history", str(run), "--plot", str(tmp_path / "somedir")]) == 1
+    assert capsys.readouterr().err == (
+        f"warmfit history: --plot: {tmp_path / 'somedir'} is a directory; pass the PNG file to "
+        f"write, e.g. {tmp_path / 'somedir' / 'curves.png'}\n"
+    )
+    under = run / "ledger.jsonl" / "c.png"
+    assert main(["history", str(run), "--plot", str(under)]) == 1
+    assert capsys.readouterr().err == (
+        f"warmfit history: --plot: cannot write {under}: {run / 'ledger.jsonl'} is a file, not "
+        "a directory. Pass a path whose folders are directories (missing ones are created).\n"
+    )
+
+
+def test_demo_on_a_locked_or_foreign_run_dir_says_so(tmp_path, capsys):
+    from warmfit.rundir import RunDir
+
+    with RunDir(tmp_path / "locked"):
+        assert main(["demo", "--run-dir", str(tmp_path / "locked")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"warmfit demo: run directory {tmp_path / 'locked'} is locked by this process (pid "
+    )
+    assert err.count("\n") == 1
+
+    spec = tiny_spec(tmp_path)
+    assert main(["train", str(spec), "--run-dir", str(tmp_path / "tiny"), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--run-dir", str(tmp_path / "tiny")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("warmfit demo: the checkpoint does not match the model: ")
+    assert err.endswith(
+        " (The demo goes on only from a run dir an earlier demo wrote: pass a new --run-dir, "
+        "or leave it out for a temporary one.)\n"
+    )
+
+
+def test_demo_on_its_own_run_dir_again_reproduces_the_restart(tmp_path, capsys):
+    from warmfit.demo import run
+
+    run(str(tmp_path / "demo"), verbose=0).close()
+    first = capsys.readouterr().out
+    assert "restart reproduced the first call's 3 epochs bit for bit: True" in first
+    run(str(tmp_path / "demo"), verbose=0).close()  # resumes run 1 at epoch 3
+    again = capsys.readouterr().out
+    assert "mode='continue' (the default) — going on from the run dir's epoch 3" in again
+    assert "restart reproduced epochs 1-3 of the resumed run bit for bit: True" in again
+    assert "== History of the current run (run 2)" in again
+    assert "bit for bit: False" not in first + again
+
+
+def test_inspect_exits_1_on_a_damaged_checkpoint_and_shows_the_counters(tmp_path, capsys):
+    spec = tiny_spec(tmp_path)
+    assert main(["train", str(spec), "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("ckpt-*"))
+    assert main(["inspect", str(checkpoint)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["checksum_ok"] is True and shown["version"]["warmfit"] == __version__
+    assert shown["counters"] == {
+        "epoch": 2, "offset": 0, "global_step": 6, "samples_seen": 96, "fit_calls": 1, "run": 0,
+        "schedule_origin": 0,
+    }  # fmt: skip
+
+    tfile = checkpoint / "tensors.safetensors"
+    raw = bytearray(tfile.read_bytes())
+    raw[-3] ^= 0x10
+    tfile.write_bytes(bytes(raw))
+    assert main(["inspect", str(checkpoint)]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["checksum_ok"] is False
+    assert err == (
+        f"warmfit inspect: {tfile}: checksum mismatch: the file is damaged. Do not load this "
+        "checkpoint; a Trainer resuming its run dir skips it for the newest intact one (warmfit "
+        "verify RUN_DIR lists them).\n"
+    )
+
+
+def test_history_keeps_every_ledger_row_and_retrained_epochs_once(tmp_path):
+    # Epochs 1-3, then a rewind to epoch 1 that ledger.jsonl records, then 2 epochs again:
+    # a later process reuses its call number (the checkpoint it resumed lacks the rewind).
+    ledger = [
+        ledger_row(0, "continue", 0, 3),
+        ledger_row(1, "rewind", 1, 1),
+        ledger_row(1, "continue", 1, 3),
+    ]
+    history = [epoch_row(1, 0, 0.9), epoch_row(2, 0, 0.8), epoch_row(3, 0, 0.7),
+               epoch_row(2, 1, 0.6), epoch_row(3, 1, 0.5)]  # fmt: skip
+    _, records, rows = read_run(write_run(tmp_path / "run", ledger, history))
+    assert [(r["call"], r["mode"]) for r in rows] == [(0, "continue"), (1, "rewind"),
+                                                       (1, "continue")]  # fmt: skip
+    assert [(r["epoch"], r["loss"]) for r in records] == [(1, 0.9), (2, 0.6), (3, 0.5)]
+
+
+def test_history_skips_a_line_that_is_json_but_not_an_object(tmp_path, capsys):
+    ledger = [ledger_row(0, "continue", 0, 1), "[1, 2]", "7", "{not json"]
+    root = write_run(tmp_path / "run", ledger, [epoch_row(1, 0, 0.5), "null"])
+    assert main(["history", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "== ledger: 1 fit calls"
+    assert err.splitlines() == [
+        f"warmfit history: {root / 'ledger.jsonl'}:{n}: skipping a damaged line" for n in (2, 3, 4)
+    ] + [f"warmfit history: {root / 'history-run0.jsonl'}:2: skipping a damaged line"]
+
+
+def test_output_into_a_closed_pipe_exits_141_without_a_traceback(tmp_path):
+    history = [epoch_row(e, 0, 1.0 / e) for e in range(1, 200)]
+    root = write_run(tmp_path / "run", [ledger_row(0, "continue", 0, 199)], history)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte: `warmfit history | head`
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "warmfit", "history", str(root)], stdout=write_end,
+            stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -14,6 +14,11 @@ optimizer slots, framework RNG streams), the counters (except ``fit_calls``, whi
 differs by design), the host RNG streams, the partial epoch, the backend's state
 (optimizer param groups, scheduler), the schedule, the callbacks' states and the
 history values (not the segment and mode of a record, which say which call wrote it).
+
+A straight run that a callback stops early (EarlyStopping at step S < N) is compared
+over the S steps it trained, with every cut before S, and the report says so: a run
+split at or after S would train on in its next fit call (an early stop ends one fit
+call, not the run), which says nothing about resuming.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Report:
     ``first_step`` is the first global step after which the runs differ (None if a
     step-by-step rerun did not reproduce the difference), ``cut`` the step where that
     split run was saved and loaded, and ``entries`` the state entries that differ there.
+    ``steps`` is the number of steps compared: fewer than ``asked`` when the straight
+    run was stopped early, by ``stopped_by`` (a callback's name), at step ``steps``.
     """
 
     exact: bool
@@ -56,15 +63,18 @@ class Report:
     cut: int | None = None
     entries: list[str] = field(default_factory=list)
     note: str = ""
+    asked: int | None = None
+    stopped_by: str | None = None
 
     def __str__(self) -> str:
         cuts = ", ".join(str(k) for k in self.cuts)
+        stop = self._stop_line()
         if self.exact:
             return (
                 "exact\n"
                 f"{self.steps} steps straight == k steps, save, load into a fresh Trainer, "
                 f"{self.steps} - k steps (k = {cuts}): weights, optimizer state, counters, "
-                "RNG streams, schedule, callbacks and history are bit-identical."
+                "RNG streams, schedule, callbacks and history are bit-identical." + stop
             )
         where = (
             f"first divergence after step {self.first_step}"
@@ -82,25 +92,37 @@ class Report:
             lines.append(f"  ... and {len(self.entries) - len(shown)} more")
         if self.note:
             lines.append(self.note)
-        return "\n".join(lines)
+        return "\n".join(lines) + stop
+
+    def _stop_line(self) -> str:
+        if self.stopped_by is None:
+            return ""
+        return (
+            f"\nThe straight run was stopped by {self.stopped_by} at step {self.steps}, "
+            f"before the {self.asked} steps asked: the {self.steps} steps it trained were "
+            "compared."
+        )
 
 
 def check_resume(spec: Spec, steps: int, *, cuts: list[int] | None = None) -> Report:
     """Train ``steps`` steps straight and split (save, load into a fresh Trainer, go on)
     at each cut (default: ``steps // 2``, plus a cut in the middle of an epoch), and
-    compare the final states. Training output and warnings are silenced."""
+    compare the final states. Training output and warnings are silenced.
+
+    If a callback stops the straight run at step S before ``steps`` (EarlyStopping),
+    the S steps it trained are compared instead, and the report names the callback:
+    the default cuts are then chosen below S, and a cut given at or after S is a
+    ValueError saying to pass cuts below S or ``steps`` S or fewer (so is S < 2)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(
             f"check_resume needs steps >= 2 (to cut the run in two). Got {steps!r} instead."
         )
+    for k in cuts or ():
+        if not 0 < k < steps:
+            raise ValueError(f"a cut must be in [1, {steps - 1}]. Got {k!r} instead.")
     with _quiet():
         data = spec.load_data()
         fit_kwargs = data.fit_kwargs()
-        if cuts is None:
-            cuts = default_cuts(steps, _steps_per_epoch(spec, data))
-        for k in cuts:
-            if not 0 < k < steps:
-                raise ValueError(f"a cut must be in [1, {steps - 1}]. Got {k!r} instead.")
 
         def fresh() -> Any:
             return spec.build_trainer(run_dir=None, verbose=0)
@@ -110,24 +132,61 @@ def check_resume(spec: Spec, steps: int, *, cuts: list[int] | None = None) -> Re
 
         straight = fresh()
         fit(straight, steps)
-        reference = straight.state_dict()
-        with tempfile.TemporaryDirectory(prefix="warmfit-check-") as tmp:
-            for i, k in enumerate(cuts):
-                split = fresh()
-                fit(split, k)
-                split = _save_and_load(split, fresh, Path(tmp) / f"cut{i}")
-                fit(split, steps - k)
-                entries = compare_states(reference, split.state_dict(), split)
-                if entries:
-                    report = _first_divergence(fresh, fit, steps, k, Path(tmp) / f"bisect{i}")
-                    if report is None:
-                        return Report(
-                            False, steps, cuts, None, k, entries,
-                            "A step-by-step rerun did not diverge: the difference depends on "
-                            "how the steps are grouped into fit calls.",
-                        )  # fmt: skip
-                    report.cuts = cuts
-                    return report
+        asked, stopped_by = steps, None
+        if straight.global_step < steps:  # a callback ended the call early
+            stopped_by = straight.ledger[-1].get("stopped_by") or "a callback"
+            steps = straight.global_step
+            _check_early_stop(stopped_by, steps, asked, cuts)
+        if cuts is None:
+            cuts = default_cuts(steps, _steps_per_epoch(spec, data))
+        report = _compare_splits(straight.state_dict(), fresh, fit, steps, cuts)
+    if stopped_by is not None:
+        report.asked, report.stopped_by = asked, stopped_by
+    return report
+
+
+def _check_early_stop(stopped_by: str, stopped_at: int, asked: int, cuts: list[int] | None) -> None:
+    """Refuse what cannot be compared after the straight run stopped at ``stopped_at``."""
+    stop = (
+        f"the straight run was stopped by {stopped_by} at step {stopped_at}, before the "
+        f"{asked} steps asked"
+    )
+    if stopped_at < 2:
+        raise ValueError(
+            f"{stop}: too early to cut it in two. Let it train longer (relax {stopped_by} "
+            "in the spec) to check resuming."
+        )
+    late = [k for k in cuts or () if k >= stopped_at]
+    if late:
+        raise ValueError(
+            f"{stop}, so a run cut at step {late[0]} would go on training after it in its "
+            f"next fit call and cannot be compared. Pass --cut below {stopped_at}, or "
+            f"--steps {stopped_at} or fewer."
+        )
+
+
+def _compare_splits(
+    reference: Mapping[str, Any], fresh: Any, fit: Any, steps: int, cuts: list[int]
+) -> Report:
+    """Train ``steps`` steps split at each cut by a save and a load, and compare the
+    final state with ``reference`` (the straight run's ``state_dict()``)."""
+    with tempfile.TemporaryDirectory(prefix="warmfit-check-") as tmp:
+        for i, k in enumerate(cuts):
+            split = fresh()
+            fit(split, k)
+            split = _save_and_load(split, fresh, Path(tmp) / f"cut{i}")
+            fit(split, steps - k)
+            entries = compare_states(reference, split.state_dict(), split)
+            if entries:
+                report = _first_divergence(fresh, fit, steps, k, Path(tmp) / f"bisect{i}")
+                if report is None:
+                    return Report(
+                        False, steps, cuts, None, k, entries,
+                        "A step-by-step rerun did not diverge: the difference depends on "
+                        "how the steps are grouped into fit calls.",
+                    )  # fmt: skip
+                report.cuts = cuts
+                return report
     return Report(True, steps, cuts)
 
 

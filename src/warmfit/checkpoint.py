@@ -494,7 +494,7 @@ def _read_tensor_data(
             return None
         layout.append((name, np.dtype(_NUMPY_NAMES[code]).newbyteorder("<"), info["shape"], end))
         pos = end
-    hasher = None if algorithm is None else _Hasher(algorithm, tfile.stat().st_size)
+    hasher = None if algorithm is None else _Hasher(algorithm, _size_of(tfile))
     digest = None
     tensors: dict[str, np.ndarray] = {}
     try:
@@ -530,18 +530,25 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """Summarise a checkpoint without loading its arrays (for ``warmfit inspect``).
 
     Returns ``{"path", "schema_version", "checksum", "tensors_bytes", "checksum_ok",
-    "tensors", "state_keys"}`` where ``checksum`` names the algorithm, ``tensors``
-    maps each name to ``(dtype, shape, nbytes)`` (numpy dtype name, or the
-    safetensors code for dtypes numpy lacks) and ``state_keys`` lists the state
-    dict's top-level keys. A checksum mismatch is
-    reported as ``checksum_ok=False``; every other problem raises
-    :class:`~warmfit.errors.CheckpointError`.
+    "version", "counters", "tensors", "state_keys"}`` where ``checksum`` names the
+    algorithm, ``version`` and ``counters`` are the state's (the warmfit version that
+    wrote it; epoch, offset, global_step, run, ...; None when the state has none, as in
+    a checkpoint not written by a Trainer), ``tensors`` maps each name to ``(dtype,
+    shape, nbytes)`` (numpy dtype name, or the safetensors code for dtypes numpy
+    lacks) and ``state_keys`` lists the state dict's top-level keys. A checksum
+    mismatch of the tensor file is reported as ``checksum_ok=False``; every other
+    problem raises :class:`~warmfit.errors.CheckpointError`.
     """
     folder = Path(path)
     doc = _read_state_doc(folder)
     tfile = _check_tensor_file(folder, doc, verify=False)
     checksum_ok = _file_checksum(tfile, doc["checksum"]) == doc["tensors_checksum"]
-    header = _read_header(tfile)
+    try:
+        header = _read_header(tfile)
+    except CheckpointError:
+        if not checksum_ok:  # a damaged header: a checksum mismatch first, as when reading
+            raise CheckpointError(tfile, "checksum mismatch: the file is damaged") from None
+        raise
     summary: dict[str, tuple[str, tuple[int, ...], int]] = {}
     for name, info in header.items():
         code, shape = info["dtype"], tuple(info["shape"])
@@ -553,6 +560,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "checksum": doc["checksum"],
         "tensors_bytes": doc["tensors_bytes"],
         "checksum_ok": checksum_ok,
+        "version": doc["state"].get("version"),
+        "counters": doc["state"].get("counters"),
         "tensors": summary,
         "state_keys": list(doc["state"]),
     }
@@ -645,9 +654,26 @@ def _state_checksum(text: str, algorithm: str) -> str:
     return _HASHES[algorithm](text.encode("utf-8")).hexdigest()
 
 
+def _os_problem(exc: OSError) -> str:
+    """The problem an OSError of a checkpoint file is, for a :class:`CheckpointError`:
+    ``missing`` for a file that is gone (retention may remove a folder while it is
+    read), else ``unreadable: <reason>``."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    return f"unreadable: {exc.strerror or exc}"
+
+
+def _size_of(file: Path) -> int:
+    """The size of ``file``; a missing or unreadable one is a :class:`CheckpointError`."""
+    try:
+        return file.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(file, _os_problem(exc)) from exc
+
+
 def _check_tensor_file(folder: Path, doc: dict[str, Any], *, verify: bool) -> Path:
     tfile = folder / TENSOR_FILE
-    size = tfile.stat().st_size
+    size = _size_of(tfile)
     expected = doc["tensors_bytes"]
     if size < expected:
         raise CheckpointError(tfile, f"truncated: {size} bytes, expected {expected}")
@@ -659,29 +685,39 @@ def _check_tensor_file(folder: Path, doc: dict[str, Any], *, verify: bool) -> Pa
 
 
 def _file_checksum(file: Path, algorithm: str) -> str:
+    """The checksum of ``file``'s bytes; a missing or unreadable file is a
+    :class:`CheckpointError`."""
     hash_ = _HASHES[algorithm]()
     buf = bytearray(1 << 20)
     view = memoryview(buf)
-    with open(file, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            hash_.update(view[:n])
+    try:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                hash_.update(view[:n])
+    except OSError as exc:
+        raise CheckpointError(file, _os_problem(exc)) from exc
     return hash_.hexdigest()
 
 
 def _read_header(tfile: Path) -> dict[str, dict[str, Any]]:
     """Read and check the safetensors header ourselves (for precise messages); return
-    the tensor entries in file order. safetensors then checks it again on open."""
-    size = tfile.stat().st_size
-    with open(tfile, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(tfile, f"not a safetensors file: only {size} bytes")
-        n = int.from_bytes(prefix, "little")
-        if n > min(size - 8, _MAX_HEADER_BYTES):
-            raise CheckpointError(
-                tfile, f"not a safetensors file: header length {n} does not fit a {size}-byte file"
-            )
-        raw = f.read(n)
+    the tensor entries in file order. safetensors then checks it again on open. A
+    missing or unreadable file is a :class:`CheckpointError`."""
+    size = _size_of(tfile)
+    try:
+        with open(tfile, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(tfile, f"not a safetensors file: only {size} bytes")
+            n = int.from_bytes(prefix, "little")
+            if n > min(size - 8, _MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    tfile,
+                    f"not a safetensors file: header length {n} does not fit a {size}-byte file",
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(tfile, _os_problem(exc)) from exc
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -710,4 +746,6 @@ def _open_with_safetensors(tfile: Path) -> None:
         with safe_open(str(tfile), framework="numpy"):
             pass
     except Exception as exc:
+        if not os.path.lexists(tfile):  # removed while being read (retention)
+            raise CheckpointError(tfile, "missing") from exc
         raise CheckpointError(tfile, f"not a safetensors file: {exc}") from exc

@@ -5,7 +5,8 @@ what the chosen command needs. Exit status: 0 on success, 1 when the command ran
 found a problem (an error in the spec, a damaged checkpoint, a resume that is not
 exact), 2 for a wrong command line (argparse), 128 + the signal's number after an
 interrupt (130 for SIGINT, 143 for SIGTERM, as a shell reports them; the checkpoint is
-written: run the same command again to go on).
+written: run the same command again to go on), and 141 (128 + SIGPIPE), without a
+traceback, when the reader of the output went away (``warmfit inspect CKPT | head``).
 
 ``warmfit train SPEC`` is the process-level "fit again": the Trainer resumes from the
 newest checkpoint in the run directory when it is built, so running the same command
@@ -27,13 +28,32 @@ from typing import Any
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main
+    from .errors import StateMismatchError, TrainingInterrupted, WarmfitError
 
-    main(args.run_dir)
+    try:
+        if args.run_dir is not None:
+            _check_run_dir(Path(args.run_dir), "--run-dir")
+        main(args.run_dir)
+    except TrainingInterrupted as err:
+        print(f"warmfit demo: {err}", file=sys.stderr)
+        return 128 + signal.Signals[err.signal_name].value
+    except StateMismatchError as err:
+        print(
+            f"warmfit demo: {err} (The demo goes on only from a run dir an earlier demo "
+            "wrote: pass a new --run-dir, or leave it out for a temporary one.)",
+            file=sys.stderr,
+        )
+        return 1
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: main's business
+    except (WarmfitError, ValueError, OSError) as err:
+        print(f"warmfit demo: {_message(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import inspect_checkpoint
+    from .checkpoint import TENSOR_FILE, inspect_checkpoint
     from .errors import CheckpointError
 
     try:
@@ -42,10 +62,19 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"warmfit inspect: {err}", file=sys.stderr)
         return 1
     print(json.dumps(info, indent=2, default=str))
+    if not info["checksum_ok"]:
+        print(
+            f"warmfit inspect: {Path(info['path'], TENSOR_FILE)}: checksum mismatch: the file "
+            "is damaged. Do not load this checkpoint; a Trainer resuming its run dir skips "
+            "it for the newest intact one (warmfit verify RUN_DIR lists them).",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError
     from .rundir import verify_run_dir
 
     if not Path(args.run_dir, "checkpoints").is_dir():
@@ -55,7 +84,11 @@ def _verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    results = verify_run_dir(args.run_dir)
+    try:
+        results = verify_run_dir(args.run_dir)
+    except CheckpointError as err:  # e.g. checkpoints/ is a symbolic link
+        print(f"warmfit verify: {err}", file=sys.stderr)
+        return 1
     bad = 0
     for path, problem in results:
         status = "ok     " if problem is None else "DAMAGED"
@@ -89,6 +122,7 @@ def _train(args: argparse.Namespace) -> int:
                 "--until-epoch K or --steps N, or add epochs = N to the spec"
             )
         run_dir = Path(args.run_dir) if args.run_dir is not None else spec.default_run_dir()
+        _check_run_dir(run_dir, "--run-dir" if args.run_dir is not None else "run dir")
         overrides: dict[str, Any] = {}
         if args.verbose is not None:
             overrides["verbose"] = args.verbose
@@ -116,10 +150,34 @@ def _train(args: argparse.Namespace) -> int:
         )
         print(f"warmfit train: {err}{hint}", file=sys.stderr)
         return 1
-    except (WarmfitError, ValueError, TypeError) as err:
-        print(f"warmfit train: {err}", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: main's business
+    except (WarmfitError, ValueError, TypeError, OSError) as err:
+        print(f"warmfit train: {_message(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_run_dir(run_dir: Path, option: str) -> None:
+    """Refuse a run dir that is a file, or lies under one, before anything trains.
+    Raises ValueError saying so; a run dir that does not exist yet is fine."""
+    for path in (run_dir, *run_dir.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            where = "is" if path == run_dir else f"lies under {path}, which is"
+            raise ValueError(
+                f"{option} {run_dir} {where} not a directory. Pass a directory for the run "
+                "(it is created if missing)."
+            )
+
+
+def _message(err: BaseException) -> str:
+    """An error's message for a one-line report: ``FILE: reason`` for an OSError that
+    names a file (not Python's ``[Errno N] reason: 'FILE'``), else ``str(err)``."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{os.fsdecode(err.filename)}: {err.strerror}"
+    return str(err)
 
 
 # -- history ----------------------------------------------------------------------------------
@@ -128,15 +186,18 @@ def _train(args: argparse.Namespace) -> int:
 def read_run(root: str | Path, run: int | None = None) -> tuple[int, list[dict], list[dict]]:
     """``(run, history records of that run, ledger records of every run)`` of a run dir.
 
-    Reads ``ledger.jsonl`` and ``history-run<N>.jsonl`` (written as training goes; a
-    record that a resume or a rewind trained again replaces the earlier one), or, if
-    they are missing, the ``history`` and ``ledger`` of the newest checkpoint. ``run``
+    Reads ``ledger.jsonl`` and ``history-run<N>.jsonl`` (appended to as training goes),
+    or, if they are missing, the ``history`` and ``ledger`` of the newest checkpoint.
+    Every line of ``ledger.jsonl`` is a fit call or a rewind that happened, so every
+    one is kept, in file order (after a crash or a rewind a later row may reuse an
+    earlier row's ``call`` number). In a history file an epoch that a resume or a
+    rewind trained again replaces the records of that epoch and after it. ``run``
     defaults to the newest run.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such run directory")
-    ledger = _read_jsonl(root / "ledger.jsonl", "call")
+    ledger = _read_jsonl(root / "ledger.jsonl")
     runs = sorted(
         int(m.group(1))
         for p in root.glob("history-run*.jsonl")
@@ -159,7 +220,7 @@ def read_run(root: str | Path, run: int | None = None) -> tuple[int, list[dict],
         )
     file = root / f"history-run{run}.jsonl"
     if file.exists():
-        history = _read_jsonl(file, "epoch")
+        history = _trained_last(_read_jsonl(file), "epoch")
     elif checkpoint_state is not None and checkpoint_state["counters"]["run"] == run:
         history = list(checkpoint_state.get("history", []))
     else:
@@ -167,9 +228,9 @@ def read_run(root: str | Path, run: int | None = None) -> tuple[int, list[dict],
     return run, history, ledger
 
 
-def _read_jsonl(path: Path, key: str) -> list[dict]:
-    """Records in file order; a record whose ``key`` is not above the previous ones'
-    replaces those (the steps were trained again after a resume or rewind)."""
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file, in file order (none if it does not exist). A
+    line that is not a JSON object is skipped with a warning on stderr."""
     if not path.exists():
         return []
     out: list[dict] = []
@@ -179,8 +240,19 @@ def _read_jsonl(path: Path, key: str) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
             print(f"warmfit history: {path}:{n}: skipping a damaged line", file=sys.stderr)
             continue
+        out.append(record)
+    return out
+
+
+def _trained_last(records: list[dict], key: str) -> list[dict]:
+    """``records`` where a record whose integer ``key`` is not above the previous
+    ones' replaces those (a resume or a rewind trained those epochs again)."""
+    out: list[dict] = []
+    for record in records:
         value = record.get(key)
         if isinstance(value, int):
             out = [r for r in out if not (isinstance(r.get(key), int) and r[key] >= value)]
@@ -226,14 +298,18 @@ def _history(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import plot_history
 
-        path = plot_history(
-            history,
-            [r for r in ledger if r.get("run", run) == run],
-            args.plot,
-            monitor=args.monitor,
-            mode=args.monitor_mode,
-            title=f"{Path(args.run).name} (run {run})",
-        )
+        try:
+            path = plot_history(
+                history,
+                [r for r in ledger if r.get("run", run) == run],
+                args.plot,
+                monitor=args.monitor,
+                mode=args.monitor_mode,
+                title=f"{Path(args.run).name} (run {run})",
+            )
+        except (ValueError, OSError) as err:
+            print(f"warmfit history: --plot: {_message(err)}", file=sys.stderr)
+            return 1
         print(f"learning curves written to {path}")
     return 0
 
@@ -328,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train N steps straight, and the same N steps split by a save and a "
         "load into a fresh Trainer; compare weights, optimizer state, counters, RNG streams, "
         "schedule and history bit for bit. Prints 'exact' (exit 0), or the first step where "
-        "the runs diverge and the state entries that differ (exit 1).",
+        "the runs diverge and the state entries that differ (exit 1). If a callback "
+        "(EarlyStopping) stops the straight run at step S before N, the S steps it trained "
+        "are compared, with cuts below S, and the report says so.",
     )
     p.add_argument("spec", help="the TOML spec")
     p.add_argument("--steps", type=_positive_int, required=True, help="N, the steps to train")
@@ -343,7 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train an MLP on scikit-learn's digits in several fit calls")
     p.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary dir)")
     p.set_defaults(func=_demo)
-    p = sub.add_parser("inspect", help="summarise a checkpoint: counters, tensors, integrity")
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a checkpoint: counters, tensors, integrity",
+        description="Print a checkpoint's summary as JSON: schema, warmfit version, "
+        "counters (epoch, offset, global_step, run, ...), tensors (dtype, shape, bytes), "
+        "the state's keys and whether the tensor file matches its checksum. Exit 1, with "
+        "a line on stderr, if the checkpoint is damaged.",
+    )
     p.add_argument("checkpoint")
     p.set_defaults(func=_inspect)
     p = sub.add_parser(
@@ -356,4 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        # The reader went away (`warmfit inspect CKPT | head`). As Python's docs advise:
+        # point stdout at devnull so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE.value
+    return code

@@ -35,7 +35,9 @@ def plot_history(
     ``x = record["epoch"]``); ``ledger_records`` the fit calls of that run
     (``trainer.ledger.records``; only the fit calls of the last call's run are drawn). A fit
     call starts at the line drawn at ``epoch_start + 0.5``; without ledger records the
-    boundaries come from the records' ``segment`` and ``mode``.
+    boundaries come from the records' ``segment`` and ``mode``. A ``path`` that is a
+    directory, or lies under a file, is a ValueError raised before anything is drawn;
+    missing parent directories are created.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -44,8 +46,9 @@ def plot_history(
     if mode not in ("min", "max"):
         raise ValueError(f"The 'mode' parameter of plot_history must be one of {{'min', 'max'}}. "
                          f"Got {mode!r} instead.")  # fmt: skip
-    records = sorted(history_records, key=lambda r: r["epoch"])
     path = Path(path)
+    _check_output(path)
+    records = sorted(history_records, key=lambda r: r["epoch"])
     fig = Figure(figsize=(9, 5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -135,6 +138,22 @@ def plot_history(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def _check_output(path: Path) -> None:
+    """Refuse a PNG path that is a directory or lies under a file (ValueError)."""
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory; pass the PNG file to write, e.g. {path / 'curves.png'}"
+        )
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            raise ValueError(
+                f"cannot write {path}: {parent} is a file, not a directory. Pass a path "
+                "whose folders are directories (missing ones are created)."
+            )
 
 
 def _calls(

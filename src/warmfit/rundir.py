@@ -34,7 +34,7 @@ import socket
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from warmfit.checkpoint import (
 )
 from warmfit.errors import CheckpointError, RunDirLockedError, WarmfitError, invalid_param
 
-__all__ = ["LATEST", "RunDir", "verify_run_dir"]
+__all__ = ["LATEST", "RunDir", "verify_checkpoints", "verify_run_dir"]
 
 LATEST = "LATEST"
 INDEX_FILE = "index.json"
@@ -560,12 +560,23 @@ class RunDir:
 def verify_run_dir(root: str | Path) -> list[tuple[Path, str | None]]:
     """Every checkpoint of the run directory at ``root``, oldest first, with its
     problem (``"<file>: <problem>"``) or None if intact. Reads every byte; loads no
-    arrays; needs no lock."""
+    arrays; needs no lock, so it may run while a Trainer trains there: a checkpoint
+    that retention deletes while this runs is left out (see :func:`verify_checkpoints`)."""
+    return verify_checkpoints(RunDir(root).checkpoints())
+
+
+def verify_checkpoints(paths: Iterable[Path]) -> list[tuple[Path, str | None]]:
+    """Verify each checkpoint folder of a listing taken earlier (``RunDir.checkpoints()``)
+    and return ``(path, problem or None)`` for each, in the listing's order. A folder
+    that is gone when its check fails was deleted after the listing (by retention, a
+    rename to ``.trash-*`` then a removal): it is left out, not reported damaged."""
     report: list[tuple[Path, str | None]] = []
-    for path in RunDir(root).checkpoints():
+    for path in paths:
         try:
             verify_checkpoint(path)
         except CheckpointError as exc:
+            if not os.path.lexists(path):
+                continue  # removed while we read it: not a checkpoint any more
             report.append((path, f"{Path(exc.path).name}: {exc.problem}"))
         else:
             report.append((path, None))
