@@ -235,3 +235,22 @@ def test_ranks_that_find_different_checkpoints_refuse_to_start(tmp_path):
             "run_dir on storage that all nodes share (not a node's own disk), then start the "
             "job again."
         ) in out
+
+
+def test_a_process_group_started_without_torchrun_is_joined(tmp_path):
+    """mp.spawn + init_process_group(world_size=2), no WORLD_SIZE in the environment: the
+    Trainer trains data-parallel in that group, like torchrun's two ranks (before, each
+    process trained alone and the second found the run dir locked)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    spawn = Path(__file__).resolve().parent / "_spawn_worker.py"
+    done = subprocess.run(
+        [sys.executable, str(spawn), str(tmp_path / "run"), str(tmp_path / "spawned")],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run(2, tmp_path / "torchrun", 2, "--arrays", "--out", str(tmp_path / "ref"))
+    spawned, state = read_checkpoint(tmp_path / "spawned")
+    ref, _ = read_checkpoint(tmp_path / "ref")
+    assert state["ledger"][-1]["world_size"] == 2
+    for k, v in weights(ref).items():
+        assert torch.equal(torch.from_numpy(spawned[k]), torch.from_numpy(v)), k

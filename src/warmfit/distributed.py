@@ -3,9 +3,10 @@ warmfit needs.
 
 Owns: reading torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``),
 starting the process group (gloo on the CPU, nccl on a GPU) when torchrun started us
-and nobody else did, and three collectives over plain tensors: a sum, an "any rank?"
-vote (for a coordinated stop on SIGTERM) and a gather of byte strings (per-rank random
-streams for the checkpoint). Nothing here pickles: byte strings travel as uint8 tensors.
+and nobody else did (a group the caller started without torchrun is joined as it is),
+and three collectives over plain tensors: a sum, an "any rank?" vote (for a
+coordinated stop on SIGTERM) and a gather of byte strings (per-rank random streams for
+the checkpoint). Nothing here pickles: byte strings travel as uint8 tensors.
 
 Does not own: sharding (:func:`warmfit.data.shard` splits a *global* batch, so the batch
 composition does not depend on the world size) or the model wrapper (the torch backend
@@ -27,6 +28,14 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """``cuda`` without an index means this rank's GPU: ``cuda:<local_rank>``."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 @dataclass
 class DistContext:
     world_size: int = 1
@@ -44,15 +53,21 @@ class DistContext:
 
     @classmethod
     def from_env(cls, device: torch.device) -> DistContext:
-        """The context torchrun set up; starts the process group if needed."""
+        """The context torchrun set up, starting the process group if needed; or the
+        process group the caller started itself without torchrun's environment (e.g.
+        ``torch.multiprocessing.spawn`` + ``init_process_group(..., world_size=N)``)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if "WORLD_SIZE" not in os.environ and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            if world > 1:
+                rank = dist.get_rank()
+                local_rank = int(os.environ.get("LOCAL_RANK", rank))
+                return cls(world, rank, local_rank, _rank_device(device, local_rank))
         if world <= 1:
             return cls(device=device)
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
+        device = _rank_device(device, local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             # We started the group, so we end it: a group left to the interpreter's
