@@ -192,6 +192,27 @@ def test_the_save_after_restore_best_carries_the_best_epochs_metric(tmp_path):
     assert index["checkpoints"][latest.name]["metric"] == es.best
 
 
+def test_the_best_value_tags_only_the_restored_weights(tmp_path):
+    """After a rewind, other weights that reach the step where EarlyStopping restored
+    the best ones are tagged with their own value, not the restored weights'."""
+    x, y, val = noisy_data()
+    es = EarlyStopping(patience=3, restore_best=True)
+    with make_trainer(callbacks=[es], schedule=None, run_dir=tmp_path, keep_last=None) as t:
+        for _ in range(40):
+            t.fit(x, y, epochs=1, validation_data=val)
+            if es.stopped_epoch is not None:
+                break
+        stopped = t.epoch
+        t.rewind(epoch=1)
+        es.patience = 100
+        t.fit(x, y, until_epoch=stopped, validation_data=val, mode="warm")
+        latest = t.run_dir.latest()
+        own = t.history[-1]["val_loss"]
+    assert own != es.best
+    index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
+    assert index["checkpoints"][latest.name]["metric"] == own
+
+
 def test_reduce_lr_on_plateau_refuses_a_torch_scheduler():
     with pytest.raises(
         TypeError,

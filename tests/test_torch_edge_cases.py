@@ -5,6 +5,7 @@ per-group learning rates, and the optimizer settings a resume compares."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from typing import Any
@@ -536,3 +537,23 @@ def test_a_device_that_is_not_here_is_refused_with_a_message(device, message):
     with pytest.raises(ValueError) as err:
         make_trainer(device=device)
     assert str(err.value) == message
+
+
+def test_schedules_take_numpy_scalars_as_plain_numbers():
+    """Every schedule parameter a checkpoint records goes into JSON: NumPy scalars are
+    stored as plain numbers, and what cannot be a parameter is refused at once."""
+    from warmfit import schedules as s
+
+    made = s.sequential(
+        [s.cosine(np.float32(0.5), np.int64(10), cyclic=np.bool_(True)), s.constant(0.1)],
+        np.array([20]),
+    )
+    shifted = s.shifted(made, np.int64(3))
+    assert json.loads(json.dumps(shifted.config())) == shifted.config()
+    assert s.from_config(shifted.config())(25) == shifted(25) == 0.1
+    with pytest.raises(ValueError, match=r"^The 'boundaries' parameter of Sequential must be "):
+        s.sequential([s.constant(0.1)] * 3, [20, 10])
+    with pytest.raises(ValueError, match=r"^The 'cyclic' parameter of Cosine must be a bool\."):
+        s.cosine(0.1, 10, cyclic="yes")
+    with pytest.raises(ValueError, match=r"^The 'start' parameter of Shifted must be an int >= 0"):
+        s.shifted(made, -1)

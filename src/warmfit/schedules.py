@@ -22,13 +22,16 @@ scheduler keeps state of its own, which warmfit saves and restores.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import check_int, check_real
+import numpy as np
+
+from .errors import check_int, check_real, invalid_param
 
 
 class Schedule:
@@ -137,6 +140,9 @@ class Cosine(Schedule):
         _set(self, "lr", check_real("lr", self.lr, "Cosine"))
         _set(self, "horizon", check_int("horizon", self.horizon, "Cosine", minimum=1))
         _set(self, "min_lr", check_real("min_lr", self.min_lr, "Cosine"))
+        if not isinstance(self.cyclic, (bool, np.bool_)):
+            raise invalid_param("cyclic", "Cosine", "a bool", self.cyclic)
+        _set(self, "cyclic", bool(self.cyclic))
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
@@ -178,6 +184,10 @@ class Sequential(Schedule):
     boundaries: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        bounds = tuple(check_int("boundaries", b, "Sequential", minimum=1) for b in self.boundaries)
+        if any(b >= c for b, c in itertools.pairwise(bounds)):
+            raise invalid_param("boundaries", "Sequential", "increasing steps", self.boundaries)
+        _set(self, "boundaries", bounds)
         if len(self.schedules) != len(self.boundaries) + 1:
             raise ValueError(
                 "Sequential needs exactly one more schedule than boundaries. Got "
@@ -208,6 +218,9 @@ class Shifted(Schedule):
 
     schedule: Schedule
     start: int
+
+    def __post_init__(self) -> None:
+        _set(self, "start", check_int("start", self.start, "Shifted", minimum=0))
 
     def __call__(self, step: int) -> float:
         return self.schedule(max(0, _check_step(step) - self.start))

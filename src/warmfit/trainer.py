@@ -345,6 +345,7 @@ class Trainer:
                 check_data(val_data, with_target=True, what="validation:")
 
         # Everything checked: apply the mode.
+        self._restored_metric = None  # scores weights restored in an earlier call
         if data_changed:  # warned only now, so a call refused above does not warn first
             warnings.warn(data_changed, stacklevel=2)
         changes: dict[str, Any] = {}
@@ -878,7 +879,10 @@ class Trainer:
         ranks, so that they save together), or None."""
         name = self._stop_signal
         if self.world_size > 1 and self._backend.any_rank(name is not None):  # type: ignore[attr-defined]
-            return name or "a signal to another rank"
+            # Agreed: every rank learns the signal's name (the lowest rank that got one),
+            # so each reports, and the CLI exits with, the same SIGINT or SIGTERM.
+            names = self._backend.gather_bytes((name or "").encode())  # type: ignore[attr-defined]
+            return next(n.decode() for n in names if n)
         return name
 
     def _interrupt(self, name: str, *, saved: Path | bool | None = False) -> NoReturn:
@@ -1081,6 +1085,7 @@ class Trainer:
             cb.load_state_arrays(cb_arrays)
         self.history = staged["history"]
         self.ledger = staged["ledger"]
+        self._restored_metric = None  # the loaded weights are the loaded step's own
 
     def _stage_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> dict:
         """Read and check every entry of a state without changing the trainer."""
