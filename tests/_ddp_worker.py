@@ -45,6 +45,17 @@ class Recording(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+class FlatView(torch.nn.Module):
+    """An MLP that flattens with ``view(size(0), -1)``: it cannot run on zero rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(p=0.0)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(x.view(x.size(0), -1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
@@ -57,6 +68,7 @@ def main() -> None:
     p.add_argument("--arrays", action="store_true")
     p.add_argument("--nan-row", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--flat-view", action="store_true")  # a model that needs rows
     args = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -66,7 +78,7 @@ def main() -> None:
     data = Recording(x, y, args.slow)
     try:
         trainer = make_trainer(
-            model=lambda: MLP(p=args.dropout),
+            model=(lambda: FlatView()) if args.flat_view else (lambda: MLP(p=args.dropout)),
             run_dir=args.run_dir.format(rank=rank),  # "{rank}": a run dir per rank
             checkpoint_every=args.checkpoint_every,
             keep_last=None,

@@ -205,6 +205,24 @@ def test_a_global_batch_that_leaves_a_rank_no_rows_trains_like_one_process(tmp_p
     assert np.allclose(losses, [r["loss"] for r in t.history], rtol=0, atol=ATOL)
 
 
+def test_a_model_that_cannot_take_zero_rows_is_refused_before_training(tmp_path):
+    """Such a rank's step runs the model on zero rows: a model that cannot is refused on
+    every rank before anything trains (it aborted gloo mid-epoch, with no message)."""
+    proc = launch(2, tmp_path / "run", 1, "--rows", "17", "--arrays", "--flat-view")
+    _out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"[rank{rank}]: ValueError: Under DDP, 17 rows in global batches of 16 over 2 "
+            "ranks leave some ranks no rows in a batch (the last batch has 1); such a rank "
+            "still takes the step, on a batch of zero rows, and the model cannot run on zero "
+            "rows (RuntimeError: cannot reshape tensor of 0 elements"
+        ) in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
+        (tmp_path / "run" / "checkpoints").glob("ckpt-*")
+    )
+
+
 def test_a_nan_loss_under_ddp_stops_every_rank_before_a_save(tmp_path):
     """Under DDP the loss is read at saves and epoch ends: a NaN raises there, on every
     rank, and no checkpoint with NaN weights is written."""

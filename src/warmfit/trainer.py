@@ -343,6 +343,9 @@ class Trainer:
             check_data(data, with_target=True, what="fit:")
             if val_data is not None:
                 check_data(val_data, with_target=True, what="validation:")
+        check_zero_rows = getattr(self._backend, "check_zero_rows", None)
+        if check_zero_rows is not None and self.world_size > 1:  # a collective
+            check_zero_rows(data, self.batch_size)
 
         # Everything checked: apply the mode.
         self._restored_metric = None  # scores weights restored in an earlier call
@@ -503,9 +506,11 @@ class Trainer:
                         break
             except BaseException:
                 # The steps already taken count in the epoch's loss, as they would in
-                # the state a later continue goes on from.
-                with contextlib.suppress(Exception):
-                    self._fold_losses(losses, sizes)
+                # the state a later continue goes on from. Not under DDP: reading the
+                # losses is a collective, which the other ranks would not join.
+                if not distributed:
+                    with contextlib.suppress(Exception):
+                        self._fold_losses(losses, sizes)
                 raise
             self._fold_losses(losses, sizes)
             if c.offset < n:  # stopped by steps= in the middle of the epoch

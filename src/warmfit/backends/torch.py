@@ -581,7 +581,8 @@ class TorchBackend:
             mean = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
             part = mean * (local_n / global_n)
         else:  # a short global batch left this rank nothing: join the all-reduce with zeros
-            part = sum(p.sum() for p in self.model.parameters()) * 0.0
+            # (each parameter times 0 before the sum: a float16 sum could overflow to inf)
+            part = sum((p * 0.0).sum() for p in self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         (part * self.dist.world_size).backward()
         self.optimizer.step()  # type: ignore[union-attr]
@@ -809,6 +810,38 @@ class TorchBackend:
             ) from None
         finally:
             self.model.train(was_training)
+
+    def check_zero_rows(self, data: Any, batch_size: int) -> None:
+        """Under DDP, if a global batch of this data leaves a rank no rows (``batch_size``
+        below the world size, or a last batch of fewer rows than ranks), check that the
+        model runs on a batch of zero rows, as such a rank's step does; a ``ValueError``
+        on every rank if not, before anything changes."""
+        world, n = self.dist.world_size, len(data)
+        last = n % batch_size
+        if world <= 1 or (batch_size >= world and (last == 0 or last >= world)):
+            return
+        problem = None
+        was_training = self.model.training
+        try:
+            with _isolated_streams(self._cuda_devices(), seed=0), torch.no_grad():
+                self.model.eval()
+                xb = data.x[:0] if isinstance(data, TensorData) else self._zero_rows(data)[0]
+                self.model(xb)
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+        finally:
+            self.model.train(was_training)
+        if self.dist.any_rank(problem is not None):
+            raise ValueError(
+                f"Under DDP, {n} rows in global batches of {batch_size} over {world} ranks "
+                "leave some ranks no rows in a batch"
+                + (f" (the last batch has {last})" if batch_size >= world else "")
+                + "; such a rank still takes the step, on a batch of zero rows, and the "
+                f"model cannot run on zero rows ({problem or 'on another rank'}). Make the "
+                "model accept an empty batch (x.flatten(1), not x.view(x.size(0), -1)), or "
+                "pick a batch_size that leaves a last batch of 0 or at least "
+                f"{world} rows."
+            )
 
     def _cuda_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
