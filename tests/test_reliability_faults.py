@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -258,3 +259,37 @@ def test_a_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch, save_cal
     assert leftovers == []
     assert np.isfinite(t.history[-1]["loss"])
     t.close()
+
+
+class _FailAtEpoch(warmfit.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer: warmfit.Trainer, logs: dict) -> bool:
+        if logs["epoch"] == self.epoch:
+            raise RuntimeError("the user's callback failed")
+        return False
+
+
+def test_leaving_a_with_block_on_an_error_keeps_that_error_and_releases_the_lock(
+    tmp_path, monkeypatch
+):
+    """A background save fails, then the caller's code raises: the caller sees its own
+    error (the failed save is a warning beside it), and the run dir is unlocked."""
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        failing = _FailAtEpoch(2)
+        with (
+            pytest.raises(RuntimeError, match="^the user's callback failed$"),
+            _fresh(run, checkpoint_every=3, callbacks=[failing]) as t,
+        ):
+            t.fit(X, Y, epochs=1)
+            with Faults().installed(monkeypatch) as faults:
+                faults.fail_at, faults.code = 1, errno.ENOSPC  # the step-9 save
+                t.fit(X, Y, epochs=1)
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith("previous checkpoint save failed: ")
+    assert message.endswith("(while leaving on RuntimeError)")
+    with RunDir(run) as again:  # unlocked
+        assert again.locked

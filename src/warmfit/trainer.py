@@ -37,7 +37,7 @@ import numpy as np
 from . import __version__
 from . import checkpoint as ckpt
 from .backends import NonFiniteLoss, select
-from .background import AsyncWriter, SnapshotBuffers
+from .background import AsyncWriter, SaveFailedError, SnapshotBuffers
 from .callbacks import Callback, ReduceLROnPlateau
 from .data import Cursor, check_offset, epoch_permutation, validation_split
 from .errors import (
@@ -731,14 +731,18 @@ class Trainer:
 
     def close(self) -> None:
         """Wait for a save in flight, release the run directory's lock and, under
-        torchrun, the DDP wrapper (the trainer cannot train after this)."""
-        if self._writer is not None:
-            self._writer.wait()
-        if self.run_dir is not None:
-            self.run_dir.unlock()
-        backend_close = getattr(self._backend, "close", None)
-        if backend_close is not None:
-            backend_close()
+        torchrun, the DDP wrapper (the trainer cannot train after this). A failure of
+        that last save is raised (:class:`~warmfit.background.SaveFailedError`) after
+        the lock is released."""
+        try:
+            if self._writer is not None:
+                self._writer.wait()
+        finally:
+            if self.run_dir is not None:
+                self.run_dir.unlock()
+            backend_close = getattr(self._backend, "close", None)
+            if backend_close is not None:
+                backend_close()
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` copy; refused with a ``run_dir``, which
@@ -755,8 +759,16 @@ class Trainer:
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is None:
+            self.close()
+            return
+        # Leaving on an error: that error is the one the caller sees. A failed last
+        # save is reported beside it, not raised over it.
+        try:
+            self.close()
+        except SaveFailedError as failed:
+            warnings.warn(f"{failed} (while leaving on {type(exc).__name__})", stacklevel=2)
 
     # -- internals: runs, modes, streams -------------------------------------------------
     def _new_run(self, *, first: bool) -> None:
