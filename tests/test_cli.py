@@ -11,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from warmfit import __version__
+from warmfit import Trainer, __version__
 from warmfit.cli import main, read_run
 from warmfit.spec import SpecError, load_spec
 
@@ -441,3 +443,20 @@ def test_output_into_a_closed_pipe_exits_141_without_a_traceback(tmp_path):
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_history_after_a_rewind_shows_the_rewound_run(tmp_path):
+    """A rewind without retraining: the history file marks the epochs after it as gone,
+    so `warmfit history` shows the run the trainer now holds."""
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    settings = dict(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), loss="cross_entropy",
+                    batch_size=16, verbose=0, run_dir=tmp_path / "run", keep_last=None)  # fmt: skip
+    with Trainer(lambda: torch.nn.Linear(4, 2), **settings) as t:
+        for _ in range(3):
+            t.fit(x, y, epochs=1)
+        t.rewind(epoch=1)
+        held = [r["epoch"] for r in t.history]
+    _, records, rows = read_run(tmp_path / "run")
+    assert [r["epoch"] for r in records] == held == [1]
+    assert [r["mode"] for r in rows] == ["continue"] * 3 + ["rewind"]

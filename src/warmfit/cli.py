@@ -250,9 +250,15 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _trained_last(records: list[dict], key: str) -> list[dict]:
     """``records`` where a record whose integer ``key`` is not above the previous
-    ones' replaces those (a resume or a rewind trained those epochs again)."""
+    ones' replaces those (a resume or a rewind trained those epochs again), and a
+    ``{"rewound_to_epoch": k}`` line (written by ``Trainer.rewind``) drops the records
+    after epoch ``k``."""
     out: list[dict] = []
     for record in records:
+        cut = record.get("rewound_to_epoch")
+        if isinstance(cut, int):
+            out = [r for r in out if not (isinstance(r.get(key), int) and r[key] > cut)]
+            continue
         value = record.get(key)
         if isinstance(value, int):
             out = [r for r in out if not (isinstance(r.get(key), int) and r[key] >= value)]

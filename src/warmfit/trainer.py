@@ -677,6 +677,10 @@ class Trainer:
         }
         self.ledger.append(record)
         self._append_jsonl("ledger.jsonl", record)
+        # The history file is append-only: mark the epochs after this one as gone.
+        self._append_jsonl(
+            f"history-run{self.counters.run}.jsonl", {"rewound_to_epoch": self.counters.epoch}
+        )
         # The rewound state, its ledger row included, is the run dir's newest checkpoint:
         # a new process on the run dir resumes from here, not from before the rewind.
         self._checkpoint(wait=True)
