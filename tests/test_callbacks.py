@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -280,3 +281,20 @@ def test_turning_restore_best_on_at_a_resume_warns_and_off_drops_the_weights(tmp
     with make_trainer(callbacks=[off], run_dir=tmp_path / "b") as t3:
         assert off.state_arrays() == {}  # not saved again, stale, in every checkpoint
         assert not any(k.startswith("callbacks/") for k in t3.state_dict()["tensors"])
+
+
+def test_a_monitor_key_that_is_never_logged_warns_once(tmp_path):
+    x, y, val = noisy_data()
+    with make_trainer(run_dir=tmp_path, monitor="val_acc", monitor_mode="max") as t:
+        with pytest.warns(UserWarning) as caught:
+            t.fit(x, y, epochs=2, validation_data=val)
+        messages = [str(w.message) for w in caught if "monitor=" in str(w.message)]
+        assert messages == [
+            "Trainer(monitor='val_acc') is not in the epoch's logs ['loss', 'lr', 'val_accuracy', "
+            "'val_loss']: "
+            "checkpoints carry no metric, so 'best' retention and rewind('best') have nothing "
+            "to rank. Monitor one of those keys (and pass validation data for a val_ key)."
+        ]
+    with make_trainer(run_dir=tmp_path / "plain") as t, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default val_loss without validation: silent
+        t.fit(x, y, epochs=1)

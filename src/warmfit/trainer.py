@@ -177,6 +177,7 @@ class Trainer:
         self._writer: AsyncWriter | None = None
         self._buffers: SnapshotBuffers | None = None
         self._restored_metric: tuple[int, int, float | None] | None = None
+        self._monitor_checked = False  # see _check_monitor_logged
         self._new_run(first=True)
         self._check_plateau(self.schedule)
         self.run_dir: RunDir | None = None
@@ -539,6 +540,7 @@ class Trainer:
             self._append_jsonl(f"history-run{c.run}.jsonl", logs)
             if verbose and self.rank == 0:
                 print(_epoch_line(logs, target), flush=True)
+            self._check_monitor_logged(logs)
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
             # Not after the call's last epoch or a stop: the call's closing save follows.
             last = stop or c.epoch >= target or c.global_step == step_target
@@ -549,6 +551,25 @@ class Trainer:
             if c.global_step == step_target:
                 break
         return None
+
+    def _check_monitor_logged(self, logs: Mapping[str, Any]) -> None:
+        """Once per Trainer: warn if a ``monitor`` the user chose (not the default
+        ``val_loss``, which a run without validation data simply lacks) is not among the
+        first epoch's logs: a misspelt key would leave "best" nothing to rank."""
+        if self._monitor_checked:
+            return
+        self._monitor_checked = True
+        if self.run_dir is None or self.monitor == "val_loss" or self.monitor in logs:
+            return
+        if self.rank == 0:
+            keys = sorted(k for k, v in logs.items() if isinstance(v, float))
+            warnings.warn(
+                f"Trainer(monitor={self.monitor!r}) is not in the epoch's logs {keys}: "
+                "checkpoints carry no metric, so 'best' retention and rewind('best') have "
+                "nothing to rank. Monitor one of those keys (and pass validation data for "
+                "a val_ key).",
+                stacklevel=4,
+            )
 
     def _fold_losses(self, losses: list[Any], sizes: list[int]) -> None:
         """Add the pending step losses to the epoch's running sum, in step order.
