@@ -110,9 +110,7 @@ class AsyncWriter:
     def wait(self) -> None:
         """Block until no save is running; raise :class:`SaveFailedError` if the last
         one failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self.drain()
         error, self._error = self._error, None
         if error is not None:
             detail = (

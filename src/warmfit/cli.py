@@ -36,7 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
         main(args.run_dir)
     except TrainingInterrupted as err:
         print(f"warmfit demo: {err}", file=sys.stderr)
-        return 128 + signal.Signals[err.signal_name].value
+        return err.exit_code
     except StateMismatchError as err:
         print(
             f"warmfit demo: {err} (The demo goes on only from a run dir an earlier demo "
@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"warmfit train: {err}", file=sys.stderr)
-        return 128 + signal.Signals[err.signal_name].value
+        return err.exit_code
     except StateMismatchError as err:
         hint = (
             " (On the command line: --override NAME for each setting you changed, or --mode warm.)"

@@ -8,6 +8,7 @@ Trainer.fit must be one of {...}. Got 'resum' instead."
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterable
 
 import numpy as np
@@ -111,6 +112,12 @@ class TrainingInterrupted(WarmfitError, KeyboardInterrupt):
             "keeps the state."
         )
         super().__init__(f"training stopped by {signal_name} at global step {step}: {where}")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended
+        (130 for SIGINT, 143 for SIGTERM): what the command line exits with."""
+        return 128 + signal.Signals[self.signal_name].value
 
 
 def invalid_param(

@@ -28,6 +28,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 
+from .errors import check_int
 from .trainer import Trainer
 
 #: Checks of ``check_estimator`` these estimators do not pass, with the reason.
@@ -177,12 +178,7 @@ class _NeuralNet:
         name = type(self).__name__
         plain: dict[str, Any] = {}
         for key in ("max_epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(
-                    f"The {key!r} parameter of {name} must be an int >= 1. Got {value!r} instead."
-                )
-            plain[key] = int(value)
+            plain[key] = check_int(key, getattr(self, key), name, minimum=1)
         lr = self.lr
         real = isinstance(lr, (int, float, np.integer, np.floating)) and not isinstance(lr, bool)
         if not real or not math.isfinite(lr) or lr <= 0:

@@ -791,10 +791,8 @@ class TorchBackend:
             return
         xb = data.x[:2]
         yb = None if data.y is None else data.y[:2]
-        was_training = self.model.training
         try:
-            with _isolated_streams(self._cuda_devices()), torch.no_grad():
-                self.model.eval()
+            with self._trial():
                 out = self.model(xb)
                 if with_target:
                     loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
@@ -808,8 +806,6 @@ class TorchBackend:
                 f"{type(err).__name__}: {err}. Check the number of features, the dtypes, "
                 "and that y matches the loss."
             ) from None
-        finally:
-            self.model.train(was_training)
 
     def check_zero_rows(self, data: Any, batch_size: int) -> None:
         """Under DDP, if a global batch of this data leaves a rank no rows (``batch_size``
@@ -821,16 +817,12 @@ class TorchBackend:
         if world <= 1 or (batch_size >= world and (last == 0 or last >= world)):
             return
         problem = None
-        was_training = self.model.training
         try:
-            with _isolated_streams(self._cuda_devices(), seed=0), torch.no_grad():
-                self.model.eval()
-                xb = data.x[:0] if isinstance(data, TensorData) else self._zero_rows(data)[0]
+            xb = data.x[:0] if isinstance(data, TensorData) else self._zero_rows(data)[0]
+            with self._trial():
                 self.model(xb)
         except Exception as err:
             problem = f"{type(err).__name__}: {err}"
-        finally:
-            self.model.train(was_training)
         if self.dist.any_rank(problem is not None):
             raise ValueError(
                 f"Under DDP, {n} rows in global batches of {batch_size} over {world} ranks "
@@ -842,6 +834,18 @@ class TorchBackend:
                 "pick a batch_size that leaves a last batch of 0 or at least "
                 f"{world} rows."
             )
+
+    @contextlib.contextmanager
+    def _trial(self) -> Iterator[None]:
+        """A forward pass that changes nothing: the model in eval mode, no gradients,
+        every random stream forked; the model's mode is put back afterwards."""
+        was_training = self.model.training
+        try:
+            with _isolated_streams(self._cuda_devices()), torch.no_grad():
+                self.model.eval()
+                yield
+        finally:
+            self.model.train(was_training)
 
     def _cuda_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
