@@ -92,17 +92,18 @@ class _OrderSampler(torch.utils.data.Sampler):
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
-        for idx in self.shards():
-            if len(idx):  # an empty shard is not loaded: see TorchBackend._loader_batches
-                yield idx.tolist()
+        for _, rows in self.shards():
+            if len(rows):  # an empty shard is not loaded: see TorchBackend._loader_batches
+                yield rows.tolist()
 
-    def shards(self) -> Iterator[np.ndarray]:
-        """This rank's shard of each global batch, empty ones included."""
+    def shards(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(global batch size, this rank's shard)`` of each global batch, empty shards
+        included."""
         for idx in epoch_batches(self.order, self.batch_size, self.offset):
-            yield shard(idx, self.rank, self.world)
+            yield len(idx), shard(idx, self.rank, self.world)
 
     def __len__(self) -> int:
-        return sum(1 for idx in self.shards() if len(idx))
+        return sum(1 for _, rows in self.shards() if len(rows))
 
 
 class HostSnapshot:
@@ -469,15 +470,13 @@ class TorchBackend:
         # Under DDP a short global batch can leave this rank no rows; it still takes the
         # step (DDP's collectives must match on every rank), on a batch of zero rows.
         loaded, self._no_rows = iter(loader), None
-        for idx, rows in zip(
-            epoch_batches(order, batch_size, offset), sampler.shards(), strict=True
-        ):
+        for global_n, rows in sampler.shards():
             if len(rows):
                 xb, yb = self._to_device(next(loaded))
                 self._no_rows = (xb[:0], None if yb is None else yb[:0])
             else:
                 xb, yb = self._zero_rows(data)
-            yield xb, yb, len(idx)
+            yield xb, yb, global_n
 
     def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         xb, yb = _split_batch(batch)
