@@ -99,18 +99,30 @@ class TrainingInterrupted(WarmfitError, KeyboardInterrupt):
     the path written (or None without a run directory).
     """
 
-    def __init__(self, signal_name: str, checkpoint: object, step: int) -> None:
+    def __init__(
+        self, signal_name: str, checkpoint: object, step: int, ends_at: str | None = None
+    ) -> None:
         self.signal_name = signal_name
         self.checkpoint = checkpoint
         self.step = step
-        where = (
-            f"checkpoint written to {checkpoint}; construct the Trainer on the same "
-            "run_dir (or run the same command again) to resume exactly from step "
-            f"{step}."
-            if checkpoint is not None
-            else "no run_dir was given, so no checkpoint was written; trainer.save(path) "
-            "keeps the state."
-        )
+        self.ends_at = ends_at
+        if checkpoint is None:
+            where = (
+                "no run_dir was given, so no checkpoint was written; trainer.save(path) "
+                "keeps the state."
+            )
+        elif ends_at is None:  # the call had finished (a signal during its closing save)
+            where = (
+                f"checkpoint written to {checkpoint}; the fit call had finished. Run the same "
+                "command again (or construct the Trainer on the same run_dir) to train more."
+            )
+        else:
+            where = (
+                f"checkpoint written to {checkpoint}. Run the same command again (or "
+                "construct the Trainer on the same run_dir and repeat the same fit call) to "
+                f"finish this call exactly where it would have ended, at {ends_at}; a call "
+                f"with other arguments starts anew from step {step}."
+            )
         super().__init__(f"training stopped by {signal_name} at global step {step}: {where}")
 
     @property

@@ -169,8 +169,11 @@ def _calls(
     if fit_calls:
         out = []
         for r in fit_calls:
-            start = 0 if r["mode"] == "restart" else r["epoch_start"]
+            resumed = r.get("resumes_call")  # a requeued call finishing an interrupted one
+            start = 0 if r["mode"] == "restart" and resumed is None else r["epoch_start"]
             label = f"call {r.get('call', '?')}: {r['mode']}"
+            if resumed is not None:
+                label += f", resumes call {resumed}"
             if r.get("stopped_by"):
                 label += f" (stopped by {r['stopped_by']})"
             out.append({"start": start, "mode": r["mode"], "label": label})

@@ -178,6 +178,9 @@ class Trainer:
         self._buffers: SnapshotBuffers | None = None
         self._restored_metric: tuple[int, int, float | None] | None = None
         self._monitor_checked = False  # see _check_monitor_logged
+        # The fit call in progress, or one that was interrupted: what it asked for and
+        # where it ends. Part of the state, so that the same call run again finishes it.
+        self._open_call: dict[str, Any] | None = None
         self._new_run(first=True)
         self._check_plateau(self.schedule)
         self.run_dir: RunDir | None = None
@@ -291,25 +294,44 @@ class Trainer:
         check_lr_groups = getattr(self._backend, "check_lr_groups", None)
         if mode == "continue" and check_lr_groups is not None and self._sets_lr(new_schedule):
             check_lr_groups()  # warm and restart rebuild the optimizer from its factory
-        start_epoch = 0 if mode == "restart" else self.counters.epoch
-        if steps is not None:
-            target = None
-        else:
-            target = start_epoch + epochs if epochs is not None else until_epoch
-        if target is not None and target <= start_epoch:
-            raise ValueError(
-                f"until_epoch={until_epoch} is at or below the current epoch {start_epoch}: no "
-                "training would occur. Pass a larger until_epoch, epochs=N for N more epochs, "
-                "or mode='restart' to train from scratch."
-            )
-
         data = self._backend.prepare(x, y)
         fp, shape = self._backend.fingerprint(data)
+        request = {
+            "mode": mode,
+            "epochs": epochs,
+            "until_epoch": until_epoch,
+            "steps": steps,
+            "new_data": new_data,
+            "shuffle": shuffle,
+            "validation_split": validation_split,
+            "fingerprint": fp,
+        }
+        # The same call again after an interruption (a requeued script or command) finishes
+        # the interrupted call: it ends where that call would have ended (E8).
+        open_call = self._open_call
+        resumes = open_call is not None and open_call["request"] == request
+        if resumes:
+            target, step_target = open_call["target"], open_call["step_target"]
+            mode_applied = "continue"  # the call's mode was applied when it started
+        else:
+            start_epoch = 0 if mode == "restart" else self.counters.epoch
+            step_start = 0 if mode == "restart" else self.counters.global_step
+            target = None if steps is not None else (
+                start_epoch + epochs if epochs is not None else until_epoch
+            )  # fmt: skip
+            step_target = None if steps is None else step_start + steps
+            mode_applied = mode
+            if target is not None and target <= start_epoch:
+                raise ValueError(
+                    f"until_epoch={until_epoch} is at or below the current epoch {start_epoch}: "
+                    "no training would occur. Pass a larger until_epoch, epochs=N for N more "
+                    "epochs, or mode='restart' to train from scratch."
+                )
         n_total = len(data)
         val_rows = None
         if validation_split is not None:
             train_rows, val_rows = validation_split_rows(n_total, validation_split, self.seed)
-            kept = self._kept_val_rows(mode, shape, validation_split)
+            kept = self._kept_val_rows(mode_applied, shape, validation_split)
             if kept is not None and not np.array_equal(kept, val_rows):
                 # The split is fixed for the run: rows that validated never become training
                 # rows because the seed changed (override=("seed",), or mode='warm').
@@ -320,7 +342,9 @@ class Trainer:
                 "new_data=True needs the cursor on an epoch boundary; finish the epoch first "
                 "(fit the previous data with until_epoch=trainer.epoch + 1) or use mode='warm'."
             )
-        data_changed = None if new_data else self._check_data(mode, fp, shape, validation_split)
+        data_changed = (
+            None if new_data else self._check_data(mode_applied, fp, shape, validation_split)
+        )
         if self._pending_diffs and mode == "continue":
             breaking = [d for d in self._pending_diffs if _setting(d) in EXACTNESS_SETTINGS]
             if breaking:
@@ -337,7 +361,7 @@ class Trainer:
             val_data = self._backend.prepare(*_pair(validation_data))
         else:
             val_data = None
-        if self.counters.offset and mode == "continue":
+        if self.counters.offset and mode_applied == "continue":
             check_offset(self.counters.offset, self.batch_size, len(data))
         check_data = getattr(self._backend, "check_data", None)
         if check_data is not None:  # the model and the loss accept this data
@@ -353,10 +377,21 @@ class Trainer:
         if data_changed:  # warned only now, so a call refused above does not warn first
             warnings.warn(data_changed, stacklevel=2)
         changes: dict[str, Any] = {}
-        if mode == "restart":
+        if open_call is not None and not resumes:
+            changes["abandoned_call"] = open_call["call"]
+            warnings.warn(
+                f"fit call {open_call['call']} ({_describe_request(open_call['request'])}) "
+                f"stopped before its end ({_call_end(open_call)}): this call "
+                f"({_describe_request(request)}) differs from it, so it starts anew from the "
+                f"cursor (global step {self.counters.global_step}) and the interrupted call "
+                "stays unfinished. To finish that call where it would have ended, repeat it "
+                "with the same arguments and data.",
+                stacklevel=2,
+            )
+        if mode_applied == "restart":
             self._archive_history()
             self._new_run(first=False)
-        elif mode == "warm":
+        elif mode_applied == "warm":
             self._backend.init_optimizer(self.schedule)
             self._base_lr = self._backend.learning_rate()
             self.counters.schedule_origin = self.counters.global_step
@@ -381,10 +416,14 @@ class Trainer:
         }
         self._val_rows = val_rows
 
-        segment = self.counters.fit_calls
-        self.counters.fit_calls += 1
+        if resumes:  # the same segment: its epochs are the interrupted call's
+            segment = open_call["segment"]
+        else:
+            segment = self.counters.fit_calls
+            self.counters.fit_calls += 1
         record: dict[str, Any] = {
             "call": len(self.ledger),
+            **({"resumes_call": open_call["call"]} if resumes else {}),
             "run": self.counters.run,
             "segment": segment,
             "mode": mode,
@@ -408,9 +447,15 @@ class Trainer:
             try:
                 with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
                     self._progress = progress
+                    self._open_call = {
+                        "call": open_call["call"] if resumes else record["call"],
+                        "segment": segment,
+                        "request": request,
+                        "target": target,
+                        "step_target": step_target,
+                    }
                     for cb in self.callbacks:
                         cb.on_fit_start(self, mode)
-                    step_target = None if steps is None else self.counters.global_step + steps
                     stopped_by = self._run_epochs(
                         data, val_data, target, step_target, segment, mode, shuffle, verbose
                     )
@@ -434,6 +479,7 @@ class Trainer:
                 self._append_jsonl("ledger.jsonl", record)
             if interrupted is not None:
                 self._interrupt(interrupted)  # saves (the ledger row included) and raises
+            self._open_call = None  # finished: the same call again trains more
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             path = self._checkpoint(wait=True) if self.run_dir is not None else None
@@ -935,7 +981,10 @@ class Trainer:
             path = self._checkpoint(wait=True) if self.run_dir is not None else None
         else:
             path = saved  # type: ignore[assignment]
-        err = TrainingInterrupted(name, path, self.counters.global_step)
+        call = self._open_call
+        err = TrainingInterrupted(
+            name, path, self.counters.global_step, None if call is None else _call_end(call)
+        )
         if self.rank == 0:
             print(f"warmfit: {err}", file=sys.stderr, flush=True)
         raise err
@@ -1069,6 +1118,7 @@ class Trainer:
             },
             "backend": self._backend.state_meta(),
             "data": self._data_info,
+            "call": self._open_call,
             "callbacks": [
                 {"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks
             ],
@@ -1127,6 +1177,7 @@ class Trainer:
             cb.load_state_arrays(cb_arrays)
         self.history = staged["history"]
         self.ledger = staged["ledger"]
+        self._open_call = staged["call"]
         self._restored_metric = None  # the loaded weights are the loaded step's own
 
     def _stage_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> dict:
@@ -1207,6 +1258,7 @@ class Trainer:
             "callback_arrays": cb_arrays,
             "history": History([dict(r) for r in state["history"]]),
             "ledger": Ledger([dict(r) for r in state["ledger"]]),
+            "call": _check_open_call(state.get("call")),  # None in older checkpoints
         }
 
     def _gather_rank_streams(
@@ -1404,6 +1456,45 @@ def _pair(validation_data: Any) -> tuple[Any, Any]:
 
 def _length(obj: Any) -> str:
     return str(len(obj)) if hasattr(obj, "__len__") else "?"
+
+
+def _describe_request(request: Mapping[str, Any]) -> str:
+    """A fit call's arguments as the user wrote them: ``mode='continue', epochs=4``."""
+    shown = {k: request[k] for k in ("mode", "epochs", "until_epoch", "steps")}
+    shown.update({k: request[k] for k in ("new_data", "validation_split") if request[k]})
+    if not request["shuffle"]:
+        shown["shuffle"] = False
+    return ", ".join(f"{k}={v!r}" for k, v in shown.items() if v is not None)
+
+
+def _call_end(call: Mapping[str, Any]) -> str:
+    """Where an open fit call ends: ``epoch 4`` or ``global step 120``."""
+    if call["target"] is not None:
+        return f"epoch {call['target']}"
+    return f"global step {call['step_target']}"
+
+
+_REQUEST_KEYS = (
+    "mode", "epochs", "until_epoch", "steps", "new_data", "shuffle", "validation_split",
+    "fingerprint",
+)  # fmt: skip
+
+
+def _check_open_call(call: Any) -> dict[str, Any] | None:
+    """A checkpoint's open fit call (``state["call"]``), checked."""
+    if call is None:
+        return None
+    ok = (
+        isinstance(call, dict)
+        and all(isinstance(call.get(k), int) for k in ("call", "segment"))
+        and isinstance(call.get("request"), dict)
+        and set(call["request"]) == set(_REQUEST_KEYS)
+        and all(isinstance(call.get(k), (int, type(None))) for k in ("target", "step_target"))
+        and (call.get("target") is None) != (call.get("step_target") is None)
+    )
+    if not ok:
+        raise StateMismatchError(f"call is malformed: {call!r}")
+    return dict(call)
 
 
 def _final_metrics(history: History, segment: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ import numbers
 import random
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -262,6 +262,8 @@ class TorchBackend:
             assert self.initial is not None
             with torch.no_grad():
                 self.model.load_state_dict(self.initial)
+        # A tensor no checkpoint can hold exactly is refused now, not at the first save.
+        _storable({f"model/{k}": v for k, v in self.model.state_dict().items()})
         if self.dist.active and self.ddp is None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -653,14 +655,14 @@ class TorchBackend:
 
     # -- state -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, np.ndarray]:
-        return {k: _to_numpy(v) for k, v in self._state_torch().items()}
+        return {k: _to_numpy(v) for k, v in _storable(self._state_torch()).items()}
 
     def snapshot_tensors(self) -> dict[str, np.ndarray]:
         """:meth:`state_tensors` copied into reused host buffers (pinned on a GPU, one
         synchronisation per save); valid until the next call. See :class:`HostSnapshot`."""
         if self._snapshot is None:
             self._snapshot = HostSnapshot()
-        return self._snapshot.copy(self._state_torch())
+        return self._snapshot.copy(_storable(self._state_torch()))
 
     def _state_torch(self) -> dict[str, torch.Tensor]:
         """Every tensor of the state, named as in the checkpoint; live, on the device."""
@@ -683,6 +685,9 @@ class TorchBackend:
             for i, slots in sd["state"].items()
         }
         dtypes = {k: str(v.dtype) for k, v in self.model.state_dict().items()}
+        # Every tensor's torch dtype, so that each one (optimizer slots too) is read back
+        # as what it was: _to_numpy stores bfloat16 as int16 bits, complex as real pairs.
+        tensor_dtypes = {k: str(v.dtype) for k, v in self._state_torch().items()}
         return {
             "optimizer": {
                 "class": type(self.optimizer).__name__,
@@ -692,6 +697,7 @@ class TorchBackend:
             },
             "scheduler": None if self.scheduler is None else _jsonable(self.scheduler.state_dict()),
             "dtypes": dtypes,
+            "tensor_dtypes": tensor_dtypes,
         }
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
@@ -700,7 +706,7 @@ class TorchBackend:
         optimizer untouched (:class:`StateMismatchError` names the entry)."""
         own = self.model.state_dict()
         saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-        check_keys("model", own, saved)
+        check_keys("model", _encoded(own), saved)
         opt_meta = meta["optimizer"]
         if opt_meta["class"] != type(self.optimizer).__name__:
             raise StateMismatchError(
@@ -726,17 +732,28 @@ class TorchBackend:
                 f"optimizer.factory_lr must list a learning rate per parameter group "
                 f"({len(current)}); got {factory_lr!r}."
             )
-        dtypes = meta.get("dtypes", {})
+        # Every tensor's torch dtype by its state name; checkpoints from before it was
+        # recorded have the model's only ("dtypes", by parameter name).
+        dtypes = {f"model/{k}": v for k, v in meta.get("dtypes", {}).items()}
+        dtypes.update({f"initial/{k}": v for k, v in meta.get("dtypes", {}).items()})
+        dtypes.update(meta.get("tensor_dtypes", {}))
         # load_state_dict copies into the parameters: no copy is needed before it.
-        weights = {k: _from_numpy(v, dtypes.get(k), copy=False) for k, v in saved.items()}
+        weights = {
+            k: _decode(f"model/{k}", v, dtypes.get(f"model/{k}"), copy=False)
+            for k, v in saved.items()
+        }
         for k, t in weights.items():
             if t.dtype != own[k].dtype:
                 raise StateMismatchError(
                     f"model/{k} has dtype {t.dtype} in the checkpoint, {own[k].dtype} in the model."
                 )
-        initial = {k[len("initial/") :]: v for k, v in tensors.items() if k.startswith("initial/")}
+        initial = {
+            k[len("initial/") :]: _decode(k, v, dtypes.get(k))
+            for k, v in tensors.items()
+            if k.startswith("initial/")
+        }
         if initial:
-            check_keys("model", own, initial)
+            check_keys("model", own, initial)  # decoded: the model's own shapes
         params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[union-attr]
         state: dict[int, dict[str, Any]] = {}
         for key, arr in tensors.items():
@@ -747,7 +764,10 @@ class TorchBackend:
                 idx, slot = int(parts[1]), parts[2]
                 # The arrays are ours to keep (Backend.load_state): the optimizer takes
                 # them as its slots, with no copy.
-                t = _from_numpy(arr, None, copy=False)
+                dtype = dtypes.get(key)
+                if dtype is None and arr.dtype == np.int16 and params[idx].dtype == torch.bfloat16:
+                    dtype = "torch.bfloat16"  # written before tensor_dtypes was recorded
+                t = _decode(key, arr, dtype, copy=False)
                 if t.ndim and tuple(t.shape) != tuple(params[idx].shape):
                     raise StateMismatchError(
                         f"{key}: shape {list(t.shape)}, the parameter's is "
@@ -764,7 +784,7 @@ class TorchBackend:
         with torch.no_grad():
             self.model.load_state_dict(weights)
         if initial and self.model_factory is None:
-            self.initial = {k: _from_numpy(v, dtypes.get(k)) for k, v in initial.items()}
+            self.initial = initial
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
         self._set_factory_lr([float(v) for v in factory_lr])
         if self.scheduler is not None and meta.get("scheduler") is not None:
@@ -855,10 +875,11 @@ class TorchBackend:
         """Load the ``model/*`` entries of ``tensors`` (copies) into the model."""
         own = self.model.state_dict()
         saved = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-        check_keys("model", own, saved)
+        check_keys("model", _encoded(own), saved)
         dtypes = dtypes or {k: str(v.dtype) for k, v in own.items()}
+        weights = {k: _decode(f"model/{k}", v, dtypes.get(k)) for k, v in saved.items()}
         with torch.no_grad():
-            self.model.load_state_dict({k: _from_numpy(v, dtypes.get(k)) for k, v in saved.items()})
+            self.model.load_state_dict(weights)
 
     def describe(self) -> dict[str, Any]:
         """The settings a resume compares. The optimizer's are those the factory built
@@ -959,23 +980,133 @@ def _as_tensor(a: Any, name: str, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _encodable(t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be stored in a checkpoint exactly (None if it can)."""
+    if t.layout != torch.strided:
+        return (
+            f"its layout is {t.layout} (only dense tensors are stored); convert it with "
+            ".to_dense()"
+        )
+    if t.is_quantized:
+        return "it is quantized; store its dequantized values or its int_repr() instead"
+    if t.device.type == "meta":
+        return "it is on the meta device (it holds no values); materialise the model first"
+    if t.dtype in _VIEWED or t.is_complex() or t.dtype in _NUMPY_DTYPES:
+        return None
+    return f"its dtype {t.dtype} has no exact encoding in a checkpoint"
+
+
+def _storable(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``tensors``, if a checkpoint can hold every one of them bit for bit; else a
+    ``TypeError`` naming the first that it cannot (never stored lossily)."""
+    for name, t in tensors.items():
+        why = _encodable(t)
+        if why is not None:
+            raise TypeError(
+                f"The training state entry {name!r} cannot be saved exactly: {why}. "
+                "warmfit stores every tensor of the state bit for bit or refuses it."
+            )
+    return tensors
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a NumPy array holding its exact bits: dtypes NumPy lacks are viewed as an
+    integer of the same size (bfloat16 as int16, the float8 types as uint8) and complex
+    tensors as their real pairs (a trailing dimension of 2); the state records each
+    tensor's torch dtype (``tensor_dtypes``) and :func:`_from_numpy` undoes the view."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy()
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())
+    viewed = _VIEWED.get(t.dtype)
+    if viewed is not None:
+        t = t.view(viewed)
     return t.numpy()
 
 
 def _from_numpy(a: np.ndarray, dtype: str | None, *, copy: bool = True) -> torch.Tensor:
+    """The torch tensor :func:`_to_numpy` encoded as ``a``, of the recorded ``dtype`` (a
+    string such as ``"torch.bfloat16"``; None: ``a``'s own). Raises
+    :class:`StateMismatchError` if ``a`` cannot hold a tensor of that dtype."""
     a = np.asarray(a)
     if copy or not a.flags.writeable:
         a = np.array(a)
     t = torch.from_numpy(a)
-    if dtype == "torch.bfloat16":
-        t = t.view(torch.bfloat16)
-    return t
+    if dtype is None or dtype == str(t.dtype):
+        return t
+    want = _torch_dtype(dtype)
+    if want.is_complex:
+        real = _REAL_OF_COMPLEX[want]
+        if t.dtype != real or not t.ndim or t.shape[-1] != 2:
+            raise StateMismatchError(
+                f"an array of dtype {a.dtype} and shape {list(a.shape)} cannot hold {dtype} "
+                f"(expected {real} pairs: a trailing dimension of 2)"
+            )
+        return torch.view_as_complex(t.contiguous())
+    if _VIEWED.get(want) != t.dtype:
+        raise StateMismatchError(f"an array of dtype {a.dtype} cannot hold {dtype}")
+    return t.view(want)
+
+
+class _Encoded(NamedTuple):
+    shape: tuple[int, ...]
+
+
+def _encoded(tensors: Mapping[str, torch.Tensor]) -> dict[str, _Encoded]:
+    """The shapes ``tensors`` have in a checkpoint (complex: a trailing 2), for
+    :func:`~warmfit.backends.base.check_keys`."""
+    return {
+        k: _Encoded((*t.shape, 2) if t.is_complex() else tuple(t.shape))
+        for k, t in tensors.items()
+    }
+
+
+def _decode(name: str, a: np.ndarray, dtype: str | None, *, copy: bool = True) -> torch.Tensor:
+    """:func:`_from_numpy` for the state entry ``name``: a mismatch names the entry."""
+    try:
+        return _from_numpy(a, dtype, copy=copy)
+    except StateMismatchError as err:
+        raise StateMismatchError(f"{name}: {err}") from None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise StateMismatchError(f"{name!r} is not a torch dtype")
+    return dtype
+
+
+# dtypes NumPy lacks, stored as the bits of an integer of the same size
+_VIEWED: dict[torch.dtype, torch.dtype] = {
+    torch.bfloat16: torch.int16,
+    **{
+        getattr(torch, name): torch.uint8
+        for name in (
+            "float8_e4m3fn",
+            "float8_e4m3fnuz",
+            "float8_e5m2",
+            "float8_e5m2fnuz",
+            "float8_e8m0fnu",
+            "float4_e2m1fn_x2",
+        )
+        if hasattr(torch, name)
+    },
+}
+_REAL_OF_COMPLEX: dict[torch.dtype, torch.dtype] = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+# dtypes stored as they are (the unsigned ones beyond uint8 exist from torch 2.3)
+_NUMPY_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in (
+        "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+        "uint8", "uint16", "uint32", "uint64", "bool",
+    )
+    if hasattr(torch, name)
+)
 
 
 def _built_settings(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[float]]:
