@@ -10,6 +10,12 @@ Two kinds of estimator, one contract (``docs/sklearn.md``):
   ``fit`` with ``warm_start=True`` that grows ``estimators_per_round`` more estimators
   (``n_estimators``; ``max_iter`` for HistGradientBoosting).
 
+Internal stopping rules: an estimator whose own early stopping (or another rule of its
+``fit`` that watches the loss: SGD's and MLP's ``learning_rate='adaptive'``) warmfit's loop
+would silently change is refused before anything changes, by :meth:`SklearnBackend.check_data`
+(see :func:`_stopping_rule` and ``docs/sklearn.md``); the message names the parameter to set
+and points to ``warmfit.EarlyStopping`` / ``warmfit.ReduceLROnPlateau``.
+
 Owns: the estimator, its modes (``warm`` resets SGD's ``t_``/averages and MLP's
 optimizer; round estimators and estimators without optimizer state refuse ``warm``),
 and its state, which travels as one array: the estimator in skops' secure format
@@ -87,6 +93,125 @@ def _ensemble_key(est: Any) -> str | None:
     return None
 
 
+#: scikit-learn's threshold for ``HistGradientBoosting*(early_stopping='auto')``: early
+#: stopping is on when the training data has more rows than this.
+HIST_GB_AUTO_ROWS = 10_000
+
+_INSTEAD = "use warmfit.EarlyStopping(...) with validation_data=(x_val, y_val) instead."
+_INSTEAD_LR = (
+    "use warmfit.ReduceLROnPlateau(factor=0.2, ...) with validation_data=(x_val, y_val) instead."
+)
+
+
+def _stopping_rule(est: Any, kind: str, n_rows: int) -> str | None:
+    """Why warmfit would silently change ``est``'s own stopping rule (the refusal message),
+    or ``None`` when there is none to change. ``kind`` is how warmfit drives it
+    (``"rounds"`` or ``"partial_fit"``), ``n_rows`` the training rows a round fits on.
+
+    - Round estimators grow by one warm-start ``fit`` a round; a stop inside one round
+      does not stop the next. Refused: ``HistGradientBoosting*`` with early stopping on
+      (``early_stopping=True``, or ``'auto'`` above :data:`HIST_GB_AUTO_ROWS` rows, as
+      scikit-learn decides), ``GradientBoosting*`` with ``n_iter_no_change`` set. Forests,
+      ExtraTrees and Bagging have no such rule (Bagging's own estimators are each fitted
+      whole by a plain ``fit``, as without warmfit: their rules apply unchanged).
+    - partial_fit estimators: the rules of ``fit`` (``max_iter``/``tol``/
+      ``n_iter_no_change`` convergence, ``early_stopping``) are not part of
+      ``partial_fit``. Defaults that merely go unused are not refused (warmfit's
+      ``epochs`` take ``max_iter``'s place); a rule the user turned on is:
+      ``early_stopping=True`` (SGD*, Perceptron, PassiveAggressive*, MLP*) and
+      ``learning_rate='adaptive'`` (SGD*; MLP* with ``solver='sgd'``). The estimators a
+      meta-estimator drives through its ``partial_fit`` (``MultiOutput*``,
+      ``OneVsRest``/``OneVsOne``, ``SelectFromModel``) are judged the same way.
+    """
+    if kind == "rounds":
+        return _round_rule(est, n_rows)
+    return _partial_fit_rule(est, "", type(est).__name__)
+
+
+def _round_rule(est: Any, n_rows: int) -> str | None:
+    from sklearn.ensemble._gb import BaseGradientBoosting
+    from sklearn.ensemble._hist_gradient_boosting.gradient_boosting import (
+        BaseHistGradientBoosting,
+    )
+
+    name = type(est).__name__
+    grows = (
+        "but warmfit grows it round by round (each round a warm-start fit with {key} raised "
+        "by estimators_per_round), and a stop inside one round does not stop the next: "
+        "training would silently go on."
+    )
+    if isinstance(est, BaseHistGradientBoosting):
+        es = est.early_stopping
+        auto = isinstance(es, str) and es == "auto"
+        if (auto and n_rows > HIST_GB_AUTO_ROWS) or (not auto and bool(es)):
+            rows = (
+                f" (scikit-learn turns it on above {HIST_GB_AUTO_ROWS} training rows; this "
+                f"fit has {n_rows})"
+                if auto
+                else ""
+            )
+            return (
+                f"{name}(early_stopping={es!r}) stops early{rows}: it stops adding "
+                f"iterations once its score stops improving, {grows.format(key='max_iter')} "
+                f"Set early_stopping=False and {_INSTEAD}"
+            )
+    elif isinstance(est, BaseGradientBoosting) and est.n_iter_no_change is not None:
+        return (
+            f"{name}(n_iter_no_change={est.n_iter_no_change!r}) stops early: it stops adding "
+            f"estimators once its validation score stops improving, "
+            f"{grows.format(key='n_estimators')} Set n_iter_no_change=None and {_INSTEAD}"
+        )
+    return None
+
+
+def _partial_fit_rule(est: Any, path: str, top: str) -> str | None:
+    """The rule of ``est`` (or of an estimator it drives) that ``partial_fit`` would
+    silently change; ``path`` is its parameter prefix in the estimator ``top``."""
+    from sklearn.base import BaseEstimator
+    from sklearn.linear_model._stochastic_gradient import BaseSGD
+    from sklearn.neural_network._multilayer_perceptron import BaseMultilayerPerceptron
+
+    name = type(est).__name__
+    where = f", the {path[:-2].replace('__', ' of the ')} of {top}," if path else ""
+    how = f"warmfit trains {name} with partial_fit (one call per batch)"
+    if isinstance(est, BaseSGD):
+        if getattr(est, "early_stopping", False):
+            return (
+                f"{name}(early_stopping=True){where} stops early only in fit; {how}, where "
+                "scikit-learn never stops early (it refuses early_stopping=True on the first "
+                "call and on later calls only holds validation_fraction of each batch out of "
+                f"training). Set {path}early_stopping=False and {_INSTEAD}"
+            )
+        if getattr(est, "learning_rate", None) == "adaptive":
+            return (
+                f"{name}(learning_rate='adaptive'){where} divides its step size by 5 whenever "
+                f"its loss stops improving by tol, a rule of fit; {how}, where that never "
+                "happens: the step size would silently stay eta0. Set "
+                f"{path}learning_rate='constant' and {_INSTEAD_LR}"
+            )
+    if isinstance(est, BaseMultilayerPerceptron):
+        if est.early_stopping:
+            return (
+                f"{name}(early_stopping=True){where} stops early only in fit; {how}, which "
+                "scikit-learn refuses with early_stopping=True. Set "
+                f"{path}early_stopping=False and {_INSTEAD}"
+            )
+        if est.solver == "sgd" and est.learning_rate == "adaptive":
+            return (
+                f"{name}(solver='sgd', learning_rate='adaptive'){where} divides its step size "
+                "by 5 whenever its training loss stops improving by tol over n_iter_no_change "
+                f"epochs, a rule of fit; {how}, where the rule would count batches and compare "
+                f"batch losses instead: silently another rule. Set {path}learning_rate="
+                f"'constant' and {_INSTEAD_LR}"
+            )
+    for key, value in est.get_params(deep=False).items():
+        if isinstance(value, BaseEstimator):  # a meta-estimator's partial_fit drives it
+            found = _partial_fit_rule(value, f"{path}{key}__", top)
+            if found is not None:
+                return found
+    return None
+
+
 def _reseeds_each_fit(est: Any) -> bool:
     """Forests and Bagging draw their seeds from ``check_random_state(random_state)`` on
     every warm-start fit (skipping one draw per existing estimator)."""
@@ -157,6 +282,7 @@ class SklearnBackend:
         self._pending_warm = False
         self._global_rng_attrs: list[str] = []
         self._global_rng_paths: list[list[list[Any]]] = []
+        self._fit_mode = "continue"  # the mode of the fit call being checked
 
     _seed = 0  # set by the Trainer
 
@@ -179,7 +305,14 @@ class SklearnBackend:
         return None
 
     def check_mode(self, mode: str) -> None:
-        """Refuse a mode this estimator cannot honour (before anything changes)."""
+        """Refuse a mode this estimator cannot honour (before anything changes).
+
+        ``Trainer.fit`` calls it first, with the call's mode; the mode is kept for
+        :meth:`check_data`, which must know which estimator the call will train."""
+        self._fit_mode = mode
+        self._check_supported(mode)
+
+    def _check_supported(self, mode: str) -> None:
         if mode not in self.modes:
             why = (
                 "it grows by rounds and has no optimizer state to reset"
@@ -218,7 +351,7 @@ class SklearnBackend:
         if self._fresh:  # right after init_model: nothing to reset
             self._fresh = False
             return
-        self.check_mode("warm")
+        self._check_supported("warm")
         self._pending_warm = True  # applied by batches(), once the data is checked
 
     def _reset_optimizer(self) -> None:
@@ -295,6 +428,21 @@ class SklearnBackend:
                 "mode='restart' on data with every class."
             )
         self.classes = np.asarray(known)
+
+    def check_data(self, data: Any, *, with_target: bool, what: str) -> None:
+        """Called by ``Trainer.fit`` before anything changes, on the training data
+        (``what='fit:'``): refuse an estimator whose own stopping rule warmfit's loop would
+        silently change (:func:`_stopping_rule`). The estimator judged is the one this call
+        trains: the current one, or for ``mode='restart'`` the fresh clone it starts from.
+        The decision depends only on its parameters and the number of training rows, so a
+        resumed run decides as the straight run did. Validation data is not checked."""
+        if what != "fit:":
+            return
+        restart = self._fit_mode == "restart" and self._pristine is not None
+        est = self._pristine if restart else self.model
+        why = _stopping_rule(est, self.kind, data.x.shape[0])
+        if why is not None:
+            raise ValueError(why)
 
     def subset(self, data: Any, rows: np.ndarray) -> Any:
         if isinstance(data, RoundData):
