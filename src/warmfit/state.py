@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 
 #: Stream identifiers mixed into the seed; changing one changes results, so never do.
-STREAM_IDS = {"python": 1, "numpy": 2, "torch": 3, "cuda": 4, "init": 5, "keras": 6, "loader": 7}
+STREAM_IDS = {
+    "python": 1, "numpy": 2, "torch": 3, "cuda": 4, "init": 5, "keras": 6, "loader": 7,
+    "sample": 8,
+}  # fmt: skip
 
 #: What a checkpoint holds, by entry: (where, what). Kept in sync with the tests.
 MANIFEST: dict[str, tuple[str, str]] = {
@@ -40,6 +43,7 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "callbacks": ("state.callbacks", "each callback's state_dict()"),
     "history": ("state.history", "per-epoch records of the current run"),
     "ledger": ("state.ledger", "one record per fit call, all runs"),
+    "call": ("state.call", "the fit call in progress or interrupted: its arguments and end"),
     "version": ("state.version", "warmfit version and schema"),
 }
 

@@ -29,6 +29,16 @@ backend, which is Keras's own ``TorchTrainer.train_step`` without per-step metri
 with the NaN check before the update. Other Keras backends step with
 ``model.train_on_batch`` (a NaN is then caught after the update).
 
+A model whose class overrides ``train_step``, ``test_step`` or ``predict_step`` (Keras's
+way to customise training) is trained, validated and predicted through its own methods
+on the torch backend (:meth:`KerasBackend._custom_torch_step`): before each step the
+gradients are cleared and the metric trackers reset (neither is saved, so no step may
+depend on what an earlier one left there), the step's ``logs["loss"]`` is its loss, and
+the probe runs the step once on the first rows, putting every variable back, to refuse
+before anything changes a step that returns no scalar ``loss``, does not apply
+``model.optimizer`` (whose state is the only optimizer state saved) or builds variables.
+On the other Keras backends a ``test_step``/``predict_step`` override is refused.
+
 State names are stable: ``variable.path`` carries auto-numbered scopes
 (``sequential_1/dense_2/kernel`` for the second model built in a process), so names are
 canonicalised per model (``sequential/dense/kernel``, ``sequential/dense_1/kernel``) and
@@ -103,6 +113,7 @@ class KerasBackend:
         self._names: list[str] = []
         self._opt_names: list[str] = []
         self._training = True
+        self._custom: dict[str, bool] = dict.fromkeys(_STEPS, False)
         if self.model is not None:
             self._check_model(self.model)
 
@@ -124,6 +135,7 @@ class KerasBackend:
                 for v, w in zip(own, new, strict=True):
                     v.assign(w.value)
         self._names = _canonical_names([v.path for v in self.model.variables])
+        self._custom = self._custom_steps(self.model)
         if self.model_factory is None and first:
             self.initial = {k: np.array(v, copy=True) for k, v in self._model_arrays().items()}
         elif self.model_factory is None:
@@ -160,10 +172,28 @@ class KerasBackend:
                 "keras.Sequential([keras.Input((8,)), ...]), or call model.build(shape)."
             )
 
+    def _custom_steps(self, model: keras.Model) -> dict[str, bool]:
+        """Which of Keras's step methods the model's class overrides. Off the torch
+        backend warmfit cannot call ``test_step``/``predict_step`` (stateless on JAX):
+        an override is refused there rather than skipped."""
+        custom = {name: _overrides(model, name) for name in _STEPS}
+        skipped = [name for name in ("test_step", "predict_step") if custom[name]]
+        if skipped and not self.torch:
+            raise ValueError(
+                f"The Keras model {type(model).__name__} overrides {' and '.join(skipped)}: on "
+                f"the Keras {keras.backend.backend()!r} backend warmfit evaluates with "
+                "model.compute_loss and model.compute_metrics and predicts with model(x), "
+                "so the override would be skipped. Use KERAS_BACKEND=torch, where warmfit "
+                "calls the model's own test_step and predict_step, or remove the override."
+            )
+        return custom
+
     def init_optimizer(self, schedule: Any) -> None:
         model = self.model
         if self._fresh_optimizer is None:  # the first time: decide what the optimizer is
             self._setup_compile(model)
+            if self._custom["train_step"]:
+                _check_one_optimizer(model)
             first = model.optimizer
         else:
             first = self._fresh_optimizer()
@@ -221,7 +251,7 @@ class KerasBackend:
             cls, config = type(optimizer), optimizer.get_config()
             self._fresh_optimizer = lambda: cls.from_config(dict(config))
         loss = self.loss_arg if self.loss_arg is not None else getattr(model, "loss", None)
-        if loss is None:
+        if loss is None and not self._custom["train_step"]:  # a custom step may need none
             raise ValueError(
                 "The Keras model has no loss. Pass loss='sparse_categorical_crossentropy' "
                 "(or a keras loss) to Trainer, or compile the model with one."
@@ -231,7 +261,7 @@ class KerasBackend:
             if metrics is None and compiled:
                 metrics = _compiled_metrics(model)  # keep the user's
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-        self.loss_name = loss if isinstance(loss, str) else _name(loss)
+        self.loss_name = None if loss is None else loss if isinstance(loss, str) else _name(loss)
 
     def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
         start = derive_seed(seed, "keras", 1) % 10**9 + 1  # Keras's own default seed range
@@ -303,24 +333,55 @@ class KerasBackend:
         layers build themselves on that call (``model.build`` of a subclassed model
         does not build its layers).
 
+        A model with its own ``train_step`` (on the torch backend) is probed with one
+        step of it on those rows, and with its own ``test_step`` for validation and
+        evaluation data: a step that returns no dict of scalar logs (with a ``loss``
+        for training), a ``train_step`` that does not apply ``model.optimizer`` or that
+        keeps plain Python attributes on the model (state no checkpoint holds) is
+        refused here (:meth:`_refuse_step`).
+
         Changes nothing: Python's, NumPy's, Keras's global and torch's random streams and
         the model's non-trainable variables (every ``SeedGenerator`` state, statistics)
-        are put back afterwards, for layers that draw or count even in inference mode.
+        and metric trackers are put back afterwards, for layers that draw or count even
+        in inference mode; after a probing ``train_step`` every model and optimizer
+        variable too, and the gradients are cleared.
         """
         model = self.model
         xb = data.x[:2]
         yb = None if data.y is None else data.y[:2]
+        step = None
+        if with_target and self.torch:
+            step = "train_step" if what == "fit:" else "test_step"
+            step = step if self._custom[step] else None
+        training = step == "train_step"
         host = (random.getstate(), np.random.get_state())
         streams = self.capture_rng()
         known = {id(v) for v in model.variables}
-        fixed = [(v, np.array(_to_numpy(v), copy=True)) for v in model.variables if not v.trainable]
+        opt_vars = list(self.optimizer.variables) if training else []
+        known_opt = {id(v) for v in opt_vars}
+        kept = [v for v in model.variables if training or not v.trainable] + opt_vars
+        kept += [v for v in model.metrics_variables if id(v) not in known]
+        fixed = [(v, np.array(_to_numpy(v), copy=True)) for v in kept]
+        attrs = _public_attributes(model) if training else {}
+        problem = None
         try:
-            with _no_grad():
-                out = model(xb, training=False)
-                if with_target:
-                    loss = model.compute_loss(x=xb, y=yb, y_pred=out, training=False)
-                    if loss is None or math.prod(loss.shape) != 1:
-                        raise ValueError(f"the loss returned {loss!r}, not a scalar")
+            if training:
+                before = int(_to_numpy(self.optimizer.iterations))
+                logs = self._call_train_step(xb, yb)
+                problem = _logs_problem(logs, loss=True)
+                if problem is None and int(_to_numpy(self.optimizer.iterations)) == before:
+                    problem = f"did not apply model.optimizer (its iterations stayed {before})"
+            else:
+                with _no_grad():
+                    if step == "test_step":
+                        model.reset_metrics()
+                        problem = _logs_problem(model.test_step(_pack(xb, yb)), loss=False)
+                    else:
+                        out = model(xb, training=False)
+                        if with_target:
+                            loss = _compute_loss(model, xb, yb, out, training=False)
+                            if loss is None or math.prod(loss.shape) != 1:
+                                raise ValueError(f"the loss returned {loss!r}, not a scalar")
         except Exception as err:  # any failure here is the data's or the model's
             x_desc = f"x {tuple(data.x_np.shape)} {data.x_np.dtype}"
             y_desc = "None" if data.y_np is None else f"{tuple(data.y_np.shape)} {data.y_np.dtype}"
@@ -339,7 +400,14 @@ class KerasBackend:
             self.install_rng(streams)
             for v, value in fixed:
                 v.assign(value)
+            if training:
+                model.zero_grad()
+                changed = _restore_attributes(model, attrs)
+                if changed and problem is None:
+                    problem = f"changed the model's Python attributes {changed}"
         created = [v.path for v in model.variables if id(v) not in known]
+        created += [v.path for v in (self.optimizer.variables if training else ())
+                    if id(v) not in known_opt]  # fmt: skip
         if created:  # a layer built itself on this call: the optimizer does not know it
             raise ValueError(
                 "The Keras model is not fully built: expected no new variables when it is "
@@ -347,6 +415,38 @@ class KerasBackend:
                 f"{data.x_np.dtype}. Build every layer before handing the model to warmfit: "
                 "give it a keras.Input, or call it once on a batch (model(x[:1]))."
             )
+        if problem is not None:
+            self._refuse_step(step, problem)  # type: ignore[arg-type]
+
+    def _refuse_step(self, step: str, problem: str) -> None:
+        """What a probe of the model's own ``train_step``/``test_step`` found wrong."""
+        name = f"{type(self.model).__name__}.{step}"
+        if step == "test_step":
+            fix = (
+                "warmfit validates and evaluates through it and reports the logs of its "
+                "last batch: return a dict of scalars (e.g. {m.name: m.result() for m in "
+                "self.metrics}), as keras.Model.test_step does."
+            )
+        elif problem.startswith("returned"):
+            fix = (
+                "warmfit trains through it and takes each step's loss from its logs: "
+                "return a dict with a scalar 'loss' entry (e.g. {m.name: m.result() for m "
+                "in self.metrics}, with a tracker named 'loss'), as keras.Model.train_step "
+                "does."
+            )
+        elif problem.startswith("did not apply"):
+            fix = (
+                "warmfit saves, schedules and rebuilds model.optimizer only, so updates by "
+                "other means would neither follow the schedule nor resume exactly: apply "
+                "the gradients with self.optimizer.apply(grads, self.trainable_variables)."
+            )
+        else:
+            fix = (
+                "warmfit saves Keras variables only, so that state would be lost on resume "
+                "and a resumed run would differ: keep it in a variable (self.add_weight(..., "
+                "trainable=False), updated with .assign) instead."
+            )
+        raise ValueError(f"The Keras model's own {step} ({name}) {problem}. {fix}")
 
     # -- training --------------------------------------------------------------------
     def train_mode(self, training: bool) -> None:
@@ -411,6 +511,8 @@ class KerasBackend:
             if not math.isfinite(value):
                 raise NonFiniteLoss(value)
             return value
+        if self._custom["train_step"]:
+            return self._custom_torch_step(xb, yb)
         return self._torch_step(xb, yb)
 
     def _torch_step(self, xb: Any, yb: Any) -> Any:
@@ -419,7 +521,7 @@ class KerasBackend:
 
         model, optimizer = self.model, self.optimizer
         y_pred = model(xb, training=True)
-        loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=True)
+        loss = _compute_loss(model, xb, yb, y_pred, training=True)
         on_cpu = loss.device.type == "cpu"
         value = loss.item() if on_cpu else loss.detach()
         if on_cpu and not math.isfinite(value):
@@ -429,6 +531,41 @@ class KerasBackend:
         optimizer.scale_loss(loss).backward()
         with torch.no_grad():
             optimizer.apply([v.value.grad for v in trainable], trainable)
+        return value
+
+    def _call_train_step(self, xb: Any, yb: Any) -> Any:
+        """One call of the model's own ``train_step`` on ``(x, y)`` (``x`` alone without
+        labels), as ``model.fit`` passes it. Neither gradients nor metric trackers are
+        saved, so a step must not depend on what an earlier one left there: both are
+        cleared first (``model.fit`` resets the trackers once per epoch instead)."""
+        model = self.model
+        model.zero_grad()
+        model.reset_metrics()
+        return model.train_step(_pack(xb, yb))
+
+    def _custom_torch_step(self, xb: Any, yb: Any) -> Any:
+        """A step of the model's own ``train_step``; its ``logs["loss"]`` is the loss.
+
+        The step updates the model before warmfit sees its loss. On the CPU the loss is
+        read at once, so the variables (the model's and the optimizer's) are copied first
+        and put back on a NaN: training stops with the state before the step, as with
+        Keras's step. On a GPU the loss stays there and is read at the next readout.
+        """
+        variables = [*self.model.variables, *self.optimizer.variables]
+        on_cpu = not variables or variables[0].value.device.type == "cpu"
+        saved = [v.value.detach().clone() for v in variables] if on_cpu else None
+        loss = self._call_train_step(xb, yb)["loss"]
+        if keras.ops.is_tensor(loss):
+            loss = loss.detach().reshape(())
+        else:  # a Python or NumPy number
+            loss = float(np.asarray(loss).reshape(()))
+        if not on_cpu:  # a copy: the next step's reset must not reach it before readout
+            return loss.clone() if keras.ops.is_tensor(loss) else loss
+        value = loss if isinstance(loss, float) else loss.item()
+        if not math.isfinite(value):
+            for v, t in zip(variables, saved, strict=True):  # type: ignore[arg-type]
+                v.assign(t)
+            raise NonFiniteLoss(value)
         return value
 
     def end_epoch(self) -> None:
@@ -449,19 +586,28 @@ class KerasBackend:
             return self._evaluate(data, batch_size)
 
     def _evaluate(self, data: ArrayData, batch_size: int) -> dict[str, float]:
+        """Keras's ``test_step`` per batch with the loss summed in float64, or the
+        model's own ``test_step`` (on torch), whose last logs are the result, as in
+        ``model.evaluate``."""
         model = self.model
+        custom = self._custom["test_step"] and self.torch
         model.reset_metrics()
-        total, n = 0.0, len(data)
+        total, n, logs = 0.0, len(data), {}
         for start in range(0, n, batch_size):
             xb = data.x[start : start + batch_size]
             yb = None if data.y is None else data.y[start : start + batch_size]
+            if custom:
+                logs = model.test_step(_pack(xb, yb))
+                continue
             y_pred = model(xb, training=False)
-            loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False)
+            loss = _compute_loss(model, xb, yb, y_pred, training=False)
             total += float(loss) * int(xb.shape[0])
-            model.compute_metrics(xb, yb, y_pred)
-        out = {"loss": total / n}
-        for k, v in model.get_metrics_result().items():
-            if k != "loss":
+            logs = model.compute_metrics(xb, yb, y_pred, sample_weight=None)
+        if not custom and not isinstance(logs, Mapping):  # an override returning nothing
+            logs = model.get_metrics_result()
+        out = {} if custom else {"loss": total / n}
+        for k, v in _pythonify(logs).items():
+            if custom or k != "loss":  # Keras's loss tracker: not updated here
                 out[k] = float(v)
         model.reset_metrics()
         return out
@@ -469,11 +615,19 @@ class KerasBackend:
     def predict(self, x: Any, batch_size: int) -> np.ndarray:
         data = self.prepare(x, None)
         self.check_data(data, with_target=False, what="predict:")
+        model, outs = self.model, []
+        custom = self._custom["predict_step"] and self.torch
         with _no_grad():
-            outs = [
-                keras.ops.convert_to_numpy(self.model(data.x[s : s + batch_size], training=False))
-                for s in range(0, len(data), batch_size)
-            ]
+            for s in range(0, len(data), batch_size):
+                xb = data.x[s : s + batch_size]
+                out = model.predict_step(xb) if custom else model(xb, training=False)
+                if not keras.ops.is_tensor(out):
+                    raise TypeError(
+                        f"The Keras model's own predict_step ({type(model).__name__}."
+                        f"predict_step) returned {type(out).__name__}; warmfit's predict "
+                        "returns one array: return a tensor, or call model.predict."
+                    )
+                outs.append(keras.ops.convert_to_numpy(out))
         return np.concatenate(outs)
 
     # -- state -----------------------------------------------------------------------
@@ -570,6 +724,109 @@ class KerasBackend:
 
 
 # -- helpers -----------------------------------------------------------------------------
+_STEPS = ("train_step", "test_step", "predict_step")
+
+
+def _overrides(model: keras.Model, name: str) -> bool:
+    """Whether the model's class replaces Keras's own ``name`` (that of the backend's
+    trainer, which ``keras.Model`` inherits)."""
+    return getattr(type(model), name, None) is not getattr(keras.Model, name, None)
+
+
+def _check_one_optimizer(model: keras.Model) -> None:
+    """A model with its own ``train_step`` may step optimizers it holds besides
+    ``model.optimizer``; warmfit saves and rebuilds that one only."""
+    others = []
+    for attr, value in vars(model).items():  # attributes, and lists or dicts of them
+        if isinstance(value, Mapping):
+            value = list(value.values())
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, keras.optimizers.Optimizer) and v is not model.optimizer:
+                others.append(attr)
+                break
+    if others:
+        raise ValueError(
+            f"The Keras model {type(model).__name__} has its own train_step and holds "
+            f"optimizers besides model.optimizer: {sorted(others)}. warmfit saves, schedules "
+            "and rebuilds model.optimizer only: the state of the others would be lost on "
+            "resume, and a resumed run would differ. Step with model.optimizer alone "
+            "(self.optimizer.apply(grads, self.trainable_variables) in train_step), or "
+            "train the model with model.fit."
+        )
+
+
+def _public_attributes(model: keras.Model) -> dict[str, Any]:
+    """The model's public attributes, shallow (Keras keeps its own state private or in
+    variables), to find plain Python values a probing ``train_step`` changes; not
+    torch's ``training`` flag (``self.train()``), which Keras's steps do not read."""
+    return {k: v for k, v in vars(model).items() if not k.startswith("_") and k != "training"}
+
+
+def _restore_attributes(model: keras.Model, before: Mapping[str, Any]) -> list[str]:
+    """Put back the public attributes holding plain Python values (a counter) that a
+    probing ``train_step`` set or changed: state warmfit cannot save. Their names."""
+
+    def plain(v: Any) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    after, missing = _public_attributes(model), object()
+    changed = []
+    for k in sorted({*before, *after}):
+        old, new = before.get(k, missing), after.get(k, missing)
+        if old is new or not (plain(old) or plain(new)):
+            continue
+        if not (plain(old) and plain(new) and old == new):
+            changed.append(k)
+    for k in changed:
+        if k in before:
+            setattr(model, k, before[k])
+        else:
+            delattr(model, k)
+    return changed
+
+
+def _pack(xb: Any, yb: Any) -> Any:
+    """A batch as ``model.fit`` hands it to ``train_step``/``test_step``."""
+    return xb if yb is None else (xb, yb)
+
+
+def _compute_loss(model: keras.Model, xb: Any, yb: Any, y_pred: Any, *, training: bool) -> Any:
+    """``model.compute_loss`` as Keras's own steps call it (``Trainer._compute_loss``:
+    positional arguments, ``sample_weight=None``, ``training`` only where an override
+    takes it), so an override with Keras's documented signature works."""
+    call = getattr(model, "_compute_loss", None)
+    if call is None:  # before Keras 3.3
+        return model.compute_loss(xb, yb, y_pred, None)
+    return call(x=xb, y=yb, y_pred=y_pred, sample_weight=None, training=training)
+
+
+def _pythonify(logs: Any) -> dict[str, Any]:
+    """A step's logs flattened as Keras does (a dict result, e.g. the compiled
+    metrics', becomes top-level entries)."""
+    from keras.src.utils.python_utils import pythonify_logs
+
+    return pythonify_logs(logs)
+
+
+def _logs_problem(logs: Any, *, loss: bool) -> str | None:
+    """What is wrong with the logs a step returned: not a dict; without a scalar
+    ``loss`` (``loss=True``); an entry that is not a scalar."""
+    if not isinstance(logs, Mapping):
+        return f"returned {type(logs).__name__}, not a dict of logs"
+    if loss:
+        if "loss" not in logs:
+            return f"returned logs without 'loss': {sorted(map(str, logs))}"
+        shape = tuple(getattr(logs["loss"], "shape", ()))
+        return None if math.prod(shape) == 1 else f"returned a 'loss' of shape {shape}"
+    for k, v in logs.items():
+        items = v.items() if isinstance(v, Mapping) else [(k, v)]
+        for name, value in items:
+            shape = tuple(getattr(value, "shape", ()))
+            if math.prod(shape) != 1 or isinstance(value, (str, bytes, Mapping)):
+                return f"returned {name!r} of shape {shape}, not a scalar"
+    return None
+
+
 _COUNTER = re.compile(r"^(.*?)(?:_(\d+))?$")
 
 

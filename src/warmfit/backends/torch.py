@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import jsonstate
 from ..data import epoch_batches, fingerprint, shard
 from ..distributed import DistContext
 from ..errors import StateMismatchError, invalid_param
@@ -104,6 +105,48 @@ class _OrderSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return sum(1 for _, rows in self.shards() if len(rows))
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """A map-style Dataset read so that each sample's randomness is a function of
+    (seed, epoch, sample index): Python's, NumPy's and torch's global streams are seeded
+    from it right before the sample is read. So a random augmentation draws the same
+    numbers whichever process reads the sample — the main process or any DataLoader
+    worker, after any resume — and however the epoch is cut into batches or ranks.
+
+    In the main process (``num_workers=0``) the streams are put back after each batch,
+    so reading data never moves the trainer's streams. A Dataset with its own
+    ``__getitems__`` (it reads a batch at once) is seeded once per batch, from its first
+    index: exact for the same batch size and world size.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+        self.batched = callable(getattr(dataset, "__getitems__", None))
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        with contextlib.nullcontext() if in_worker else _isolated_streams([]):
+            if self.batched:
+                self._seed(indices[0])
+                return list(self.dataset.__getitems__(indices))  # type: ignore[attr-defined]
+            items = []
+            for i in indices:
+                self._seed(i)
+                items.append(self.dataset[i])
+            return items
+
+    def _seed(self, index: int) -> None:
+        s = derive_seed(self.seed, "sample", self.epoch, index)
+        random.seed(s)
+        np.random.seed(s & 0xFFFF_FFFF)
+        torch.default_generator.manual_seed(s)
 
 
 class HostSnapshot:
@@ -281,6 +324,53 @@ class TorchBackend:
             self.ddp = None
             gc.collect()
 
+    def check_mode(self, mode: str) -> None:
+        """Refuse, before anything changes, a fit call that would differ from what it
+        says without a word: one made under a global torch mode
+        (:func:`check_global_modes`); a ``continue`` on a model whose parameters are not
+        those the optimizer was built over (a module added since would never train); a
+        ``restart`` that cannot rebuild the model as it is now."""
+        check_global_modes(self.device.type)
+        names = [name for name, _ in self.model.named_parameters()]
+        if mode == "continue" and names != self._optimized:
+            added = [n for n in names if n not in self._optimized]
+            gone = [n for n in self._optimized if n not in names]
+            raise ValueError(
+                "The model's parameters changed since its optimizer was built"
+                + (f"; added: {added}" if added else "")
+                + (f"; removed: {gone}" if gone else "")
+                + (". " if added or gone else " (their order). ")
+                + "The optimizer would never train the new ones, and a checkpoint of this "
+                "state could not be resumed. Fit with mode='warm' to build a fresh optimizer "
+                "over the model as it is (the weights are kept), or mode='restart'."
+            )
+        if mode == "restart":
+            self._check_restart()
+
+    def _check_restart(self) -> None:
+        """Refuse a restart whose initial weights no longer fit the model (a module added
+        to it, a factory that now builds another model, e.g. under another default
+        dtype): it would fail half-way, or train another model."""
+        own = self.model.state_dict()
+        if self.model_factory is None:
+            initial = self.initial or {}
+            what = "the initial weights the Trainer kept"
+        else:
+            with _isolated_streams([], seed=0):  # its values do not matter here
+                initial = self.model_factory().state_dict()
+            what = "the model the factory builds now"
+        diffs = sorted(set(own) ^ set(initial)) + [
+            f"{k}: {initial[k].dtype}{list(initial[k].shape)} vs {own[k].dtype}{list(own[k].shape)}"
+            for k in sorted(set(own) & set(initial))
+            if (initial[k].shape, initial[k].dtype) != (own[k].shape, own[k].dtype)
+        ]
+        if diffs:
+            raise ValueError(
+                f"mode='restart' rebuilds the model from {what}, which no longer matches "
+                f"the model: {diffs[:8]}. Build a new Trainer for the changed model (a "
+                "restart makes the trainer a fresh one of the same model)."
+            )
+
     def set_deterministic(self) -> Callable[[], None]:
         """``Trainer(deterministic=True)``: torch's deterministic algorithms for a fit call;
         returns what puts the previous setting back."""
@@ -295,6 +385,7 @@ class TorchBackend:
         built = _built_settings(optimizer)
         scheduler = self._build_scheduler(schedule, optimizer)  # may raise: nothing changed
         self.optimizer, self.scheduler = optimizer, scheduler
+        self._optimized = [name for name, _ in self.model.named_parameters()]
         self._built = built[0]
         self._set_factory_lr(built[1])
         self.scheduler_interval = getattr(schedule, "interval", "step")
@@ -305,6 +396,12 @@ class TorchBackend:
             raise TypeError(
                 "The optimizer factory must return a torch.optim.Optimizer. "
                 f"Got {optimizer!r} instead."
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "torch.optim.LBFGS evaluates the model several times per step through a "
+                "closure, and warmfit's step calls optimizer.step() once, without one. Use "
+                "an optimizer that steps on one gradient (SGD, Adam, AdamW, ...)."
             )
         return optimizer
 
@@ -344,6 +441,15 @@ class TorchBackend:
                 f"LRScheduler, but it returned {scheduler!r}, which has no "
                 f"{'/'.join(_SCHEDULER_METHODS)}.{why}"
             )
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise TypeError(
+                "torch's ReduceLROnPlateau needs the monitored metric at each step() and "
+                "warmfit steps a torch scheduler without one. Use the callback "
+                "warmfit.ReduceLROnPlateau (it keeps its state across calls and resumes) "
+                "with a warmfit schedule or none."
+            )
+        # Its state must come back exactly: refused now, not at the first save.
+        jsonstate.encode(scheduler.state_dict(), "scheduler")
         return scheduler
 
     def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
@@ -454,12 +560,13 @@ class TorchBackend:
     def _loader_batches(
         self, data: DatasetData, order: np.ndarray, offset: int, batch_size: int, epoch: int
     ) -> Iterator[Any]:
-        # The loader's own generator seeds its workers; giving it one keeps it off the
-        # trainer's global torch stream, so split and straight runs draw the same numbers.
+        # Each sample's randomness comes from (seed, epoch, index) (_SeededSamples); the
+        # loader's own generator, which seeds its workers, keeps it off the trainer's
+        # global torch stream.
         gen = torch.Generator().manual_seed(derive_seed(self._seed, "loader", epoch, offset))
         sampler = _OrderSampler(order, offset, batch_size, self.dist.rank, self.dist.world_size)
         loader = torch.utils.data.DataLoader(
-            data.dataset,
+            _SeededSamples(data.dataset, self._seed, epoch),
             batch_sampler=sampler,
             num_workers=self.num_workers,
             generator=gen,
@@ -496,7 +603,7 @@ class TorchBackend:
             self._no_rows = (xb[:0], None if yb is None else yb[:0])
         return self._no_rows
 
-    _seed = 0  # set by the Trainer; only the DataLoader worker seed uses it
+    _seed = 0  # set by the Trainer; only the Dataset reads (_SeededSamples) use it
 
     # -- training --------------------------------------------------------------------
     def train_mode(self, training: bool) -> None:
@@ -680,8 +787,14 @@ class TorchBackend:
 
     def state_meta(self) -> dict[str, Any]:
         sd = self.optimizer.state_dict()  # type: ignore[union-attr]
+        # The plain-Python parts as exact JSON (jsonstate): types come back as they were
+        # (MultiStepLR's Counter of int milestones, Adam's betas tuple, a tensor lr).
         scalars = {
-            str(i): {s: _jsonable(v) for s, v in slots.items() if not torch.is_tensor(v)}
+            str(i): {
+                s: jsonstate.encode(v, f"optimizer.state[{i}].{s}")
+                for s, v in slots.items()
+                if not torch.is_tensor(v)
+            }
             for i, slots in sd["state"].items()
         }
         dtypes = {k: str(v.dtype) for k, v in self.model.state_dict().items()}
@@ -691,11 +804,13 @@ class TorchBackend:
         return {
             "optimizer": {
                 "class": type(self.optimizer).__name__,
-                "param_groups": _jsonable(sd["param_groups"]),
+                "param_groups": jsonstate.encode(sd["param_groups"], "optimizer.param_groups"),
                 "scalars": scalars,
                 "factory_lr": list(self._factory_lr),  # for set_learning_rate's ratios
             },
-            "scheduler": None if self.scheduler is None else _jsonable(self.scheduler.state_dict()),
+            "scheduler": None
+            if self.scheduler is None
+            else jsonstate.encode(self.scheduler.state_dict(), "scheduler"),
             "dtypes": dtypes,
             "tensor_dtypes": tensor_dtypes,
         }
@@ -715,7 +830,7 @@ class TorchBackend:
                 "with mode='warm' to start a fresh optimizer."
             )
         current = self.optimizer.state_dict()["param_groups"]  # type: ignore[union-attr]
-        groups = opt_meta["param_groups"]
+        groups = jsonstate.decode(opt_meta["param_groups"])
         if not isinstance(groups, list) or len(groups) != len(current):
             raise StateMismatchError(
                 f"the checkpoint's optimizer has {len(groups)} parameter groups, this one "
@@ -754,6 +869,14 @@ class TorchBackend:
         }
         if initial:
             check_keys("model", own, initial)  # decoded: the model's own shapes
+        for i, (g, cur) in enumerate(zip(groups, current, strict=True)):
+            if len(g.get("params", ())) != len(cur["params"]):  # tied or untied weights
+                raise StateMismatchError(
+                    f"the checkpoint's optimizer group {i} has {len(g.get('params', ()))} "
+                    f"parameters, this optimizer's {len(cur['params'])} (weights tied in one "
+                    "model and not in the other?). Build the model and the optimizer the same "
+                    "way as the run that wrote the checkpoint."
+                )
         params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[union-attr]
         state: dict[int, dict[str, Any]] = {}
         for key, arr in tensors.items():
@@ -775,11 +898,14 @@ class TorchBackend:
                     )
                 state.setdefault(idx, {})[slot] = t
         for idx, scalars in opt_meta["scalars"].items():
-            state.setdefault(int(idx), {}).update(scalars)
-        groups = [
+            state.setdefault(int(idx), {}).update(jsonstate.decode(scalars))
+        groups = [  # checkpoints from before jsonstate stored tuples as lists
             {k: (tuple(v) if isinstance(cur.get(k), tuple) else v) for k, v in g.items()}
             for g, cur in zip(groups, current, strict=True)
         ]
+        scheduler_state = meta.get("scheduler")
+        if scheduler_state is not None:
+            scheduler_state = jsonstate.decode(scheduler_state)
         # Apply: nothing below is expected to fail on data that passed the checks above.
         with torch.no_grad():
             self.model.load_state_dict(weights)
@@ -787,8 +913,8 @@ class TorchBackend:
             self.initial = initial
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
         self._set_factory_lr([float(v) for v in factory_lr])
-        if self.scheduler is not None and meta.get("scheduler") is not None:
-            self.scheduler.load_state_dict(meta["scheduler"])
+        if self.scheduler is not None and scheduler_state is not None:
+            self.scheduler.load_state_dict(scheduler_state)
 
     def check_rng(self, state: Mapping[str, np.ndarray]) -> None:
         """Refuse random-stream entries that torch would reject, before anything changes."""
@@ -913,6 +1039,45 @@ def _isolated_streams(devices: list[torch.device], seed: int | None = None) -> I
     finally:
         random.setstate(host[0])
         np.random.set_state(host[1])
+
+
+def check_global_modes(device_type: str) -> None:
+    """Raise ``RuntimeError`` if training is asked for inside a global torch mode that
+    would change it silently or break it deep inside the first step:
+
+    - ``torch.autocast`` around ``fit``: autocast caches its low-precision casts of the
+      weights for the whole block, so every step after the first would train against
+      stale copies of the weights (measured: loss 4.43 where 3.27 was right);
+    - ``torch.no_grad()`` / ``torch.inference_mode()`` around ``fit``: no gradient
+      could be computed.
+    """
+    for kind in dict.fromkeys((device_type, "cpu")):
+        if _autocast_enabled(kind):
+            raise RuntimeError(
+                f"Trainer.fit was called inside torch.autocast (enabled for {kind!r}, dtype "
+                f"{torch.get_autocast_dtype(kind)}). autocast keeps its casts of the weights "
+                "for the whole block, so every step after the first would train against "
+                "stale low-precision copies of the weights: a silently different result. "
+                "Call fit outside autocast; for mixed precision, enter torch.autocast inside "
+                "the model's forward (its casts then last one step)."
+            )
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        which = "torch.inference_mode()" if torch.is_inference_mode_enabled() else (
+            "torch.no_grad() (or set_grad_enabled(False))"
+        )  # fmt: skip
+        raise RuntimeError(
+            f"Trainer.fit was called inside {which}: training needs gradients. Call fit "
+            "outside that block (evaluate and predict run without gradients on their own)."
+        )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def use_deterministic_algorithms() -> Callable[[], None]:
