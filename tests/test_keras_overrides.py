@@ -515,3 +515,20 @@ def test_default_step_with_own_loss_or_added_losses_trains_as_model_fit(cls, tmp
     resumed = warmfit.Trainer.load(tmp_path / "ck", regularised(cls), **settings(cls))
     resumed.fit(x, y, until_epoch=2, validation_split=0.25)
     assert_same_state(straight, resumed)
+
+
+def test_fit_of_a_keras_model_under_torch_autocast_is_refused():
+    """Keras on torch computes with torch's ops: an ambient autocast would reach them."""
+    import torch
+
+    from test_keras import make_keras_trainer
+
+    x, y = make_data(64)
+    trainer = make_keras_trainer()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError) as err:
+        trainer.fit(x, y, epochs=1)
+    assert str(err.value).startswith(
+        "Trainer.fit was called inside torch.autocast (enabled for 'cpu', dtype "
+        "torch.bfloat16). autocast keeps its casts of the weights for the whole block"
+    )
+    assert trainer.epoch == 0 and len(trainer.ledger) == 0

@@ -254,3 +254,87 @@ def test_sparse_gradients_with_plain_sgd_resume_exactly(tmp_path):
     straight.fit(x, y, epochs=2)
     resumed = _resumed_through_a_file(tmp_path, build, x, y, {"epochs": 1}, {"epochs": 1})
     assert compare_states(straight.state_dict(), resumed.state_dict()) == []
+
+
+def test_a_change_of_torchs_global_numerics_between_calls_is_refused_on_continue():
+    """float32_matmul_precision('medium') changed the bits on a 512-wide MLP on the CPU."""
+    x, y = make_data(64)
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        before = t.state_dict()
+        with pytest.raises(ValueError) as err:
+            t.fit(x, y, epochs=1)
+        assert str(err.value) == (
+            "torch's global numerics changed since the previous fit call "
+            "(float32_matmul_precision: 'highest' then, 'medium' now): a 'continue' would not "
+            "compute what the uninterrupted run computes. Set them back "
+            "(torch.set_float32_matmul_precision, torch.set_default_dtype), or fit with "
+            "mode='warm' to continue on purpose under the new ones."
+        )
+        assert compare_states(before, t.state_dict()) == [] and len(t.ledger) == 1
+        t.fit(x, y, epochs=1, mode="warm")  # on purpose: recorded, then continue goes on
+        t.fit(x, y, epochs=1)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.out = nn.Linear(4 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_a_channels_last_run_resumed_into_another_layout_is_refused(tmp_path):
+    x = torch.randn(48, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(1))
+
+    def channels_last() -> nn.Module:
+        return Conv().to(memory_format=torch.channels_last)
+
+    straight = make_trainer(model=channels_last, metrics=[])
+    straight.fit(x, y, epochs=2)
+    t = make_trainer(model=channels_last, metrics=[])
+    t.fit(x, y, epochs=1)
+    t.save(tmp_path / "ckpt")
+    resumed = warmfit.Trainer.load(tmp_path / "ckpt", channels_last, **_settings())
+    assert resumed.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    resumed.fit(x, y, epochs=1)
+    assert compare_states(straight.state_dict(), resumed.state_dict()) == []
+    with pytest.warns(UserWarning, match="memory_format.conv.weight: checkpoint 'channels_last'"):
+        plain = warmfit.Trainer.load(tmp_path / "ckpt", Conv, **_settings())
+    with pytest.raises(warmfit.StateMismatchError, match="memory_format.conv.weight"):
+        plain.fit(x, y, epochs=1)
+
+
+def _settings() -> dict:
+    from conftest import trainer_settings
+
+    return {**trainer_settings(), "metrics": []}
+
+
+def test_a_resume_under_another_thread_count_says_so(tmp_path):
+    x, y = make_data(64)
+    t = make_trainer()
+    t.fit(x, y, epochs=1)
+    t.save(tmp_path / "ckpt")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(previous + 1)
+    try:
+        with pytest.warns(UserWarning) as caught:
+            warmfit.Trainer.load(tmp_path / "ckpt", MLP, **_settings())
+    finally:
+        torch.set_num_threads(previous)
+    text = str(caught[0].message)
+    assert f"threads: checkpoint {previous}, now {previous + 1}" in text
+    assert text.endswith(
+        "On the CPU torch's results can depend on the number of threads (the split of a "
+        "large matrix product): set torch.set_num_threads (or OMP_NUM_THREADS) as the run "
+        "that wrote the checkpoint had it for a bit-exact resume."
+    )

@@ -35,11 +35,26 @@ class RunDirLockedError(WarmfitError):
     (``this_process``), holds the run directory's lock."""
 
     def __init__(
-        self, run_dir: object, pid: int, host: str = "", *, this_process: bool = False
+        self,
+        run_dir: object,
+        pid: int,
+        host: str = "",
+        *,
+        this_process: bool = False,
+        orphans: tuple[list[int], float] | None = None,
     ) -> None:
         self.run_dir = str(run_dir)
         self.pid = pid
-        if this_process:
+        if orphans is not None:  # the holder is gone; processes it left hold the lock
+            pids, waited = orphans
+            which = f" (pids {', '.join(map(str, pids))})" if pids else ""
+            message = (
+                f"run directory {self.run_dir} is locked by process {pid} on {host}, which "
+                f"is no longer running: processes it left behind{which} still hold the lock "
+                "(children it forked, such as data-loading workers), and did not exit "
+                f"within {waited:g} s. Stop them, or use another run_dir."
+            )
+        elif this_process:
             message = (
                 f"run directory {self.run_dir} is locked by this process (pid {pid}): "
                 "another Trainer or RunDir in this program still has it open. Call close() "

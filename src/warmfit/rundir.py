@@ -79,13 +79,23 @@ def _run_of(path: Path) -> int:
     return _name_number(path, 2)
 
 
+#: The descriptors of the locks this process holds (or is taking), each with the
+#: ``weakref.finalize`` that releases it (None while :meth:`RunDir.lock` takes it).
+_LOCK_FDS: dict[int, weakref.finalize | None] = {}
+
+#: How long :meth:`RunDir.lock` waits when the lock file names a process of this host
+#: that is gone: processes it left behind (children forked without this module's fork
+#: hook, e.g. by a C library, or by an older warmfit) may still hold the lock for a few
+#: seconds. PyTorch's DataLoader workers notice a dead parent within 5 s.
+ORPHAN_WAIT_S = 10.0
+
+
 def _release_lock(fd: int, owner_pid: int) -> None:
     """Drop a run directory's lock: clear the holder's record, unlock, close the
     descriptor. Run by :meth:`RunDir.unlock`, or by the finalizer when the ``RunDir`` is
-    garbage-collected or the interpreter exits. The owner unlocks explicitly: a forked
-    child (a DataLoader worker, a multiprocessing pool) shares the open file, and
-    closing alone would leave the lock held until every child exits. In a forked child
-    it only closes the child's descriptor."""
+    garbage-collected or the interpreter exits. The owner unlocks explicitly: a child
+    that shares the open file (started without the fork hook below) would otherwise
+    keep the lock until it exits. In a forked child it only closes the descriptor."""
     try:
         if os.getpid() == owner_pid:
             os.ftruncate(fd, 0)
@@ -93,7 +103,70 @@ def _release_lock(fd: int, owner_pid: int) -> None:
     except OSError:
         pass
     finally:
+        _LOCK_FDS.pop(fd, None)
         os.close(fd)
+
+
+def _forget_locks_in_child() -> None:
+    """``os.register_at_fork(after_in_child=...)``: a forked child (a DataLoader worker,
+    a multiprocessing pool) must not hold its parent's lock. An flock belongs to the
+    open file, which the child's copy of the descriptor shares: left open, it would keep
+    the run directory locked after the parent is killed, until the orphan exits. Closing
+    the copy does not unlock the parent's; the child's copies of the ``RunDir`` objects
+    are marked unlocked, and their finalizers detached (they would close a descriptor
+    number the child may have reused)."""
+    for fd, release in list(_LOCK_FDS.items()):
+        found = release.detach() if release is not None else None
+        if found is not None:
+            owner = found[0]
+            owner._lock_fd, owner._lock_depth, owner._lock_release = None, 0, None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _is_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists (as seen from this process's PID namespace)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, as another user's process
+        return False
+    return False
+
+
+def _processes_with_open(path: Path) -> list[int]:
+    """The processes other than this one that have ``path`` open (Linux ``/proc``;
+    those of other users are not visible). Best effort, for an error message."""
+    try:
+        target = os.stat(path)
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                found.append(pid)
+                break
+    return sorted(found)
 
 
 def _try_flock(fd: int) -> bool:
@@ -129,7 +202,8 @@ class RunDir:
     or, failing that, when the ``RunDir`` is garbage-collected or the interpreter
     exits (a ``weakref.finalize``), so a ``RunDir`` (or a Trainer holding one) that is
     dropped without being closed does not keep it. A copy or a pickle of a ``RunDir``
-    does not hold the lock. :meth:`save` and :meth:`clean_temporary` require it;
+    does not hold the lock, nor does a forked child's copy (the child closes its
+    descriptor at the fork). :meth:`save` and :meth:`clean_temporary` require it;
     reading does not.
 
     ``LATEST`` or a checkpoint folder that leads outside ``<root>/checkpoints`` (``..``,
@@ -202,22 +276,34 @@ class RunDir:
         unreachable ``RunDir`` (a dropped Trainer in a reference cycle) not yet
         collected may hold it: one ``gc.collect()`` releases such a lock, then the lock
         is tried again; if another ``RunDir`` of this process still holds it, the error
-        says so and how to close it.
+        says so and how to close it. If the holder is a process of this host that is
+        gone, processes it left behind still share its lock: wait up to
+        :data:`ORPHAN_WAIT_S` for them to exit, then raise naming them.
+
+        Children forked while the lock is held (DataLoader workers, multiprocessing
+        pools) close their copy of its descriptor at once (``os.register_at_fork``), so
+        they never keep the lock after this process dies.
         """
         if self._lock_fd is not None:
             self._lock_depth += 1
             return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _LOCK_FDS[fd] = None  # a child forked from now on closes its copy
         try:
             if not _try_flock(fd):
                 pid, host = self._lock_holder(fd)
-                if pid != os.getpid() or host != socket.gethostname():
+                here = host == socket.gethostname()
+                if here and pid == os.getpid():
+                    gc.collect()
+                    if not _try_flock(fd):
+                        raise RunDirLockedError(self.root, pid, host, this_process=True)
+                elif here and _is_gone(pid):
+                    self._wait_for_orphans(fd, pid, host)
+                else:
                     raise RunDirLockedError(self.root, pid, host)
-                gc.collect()
-                if not _try_flock(fd):
-                    raise RunDirLockedError(self.root, pid, host, this_process=True)
         except BaseException:
+            _LOCK_FDS.pop(fd, None)
             os.close(fd)
             raise
         try:
@@ -231,11 +317,32 @@ class RunDir:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
         except BaseException:
+            _LOCK_FDS.pop(fd, None)
             os.close(fd)  # closing drops the flock
             raise
         self._lock_fd = fd
         self._lock_depth = 1
         self._lock_release = weakref.finalize(self, _release_lock, fd, os.getpid())
+        _LOCK_FDS[fd] = self._lock_release
+
+    def _wait_for_orphans(self, fd: int, pid: int, host: str) -> None:
+        """The lock is held, and the process its file names (``pid``, this host) is
+        gone: processes it left behind still share its locked open file. Wait up to
+        :data:`ORPHAN_WAIT_S` for them to exit; raise if they do not, naming them."""
+        waited, start = 0.0, time.monotonic()
+        while waited < ORPHAN_WAIT_S:
+            time.sleep(min(0.05, ORPHAN_WAIT_S - waited))
+            if _try_flock(fd):
+                return
+            holder, holder_host = self._lock_holder(fd)
+            if holder != pid or holder_host != host:  # a new process took it meanwhile
+                if holder_host == socket.gethostname() and _is_gone(holder):
+                    pid, host = holder, holder_host  # which died too: wait on
+                else:
+                    raise RunDirLockedError(self.root, holder, holder_host)
+            waited = time.monotonic() - start
+        orphans = _processes_with_open(self.lock_file)
+        raise RunDirLockedError(self.root, pid, host, orphans=(orphans, ORPHAN_WAIT_S))
 
     @staticmethod
     def _lock_holder(fd: int) -> tuple[int, str]:

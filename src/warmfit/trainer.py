@@ -57,7 +57,7 @@ from .state import Counters, HostStreams
 
 MODES = ("continue", "warm", "restart")
 #: Settings whose change breaks exactness of a ``continue`` after a resume.
-EXACTNESS_SETTINGS = ("batch_size", "seed")
+EXACTNESS_SETTINGS = ("batch_size", "seed", "memory_format", "numerics")
 
 
 class Trainer:
@@ -1544,10 +1544,17 @@ def _settings_warning(diffs: list[str]) -> str:
             "call trainer.model.set_params(...) before fit (mode='warm' to record it as a "
             "change of course)."
         )
-    if any(_setting(d) in EXACTNESS_SETTINGS for d in diffs):
+    breaking = sorted({_setting(d) for d in diffs} & set(EXACTNESS_SETTINGS))
+    if breaking:
         text += (
-            " A 'continue' call will refuse batch_size/seed changes unless they are named in "
-            "override=(...) or the call uses mode='warm'."
+            f" A 'continue' call will refuse {'/'.join(breaking)} changes unless they are "
+            "named in override=(...) or the call uses mode='warm'."
+        )
+    if any(_setting(d) == "threads" for d in diffs):
+        text += (
+            " On the CPU torch's results can depend on the number of threads (the split of "
+            "a large matrix product): set torch.set_num_threads (or OMP_NUM_THREADS) as the "
+            "run that wrote the checkpoint had it for a bit-exact resume."
         )
     return text
 

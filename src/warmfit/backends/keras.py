@@ -452,6 +452,15 @@ class KerasBackend:
     def train_mode(self, training: bool) -> None:
         self._training = training  # Keras takes ``training=`` per call
 
+    def check_mode(self, mode: str) -> None:
+        """On Keras's torch backend, refuse a fit call under a global torch mode that
+        would change every step silently (``torch.autocast`` around fit): see
+        :func:`warmfit.backends.torch.check_global_modes`."""
+        if self.torch:
+            from .torch import check_global_modes
+
+            check_global_modes(_torch_device_type())
+
     def check_deterministic(self) -> None:
         """``Trainer(deterministic=True)``, checked at construction: honoured on the torch
         backend only. TensorFlow's op determinism is process-wide (warmfit could not turn
@@ -979,3 +988,10 @@ def _jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return repr(obj)
+
+
+def _torch_device_type() -> str:
+    """The device type Keras's torch backend computes on."""
+    from keras.src.backend.torch.core import get_device
+
+    return str(get_device()).split(":")[0]

@@ -346,6 +346,20 @@ class TorchBackend:
             )
         if mode == "restart":
             self._check_restart()
+        numerics = _numerics()
+        if mode == "continue" and self._numerics not in (None, numerics):
+            diffs = [
+                f"{k}: {self._numerics[k]!r} then, {v!r} now"
+                for k, v in numerics.items()
+                if self._numerics[k] != v
+            ]
+            raise ValueError(
+                f"torch's global numerics changed since the previous fit call ({'; '.join(diffs)})"
+                ": a 'continue' would not compute what the uninterrupted run computes. Set "
+                "them back (torch.set_float32_matmul_precision, torch.set_default_dtype), or "
+                "fit with mode='warm' to continue on purpose under the new ones."
+            )
+        self._numerics = numerics
 
     def _check_restart(self) -> None:
         """Refuse a restart whose initial weights no longer fit the model (a module added
@@ -604,6 +618,7 @@ class TorchBackend:
         return self._no_rows
 
     _seed = 0  # set by the Trainer; only the Dataset reads (_SeededSamples) use it
+    _numerics: dict[str, str] | None = None  # torch's global numerics at the last fit call
 
     # -- training --------------------------------------------------------------------
     def train_mode(self, training: bool) -> None:
@@ -1018,6 +1033,10 @@ class TorchBackend:
             "optimizer": copy.deepcopy(self._built),
             "loss": self.loss_name,
             "device": str(self.device),
+            # A parameter's layout changes the order of its kernels' sums: part of it.
+            "memory_format": _memory_formats(self.model),
+            "numerics": _numerics(),
+            "threads": torch.get_num_threads(),
         }
 
 
@@ -1069,6 +1088,26 @@ def check_global_modes(device_type: str) -> None:
             f"Trainer.fit was called inside {which}: training needs gradients. Call fit "
             "outside that block (evaluate and predict run without gradients on their own)."
         )
+
+
+def _numerics() -> dict[str, str]:
+    """torch's global settings that change what a step computes on any device."""
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "default_dtype": str(torch.get_default_dtype()),
+    }
+
+
+def _memory_formats(model: nn.Module) -> dict[str, str]:
+    """The state's tensors stored channels-last (the others are contiguous or strided
+    as torch made them): a model built without it would resume into another layout."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.ndim in (4, 5) and not t.is_contiguous():
+            fmt = torch.channels_last if t.ndim == 4 else torch.channels_last_3d
+            if t.is_contiguous(memory_format=fmt):
+                out[name] = "channels_last" if t.ndim == 4 else "channels_last_3d"
+    return out
 
 
 def _autocast_enabled(device_type: str) -> bool:
