@@ -6,7 +6,8 @@ Unlike ``_worker.py`` its model is big enough (about 1.1M parameters with Adam, 
 per checkpoint) that a save takes a noticeable share of the run, so a random kill
 often lands in the middle of one. ``WARMFIT_CRASH_PAUSE=POINT:K`` makes the K-th
 occurrence of POINT in this process print ``PAUSE POINT <detail>`` on stdout and sleep,
-so that the test can ``kill -9`` inside that exact window:
+so that the test can ``kill -9`` inside that exact window (``POINT:K:SECONDS`` sleeps
+that long, then goes on: the process holds the run dir's lock meanwhile):
 
 - ``tensors``: the tensor file of a new checkpoint is written, ``state.json`` is not;
 - ``rename``: the temporary folder is complete and fsync'd, not yet renamed into place;
@@ -78,7 +79,8 @@ def make(run_dir: str | None, checkpoint_every: int | None) -> warmfit.Trainer:
 
 
 def _install_pause(spec: str) -> None:
-    point, _, k = spec.partition(":")
+    point, _, rest = spec.partition(":")
+    k, _, seconds = rest.partition(":")
     target = int(k or 1)
     seen = {"n": 0}
 
@@ -86,7 +88,7 @@ def _install_pause(spec: str) -> None:
         seen["n"] += 1
         if seen["n"] == target:
             print(f"PAUSE {point} {detail}", flush=True)
-            time.sleep(120)
+            time.sleep(float(seconds or 120))
 
     if point == "tensors":
         real_tf = ckpt._write_tensor_file

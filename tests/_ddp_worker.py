@@ -1,12 +1,16 @@
 """A training process for the distributed tests, started by torchrun (or plainly, as a
 world of one): ``_ddp_worker.py RUN_DIR UNTIL_EPOCH [--dropout P] [--slow S] [--out PATH]
-[--seen DIR] [--rows N] [--arrays] [--nan-row I] [--checkpoint-every K]``.
+[--seen DIR] [--rows N] [--arrays] [--nan-row I] [--checkpoint-every K] [--half]
+[--writes FILE]``.
 
 Trains the conftest MLP on a map-style dataset that records which samples this rank
 read (written to ``--seen/rank<r>.json``), or with ``--arrays`` on the arrays
 themselves, resuming from RUN_DIR if it holds a checkpoint; rank 0 writes the final
 state to ``--out``; a ``{rank}`` in RUN_DIR gives each rank its own. ``--nan-row I``
-makes row I's features NaN. A NonFiniteLossError (CheckpointError) is printed as
+makes row I's features NaN. ``--half`` trains :class:`HalfMLP` (float16) on float16
+rows with SGD. ``--writes FILE`` records every file-system write this rank makes
+(Python's audit events: opening for writing, mkdir, rename, remove...) in
+``FILE.format(rank=rank)``, as JSON. A NonFiniteLossError (CheckpointError) is printed as
 ``rank R: NonFiniteLossError: <message>`` and exits 3 (4).
 """
 
@@ -45,6 +49,61 @@ class Recording(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+class HalfMLP(torch.nn.Module):
+    """The MLP in float16, with a parameter whose float16 sum overflows (512 x 256 =
+    131072 > 65504): a rank's zero-row step that summed the parameters before
+    multiplying by 0 would make inf x 0 = NaN. The forward multiplies by
+    ``big[0] / 256`` (1 at the start), so that DDP sees the parameter used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(p=0.0)
+        self.big = torch.nn.Parameter(torch.full((512,), 256.0))
+        self.half()
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(x) * (self.big[0] / 256)
+
+
+def half_settings() -> dict:
+    """The Trainer arguments (besides conftest's) of a HalfMLP run."""
+    return dict(
+        model=HalfMLP,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        schedule=warmfit.schedules.constant(0.1),
+    )
+
+
+WRITE_EVENTS = {
+    "os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink", "os.link",
+    "os.truncate", "os.chmod", "os.chown", "os.utime", "shutil.rmtree", "shutil.move",
+    "shutil.copyfile", "shutil.copytree",
+}  # fmt: skip
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def record_writes(into: list[list[str]]) -> None:
+    """Append ``[event, path]`` to ``into`` for every file-system write of this process
+    that Python's audit hooks see (opens for writing or creating, and WRITE_EVENTS)."""
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & WRITE_FLAGS
+            )
+            if writes and isinstance(path, (str, bytes, os.PathLike)):
+                into.append([event, os.fsdecode(path)])
+        elif event in WRITE_EVENTS:
+            into.extend(
+                [event, os.fsdecode(a)]
+                for a in args[:2]
+                if isinstance(a, (str, bytes, os.PathLike))
+            )
+
+    sys.addaudithook(hook)
+
+
 class FlatView(torch.nn.Module):
     """An MLP that flattens with ``view(size(0), -1)``: it cannot run on zero rows."""
 
@@ -69,19 +128,28 @@ def main() -> None:
     p.add_argument("--nan-row", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--flat-view", action="store_true")  # a model that needs rows
+    p.add_argument("--half", action="store_true")
+    p.add_argument("--writes", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
+    writes: list[list[str]] = []
+    if args.writes:
+        record_writes(writes)
     x, y = make_data(args.rows)
+    if args.half:
+        x = x.astype("float16")
     if args.nan_row is not None:
         x[args.nan_row] = float("nan")
     data = Recording(x, y, args.slow)
+    model = (lambda: FlatView()) if args.flat_view else (lambda: MLP(p=args.dropout))
+    settings = half_settings() if args.half else {"model": model}
     try:
         trainer = make_trainer(
-            model=(lambda: FlatView()) if args.flat_view else (lambda: MLP(p=args.dropout)),
             run_dir=args.run_dir.format(rank=rank),  # "{rank}": a run dir per rank
             checkpoint_every=args.checkpoint_every,
             keep_last=None,
+            **settings,
         )
     except warmfit.CheckpointError as err:
         print(f"rank {rank}: CheckpointError: {err}", flush=True)
@@ -114,6 +182,8 @@ def main() -> None:
     trainer.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if args.writes:
+        Path(args.writes.format(rank=rank)).write_text(json.dumps(writes))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from warmfit import Trainer, __version__
+from warmfit.check import compare_states
+from warmfit.checkpoint import read_checkpoint
 from warmfit.cli import main, read_run
 from warmfit.spec import SpecError, load_spec
 
@@ -231,6 +235,134 @@ def test_train_interrupted_exits_128_plus_the_signal_and_resumes(tmp_path):
     assert "warmfit: resumed from run/checkpoints/" in again.stdout
 
 
+BLOCKING = """\
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Blocking(nn.Module):
+    \"\"\"Its 5th training forward pass (step 5: epoch 2, batch 2 of 3) writes `blocked`
+    next to this file and waits there until `release` appears (at most 20 s).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 5:
+                here = Path(__file__).parent
+                (here / "blocked").write_text(str(os.getpid()))
+                deadline = time.monotonic() + 20
+                while not (here / "release").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        return self.net(x)
+
+
+def data():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+"""
+
+
+def start_blocking_train(tmp_path: Path) -> subprocess.Popen:
+    """`warmfit train` of 3 epochs of 3 steps, a checkpoint every 2 steps, whose model
+    blocks in the forward pass of step 5 (once `blocked` exists); returns at that point."""
+    (tmp_path / "blocking.py").write_text(BLOCKING)
+    spec = tmp_path / "blocking.toml"
+    spec.write_text(
+        'model = "blocking:Blocking"\ndata = "blocking:data"\noptimizer = "blocking:adam"\n'
+        'loss = "cross_entropy"\nbatch_size = 16\nverbose = 0\nvalidation_split = 0.25\n'
+        "checkpoint_every = 2\nkeep_last = 10\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "warmfit", "train", str(spec), "--epochs", "3", "--run-dir", "run"],
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "blocked").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the training never reached step 5"
+        time.sleep(0.02)
+    return proc
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    return [int(p.name.rpartition("-step-")[2]) for p in sorted(run.glob("checkpoints/ckpt-*"))]
+
+
+def test_sigint_exits_130_after_saving_at_the_next_step_boundary(tmp_path):
+    proc = start_blocking_train(tmp_path)
+    proc.send_signal(signal.SIGINT)  # inside step 5: acted on once the step is done
+    time.sleep(0.3)
+    (tmp_path / "release").touch()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    name = "ckpt-00000003-run000-step-000000000005"
+    message = (
+        f"training stopped by SIGINT at global step 5: checkpoint written to "
+        f"run/checkpoints/{name}. Run the same command again (or construct the Trainer on the "
+        "same run_dir and repeat the same fit call) to finish this call exactly where it would "
+        "have ended, at epoch 3; a call with other arguments starts anew from step 5."
+    )
+    # the Trainer's line as it raises, then the command's as it exits
+    assert err.splitlines() == [f"warmfit: {message}", f"warmfit train: {message}"]
+    assert (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip() == name
+    assert checkpoint_steps(tmp_path / "run") == [2, 4, 5]
+    assert jsonl(tmp_path / "run" / "ledger.jsonl")[-1]["stopped_by"] == "SIGINT"
+
+
+def test_a_second_sigint_stops_at_once_without_the_save(tmp_path):
+    proc = start_blocking_train(tmp_path)
+    proc.send_signal(signal.SIGINT)  # the first: a flag, acted on at the step boundary
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # the second: stops inside step 5, never released
+    _, err = proc.communicate(timeout=120)
+    stopped_after = time.monotonic() - sent
+    # Stopped at once: exit 130 with one line, without the interrupt save or its message.
+    assert proc.returncode == 130, err
+    assert stopped_after < 10  # the forward pass it stopped would have waited 20 s
+    assert "training stopped by" not in err and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "warmfit train: stopped at once by a second interrupt; the newest checkpoint is the "
+        "one written before it"
+    )
+    assert checkpoint_steps(tmp_path / "run") == [2, 4]  # none of step 5
+    name = (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip()
+    assert name == "ckpt-00000002-run000-step-000000000004"
+
+
+def test_train_epochs_3_twice_equals_epochs_6_once_bit_for_bit(tmp_path):
+    args = ("train", str(DIGITS), "--verbose", "0", "--run-dir")
+    for _ in range(2):  # the first call finished, so the second is a new call: 3 more epochs
+        done = warmfit(*args, "split", "--epochs", "3", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    done = warmfit(*args, "straight", "--epochs", "6", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    ledger = jsonl(tmp_path / "split" / "ledger.jsonl")
+    assert [
+        (r["call"], r["epoch_start"], r["epochs_done"], "resumes_call" in r) for r in ledger
+    ] == [
+        (0, 0, 3, False),
+        (1, 3, 3, False),
+    ]
+    straight, split = checkpoint_state(tmp_path / "straight"), checkpoint_state(tmp_path / "split")
+    assert straight["state"]["counters"]["epoch"] == split["state"]["counters"]["epoch"] == 6
+    assert compare_states(straight, split) == []
+
+
 # -- errors are one line on stderr, never a traceback --------------------------------------------
 
 TINY = """\
@@ -362,18 +494,109 @@ def test_demo_on_a_locked_or_foreign_run_dir_says_so(tmp_path, capsys):
     )
 
 
-def test_demo_on_its_own_run_dir_again_reproduces_the_restart(tmp_path, capsys):
-    from warmfit.demo import run
+def digits_uninterrupted() -> dict:
+    """``fit(epochs=3)`` from the seed in one call, with the demo's settings written out
+    here: the test's own reference, not the demo's."""
+    from warmfit import schedules
+    from warmfit.demo import load_digits_split
 
-    run(str(tmp_path / "demo"), verbose=0).close()
-    first = capsys.readouterr().out
-    assert "restart reproduced the first call's 3 epochs bit for bit: True" in first
-    run(str(tmp_path / "demo"), verbose=0).close()  # resumes run 1 at epoch 3
+    x, y, _, _ = load_digits_split()
+    trainer = Trainer(
+        lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10)),
+        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3), loss="cross_entropy",
+        schedule=schedules.warmup(18, schedules.cosine(3e-3, horizon=18 * 12)), batch_size=64,
+        seed=0, metrics=["accuracy"], verbose=0,
+    )  # fmt: skip
+    trainer.fit(x, y, epochs=3, validation_split=0.2)
+    return trainer.state_dict()
+
+
+def checkpoint_state(run_dir: Path, name: str | None = None) -> dict:
+    """A checkpoint of ``run_dir`` as ``state_dict()`` gives it: the one LATEST names."""
+    folder = run_dir / "checkpoints"
+    tensors, state = read_checkpoint(folder / (name or (folder / "LATEST").read_text().strip()))
+    return {"tensors": tensors, "state": state}
+
+
+def with_run(state: dict, run: int) -> dict:
+    """``state`` with its run number set to ``run`` (a restart counts runs)."""
+    counters = {**state["state"]["counters"], "run": run}
+    return {**state, "state": {**state["state"], "counters": counters}}
+
+
+DEMO_COMPARED = [
+    "  compared by warmfit.check.compare_states:",
+    "  18 tensors, byte for byte: weights 4, optimizer slots 12, torch RNG 1, validation rows 1",
+    "  JSON, type for type: version, counters, rng, epoch_partial, backend, schedule, data,",
+    "    call, callbacks, history (3 epochs)",
+    "  not compared: ledger, settings (how the calls were driven, not what they trained)",
+]
+
+
+def demo_checks(out: str, run: int) -> None:
+    """The demo's two "bit for bit" lines, each True, with what it compared."""
+    lines = out.splitlines()
+    i = lines.index("Check: the restart == the reference, bit for bit: True")
+    note = f"  (all but the run number, which a restart counts: {run} here, 0 there)"
+    assert lines[i + 1 : i + 7] == [note, *DEMO_COMPARED]
+    i = lines.index("Check: killed and resumed == the reference, bit for bit: True")
+    assert lines[i + 1 : i + 6] == DEMO_COMPARED
+    assert "child 1: killed by SIGKILL (exit status -9) in step 44;" in lines
+    assert "the resumed call's ledger row: steps 40-54, resumes_call 0" in lines
+    assert ": False" not in out and "differs:" not in out
+
+
+def check_killed_and_resumed(folder: Path, reference: dict) -> None:
+    """What the demo's part 2 claims, checked on its run dir: a process died inside
+    epoch 3 after the step-40 save and never ended its call (no ledger row of its own); a
+    new one resumed that call at step 40 and ended it at step 54, with the reference's
+    bits."""
+    ledger = jsonl(folder / "ledger.jsonl")
+    assert [(r["call"], r.get("resumes_call"), r["step_start"], r["step_end"]) for r in ledger] == [
+        (0, 0, 40, 54)
+    ]
+    at_kill = checkpoint_state(folder, "ckpt-00000004-run000-step-000000000040")["state"]
+    assert {k: at_kill["counters"][k] for k in ("epoch", "offset", "global_step")} == {
+        "epoch": 2, "offset": 256, "global_step": 40,
+    }  # fmt: skip
+    assert at_kill["call"]["call"] == 0  # the call was still open when the process died
+    assert compare_states(reference, checkpoint_state(folder)) == []
+
+
+def test_demo_kills_resumes_and_what_it_prints_holds_when_checked_here(tmp_path, capsys):
+    from warmfit.demo import main as demo_main
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # this process trains on 1 thread (conftest)
+    done = subprocess.run(
+        [sys.executable, "-m", "warmfit", "demo", "--run-dir", "demo"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    demo_checks(done.stdout, run=1)
+    assert "learning curves, fit calls marked: demo/curves.png" in done.stdout.splitlines()
+    assert (tmp_path / "demo" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # What it printed, checked here against a reference computed here.
+    reference = digits_uninterrupted()
+    check_killed_and_resumed(tmp_path / "demo" / "kill-and-resume", reference)
+    restarted = checkpoint_state(tmp_path / "demo")  # part 1 ends with the restart
+    assert restarted["state"]["counters"]["run"] == 1
+    assert compare_states(reference, with_run(restarted, 0)) == []
+
+    # Again on its own run dir: part 1 goes on from epoch 3 of run 1; part 2 in a new folder.
+    demo_main(str(tmp_path / "demo"))
     again = capsys.readouterr().out
-    assert "mode='continue' (the default) — going on from the run dir's epoch 3" in again
-    assert "restart reproduced epochs 1-3 of the resumed run bit for bit: True" in again
-    assert "== History of the current run (run 2)" in again
-    assert "bit for bit: False" not in first + again
+    demo_checks(again, run=2)
+    lines = again.splitlines()
+    assert (
+        "-- fit(epochs=3): mode='continue' (the default) — going on from the run dir's epoch 3: "
+        "epochs 4-6"
+    ) in lines
+    assert "A child process runs fit(epochs=3) on a run dir, kill-and-resume-2, saving a" in lines
+    check_killed_and_resumed(tmp_path / "demo" / "kill-and-resume-2", reference)
+    restarted = checkpoint_state(tmp_path / "demo")
+    assert restarted["state"]["counters"]["run"] == 2
+    assert compare_states(reference, with_run(restarted, 0)) == []
 
 
 def test_inspect_exits_1_on_a_damaged_checkpoint_and_shows_the_counters(tmp_path, capsys):

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import MLP, make_data, make_trainer
+from conftest import MLP, assert_same_state, make_data, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,8 +39,7 @@ def test_split_equals_straight_on_gpu_with_deterministic_algorithms():
     b = make_trainer(device="cuda", deterministic=True, model=lambda: MLP(p=0.2))
     b.fit(x, y, epochs=1)
     b.fit(x, y, epochs=2)
-    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_same_state(a, b)  # weights, optimizer, CUDA and CPU streams, counters, history
 
 
 def _sync_warnings(fn) -> int:
@@ -67,8 +65,10 @@ def test_background_snapshot_copies_into_pinned_buffers_with_one_sync(tmp_path):
     assert _sync_warnings(backend.state_tensors) >= n  # the control: one per tensor
     assert _sync_warnings(backend.snapshot_tensors) <= 1
     snapshot, live = backend.snapshot_tensors(), backend.state_tensors()
-    for name, arr in live.items():
-        assert np.array_equal(snapshot[name], arr), name
+    assert sorted(snapshot) == sorted(live)
+    for name, arr in live.items():  # byte for byte
+        assert (snapshot[name].dtype, snapshot[name].shape) == (arr.dtype, arr.shape), name
+        assert snapshot[name].tobytes() == arr.tobytes(), name
 
 
 def test_a_gpu_run_resumed_from_its_background_checkpoint_is_bit_exact(tmp_path):
@@ -84,5 +84,5 @@ def test_a_gpu_run_resumed_from_its_background_checkpoint_is_bit_exact(tmp_path)
         device="cuda", deterministic=True, model=lambda: MLP(p=0.2), run_dir=tmp_path / "r"
     )
     resumed.fit(x, y, epochs=1)
-    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_same_state(straight, resumed)
+    resumed.close()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,11 +132,19 @@ def test_overfitting_warning_on_a_case_built_to_overfit(capsys):
     assert monitor.best_epoch == best["epoch"] < 12
     assert t.history[-1]["loss"] < best["loss"]  # training kept falling
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("overfitting")]
-    assert line == [summary_line(t.history.records)]
-    assert line[0].startswith(
+    # The expected line from the history by the documented rule, computed here: the best
+    # val_loss and its epoch; the gap val_loss - loss over the last 5 epochs, "widening"
+    # when the least-squares change of |gap| over them is above 2% of the mean val_loss.
+    last = t.history.records[-5:]
+    gaps = [r["val_loss"] - r["loss"] for r in last]
+    slope = np.polyfit([r["epoch"] for r in last], np.abs(gaps), 1)[0]
+    assert slope * 4 > 0.02 * np.mean([r["val_loss"] for r in last])  # widening
+    assert line == [
         f"overfitting monitor: best val_loss={best['val_loss']:.4g} at epoch {best['epoch']} "
-        f"({12 - best['epoch']} epochs past it); train/validation gap (val_loss - loss) widening"
-    )
+        f"({12 - best['epoch']} epochs past it); train/validation gap (val_loss - loss) "
+        f"widening over the last 5 epochs ({gaps[0]:+.4g} -> {gaps[-1]:+.4g})"
+    ]
+    assert line == [summary_line(t.history.records)]  # the same line without the callback
 
 
 def test_monitor_state_round_trip_and_modes(data):
@@ -164,7 +173,47 @@ def test_monitor_state_round_trip_and_modes(data):
     assert [r[0] for r in monitor.recent] == [1] and monitor.best_epoch == 1 and monitor.wait == 0
 
 
-def test_plot_history_several_calls_no_validation_and_single_epoch(tmp_path, data):
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures plot_history draws, kept as they are saved, to read back what they show."""
+    from matplotlib.figure import Figure
+
+    kept, save = [], Figure.savefig
+
+    def keep(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kept.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return kept
+
+
+def shown(fig) -> dict:  # type: ignore[no-untyped-def]
+    """What a learning-curve figure shows: its title, each labelled line's data, the
+    fit-call boundaries (x) and their labels, and the axes' texts."""
+    ax = fig.axes[0]
+    lines = [line for a in fig.axes for line in a.get_lines()]
+    labelled = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in lines
+        if not line.get_label().startswith("_")
+    }
+    bounds = [line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("_")]
+    return {
+        "title": ax.get_title(),
+        "lines": labelled,
+        "bounds": bounds,
+        "texts": [text.get_text() for text in ax.texts],
+    }
+
+
+def pixels(path) -> np.ndarray:  # type: ignore[no-untyped-def]
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+def test_plot_history_several_calls_no_validation_and_single_epoch(tmp_path, data, figures):
     x, y = data
     t = make_trainer()
     t.fit(x, y, epochs=3, validation_split=0.2)
@@ -173,12 +222,62 @@ def test_plot_history_several_calls_no_validation_and_single_epoch(tmp_path, dat
     out = plot_history(t.history.records, t.ledger.records, tmp_path / "curves" / "a.png")
     assert out == tmp_path / "curves" / "a.png"
     assert out.read_bytes()[:8] == PNG
+    assert pixels(out).shape == (550, 990, 4)  # 9 x 5 inches at 110 dpi, RGBA
+    h = t.history.records
+    best = min(h, key=lambda r: r["val_loss"])
+    assert shown(figures[-1]) == {
+        "title": "warmfit learning curves — 7 epochs, 3 fit calls",
+        "lines": {
+            "train loss": ([1, 2, 3, 4, 5, 6, 7], [r["loss"] for r in h]),
+            "validation loss": ([1, 2, 3, 4, 5, 6, 7], [r["val_loss"] for r in h]),
+            f"best val_loss = {best['val_loss']:.4g} (epoch {best['epoch']})": (
+                [best["epoch"]],
+                [best["val_loss"]],
+            ),
+            "learning rate (right axis)": ([1, 2, 3, 4, 5, 6, 7], [r["lr"] for r in h]),
+        },
+        "bounds": [0.5, 3.5, 5.5],  # half an epoch before each call's first epoch
+        "texts": [" call 0: continue", " call 1: continue", " call 2: warm"],
+    }
 
     no_val = plot_history(records(val=[None] * 8), [], tmp_path / "b.png")
     single = plot_history(records([0.7], [0.8]), [], tmp_path / "c.png", title="one epoch")
     empty = plot_history([], [], tmp_path / "d.png")
     for p in (no_val, single, empty):
         assert p.read_bytes()[:8] == PNG
+        assert pixels(p).shape == (550, 990, 4)
+    epochs = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [shown(f) for f in figures[-3:]] == [
+        {
+            "title": "warmfit learning curves — 8 epochs, 1 fit call",
+            "lines": {
+                "train loss": (epochs, LOSS),
+                "learning rate (right axis)": (epochs, [1e-2] * 8),
+            },
+            "bounds": [0.5],
+            "texts": [" call 0: continue"],
+        },
+        {
+            "title": "one epoch — 1 epoch, 1 fit call",
+            "lines": {
+                "train loss": ([1], [0.7]),
+                "validation loss": ([1], [0.8]),
+                "best val_loss = 0.8 (epoch 1)": ([1], [0.8]),
+                "learning rate (right axis)": ([1], [1e-2]),
+            },
+            "bounds": [0.5],
+            "texts": [" call 0: continue"],
+        },
+        {
+            "title": "warmfit learning curves — 0 epochs, 0 fit calls",
+            "lines": {},
+            "bounds": [],
+            "texts": ["no completed epoch yet"],
+        },
+    ]
+    # the images show what differs: another history, other pixels
+    assert not np.array_equal(pixels(no_val), pixels(single))
+    assert not np.array_equal(pixels(single), pixels(empty))
 
 
 def test_plot_history_bad_mode(tmp_path):
@@ -216,7 +315,16 @@ def test_progress_enabled_shows_epoch_step_loss_rate_eta():
 
 
 def test_warmfit_exports_nothing_new_that_breaks_import():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        import warmfit.check
-        import warmfit.spec  # noqa: F401
+    """In a fresh process (the modules here are imported already), with every warning an
+    error: warmfit, its check and spec modules import, and every name in ``__all__``."""
+    code = (
+        "import warmfit, warmfit.check, warmfit.spec\n"
+        "missing = [n for n in warmfit.__all__ if not hasattr(warmfit, n)]\n"
+        "assert not missing, missing\n"
+        "print(len(warmfit.__all__))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout) > 0 and done.stderr == ""

@@ -8,8 +8,15 @@ checkpoint folder present is intact (``verify_run_dir``), the next process resum
 without skipping a damaged checkpoint, and the final state equals an uninterrupted run
 bit for bit.
 
-Default: 2 random kills + 4 window kills. ``WARMFIT_LONG=1``: 45 runs x up to 5 random
-kills + 10 runs x 4 window kills (at least 200 kill points; the count is printed).
+Every kill is checked to be one: the process died of SIGKILL (return code -9) while the
+run was mid-way (the newest checkpoint is before the last step), and the next process
+started from that checkpoint's step. Every process's stderr is checked, the killed ones
+included.
+
+Default: 1 run with up to 2 random kills + 4 window kills + 1 race. ``WARMFIT_LONG=1``:
+45 runs x up to 5 random kills + 10 runs x 4 window kills + 5 races. ``-s`` prints each
+run's kills and the steps they hit (``CRASH ...`` lines) and the totals
+(``CRASH total ...``) at the end of the module.
 """
 
 from __future__ import annotations
@@ -23,17 +30,32 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from conftest import LONG
+from conftest import LONG, assert_same_state
 from warmfit.checkpoint import read_checkpoint
 from warmfit.rundir import RunDir, verify_run_dir
 
 WORKER = Path(__file__).resolve().parent / "_crash_worker.py"
 EPOCHS = 4
-EVERY = 3  # 12 steps per epoch: 16 periodic saves + 1 at the end of the run
+EVERY = 3  # 12 steps per epoch: 15 periodic saves + 1 at the end of the run
+TOTAL_STEPS = EPOCHS * 12
+DAMAGED = "skipping damaged checkpoint"
+
+#: Every kill of the module, for the totals printed at its end.
+KILLS: dict[str, list[int]] = {"random": [], "window": []}  # the steps they left runs at
+COUNTS: dict[str, int] = {"random runs": 0, "window runs": 0, "random kills during a save": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_the_kill_count():
+    yield
+    print(
+        f"\nCRASH total: {len(KILLS['random'])} random kills in {COUNTS['random runs']} runs "
+        f"({COUNTS['random kills during a save']} with a save in flight), "
+        f"{len(KILLS['window'])} window kills in {COUNTS['window runs']} runs; "
+        f"random kills at steps {sorted(KILLS['random'])}"
+    )
 
 
 def start(run_dir: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
@@ -70,16 +92,42 @@ def read_until(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> str
     raise TimeoutError(f"no line starting with {prefix!r}")
 
 
-def kill9(proc: subprocess.Popen) -> None:
+def kill9(proc: subprocess.Popen) -> tuple[int, str]:
+    """SIGKILL the process unless it has already exited; its return code and stderr,
+    which must not report a damaged checkpoint."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
+    assert DAMAGED not in stderr, stderr
+    return proc.returncode, stderr
+
+
+def started_at(proc: subprocess.Popen) -> int | None:
+    """The step the process started from (its ``started at step N`` line); None if it
+    exited before printing it."""
+    line = read_until(proc, "started at step")
+    return None if line is None else int(line.split()[-1])
+
+
+def newest_step(run_dir: Path) -> int:
+    """The global step of the checkpoint a process would resume from (0: none yet)."""
+    path = RunDir(run_dir).latest() if (run_dir / "checkpoints").is_dir() else None
+    return 0 if path is None else read_checkpoint(path)[1]["counters"]["global_step"]
+
+
+def assert_killed_mid_way(rc: int, run_dir: Path) -> int:
+    """The process died of SIGKILL with the run unfinished; the step it can resume from."""
+    assert rc == -signal.SIGKILL, rc
+    step = newest_step(run_dir)
+    assert 0 <= step < TOTAL_STEPS, step
+    return step
 
 
 def finish(run_dir: Path, out: Path) -> tuple[str, str]:
     proc = start(run_dir, "--out", str(out))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
+    assert DAMAGED not in stderr, stderr
     return stdout, stderr
 
 
@@ -89,35 +137,6 @@ def assert_all_intact(run_dir: Path) -> None:
         return
     damaged = [(p.name, why) for p, why in verify_run_dir(run_dir) if why is not None]
     assert not damaged, damaged
-
-
-#: The history's "lr" of an epoch whose last step was checkpointed (and resumed from)
-#: before the epoch was logged was the next step's lr (fixed in 6d0ba51): see
-#: test_resume_at_the_end_of_an_epoch_logs_the_same_lr. True compares without "lr".
-LR_BUG = False
-
-
-def assert_same_state(path: Path, ref: Path) -> None:
-    t, s = read_checkpoint(path)
-    rt, rs = read_checkpoint(ref)
-    assert sorted(t) == sorted(rt)
-    for k in rt:
-        assert t[k].dtype == rt[k].dtype and torch.equal(
-            torch.from_numpy(t[k]), torch.from_numpy(rt[k])
-        ), f"tensor {k} differs"
-    if LR_BUG:  # the same bug leaves the never-taken next step's lr in the param groups
-        for doc in (s, rs):
-            for group in doc["backend"]["optimizer"]["param_groups"]:
-                group.pop("lr")
-    c, rc = dict(s["counters"]), dict(rs["counters"])
-    c.pop("fit_calls"), rc.pop("fit_calls")
-    assert c == rc
-    for key in ("rng", "epoch_partial", "backend", "schedule"):
-        assert s[key] == rs[key], key
-    strip = ("segment", "mode", "lr") if LR_BUG else ("segment", "mode")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in s["history"]] == [
-        {k: v for k, v in r.items() if k not in strip} for r in rs["history"]
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -140,27 +159,38 @@ RANDOM_RUNS, KILLS_PER_RUN = (45, 5) if LONG else (1, 2)
 def test_kill9_at_random_moments_resume_is_exact(tmp_path, reference, trial):
     rng = random.Random(9000 + trial)
     run = tmp_path / "run"
-    kills = during_save = 0
+    kills: list[int] = []  # the step each kill left the run at (its newest checkpoint)
+    during_save = 0  # kills that left a .tmp-/.trash- folder: a save was in flight
     for _ in range(KILLS_PER_RUN):
+        expected = newest_step(run)
         proc = start(run)
-        line = read_until(proc, "started at step")
-        if line is None or proc.poll() is not None:  # the run had already finished
-            proc.communicate()
-            break
-        time.sleep(rng.uniform(0.0, 1.5))  # a run is ~5 s of training: most lives end in a kill
-        if proc.poll() is None:
-            kill9(proc)
-            kills += 1
-            during_save += in_save(run)
-        else:
+        step = started_at(proc)
+        if step is None or proc.poll() is not None:  # the run had already finished
             _, err = proc.communicate()
-            assert proc.returncode == 0, err
+            assert proc.returncode == 0 and DAMAGED not in err, err
+            break
+        assert step == expected, (step, expected)  # resumed from the newest checkpoint
+        # A run is ~2-5 s of training: most lives end in a kill, the first always.
+        time.sleep(rng.uniform(0.0, 1.5 if kills else 0.5))
+        rc, _ = kill9(proc)
+        if rc == 0 or newest_step(run) == TOTAL_STEPS:  # it had finished: not a kill
+            assert rc in (0, -signal.SIGKILL), rc
+            break
+        kills.append(assert_killed_mid_way(rc, run))
+        during_save += in_save(run)
         assert_all_intact(run)
+    # The first process starts at step 0 and lives at most 0.5 s of its 2-5: always killed.
+    assert kills, "no process was killed"
     _, err = finish(run, tmp_path / "final")
-    assert "skipping damaged checkpoint" not in err
     assert_all_intact(run)
     assert_same_state(tmp_path / "final", reference)
-    print(f"\nCRASH random trial={trial} kills={kills} during_save={during_save}")
+    COUNTS["random runs"] += 1
+    COUNTS["random kills during a save"] += during_save
+    KILLS["random"] += kills
+    print(
+        f"\nCRASH random trial={trial} kills={len(kills)} during_save={during_save} "
+        f"resumed_from_steps={kills}"
+    )
 
 
 WINDOWS = ("tensors", "rename", "latest", "trash")
@@ -173,14 +203,16 @@ def test_kill9_inside_each_window_of_a_save(tmp_path, reference, trial):
     middle of retention's deletion; each time resume and go on."""
     rng = random.Random(7000 + trial)
     run = tmp_path / "run"
-    kills = 0
+    kills: list[int] = []
     for point in WINDOWS:
         k = rng.randint(1, 4)
+        expected = newest_step(run)
         proc = start(run, pause=f"{point}:{k}")
+        assert started_at(proc) == expected  # resumed from the newest checkpoint
         line = read_until(proc, f"PAUSE {point}")
         assert line is not None, proc.communicate()[1]
-        kill9(proc)
-        kills += 1
+        rc, _ = kill9(proc)
+        kills.append(assert_killed_mid_way(rc, run))
         cdir = run / "checkpoints"
         leftovers = [e.name for e in cdir.iterdir() if e.name.startswith((".tmp-", ".trash-"))]
         if point in ("tensors", "rename"):
@@ -191,13 +223,15 @@ def test_kill9_inside_each_window_of_a_save(tmp_path, reference, trial):
             newest = RunDir(run).checkpoints()[-1].name
             assert (cdir / "LATEST").read_text().strip() != newest
         assert_all_intact(run)
-    _, err = finish(run, tmp_path / "final")
-    assert "skipping damaged checkpoint" not in err
+    assert len(kills) == len(WINDOWS)
+    finish(run, tmp_path / "final")
     assert not [
         e for e in (run / "checkpoints").iterdir() if e.name.startswith((".tmp-", ".trash-"))
     ]
     assert_same_state(tmp_path / "final", reference)
-    print(f"\nCRASH window trial={trial} kills={kills}")
+    COUNTS["window runs"] += 1
+    KILLS["window"] += kills
+    print(f"\nCRASH window trial={trial} kills={len(kills)} resumed_from_steps={kills}")
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -212,14 +246,20 @@ def test_two_processes_resuming_the_same_run_dir(tmp_path, reference, trial):
     run = tmp_path / "run"
     first = start(run, pause="rename:3")  # alive and holding the lock, mid-save
     assert read_until(first, "PAUSE rename") is not None
-    kill9(first)  # leaves checkpoints and a stale lock file naming a dead pid
+    rc, _ = kill9(first)  # leaves checkpoints and a stale lock file naming a dead pid
+    assert assert_killed_mid_way(rc, run) == 2 * EVERY  # the third save was in its window
     assert json.loads((run / "lock").read_text())["pid"] == first.pid
-    a = start(run, "--out", str(tmp_path / "a"))
-    b = start(run, "--out", str(tmp_path / "b"))
+    # Whichever takes the lock pauses 5 s at its first rename, holding it: the other,
+    # however slow to start, meets the lock (without the pause the first could finish
+    # before the second starts, and both would exit 0).
+    a = start(run, "--out", str(tmp_path / "a"), pause="rename:1:5")
+    b = start(run, "--out", str(tmp_path / "b"), pause="rename:1:5")
     results = {p.pid: (p, *p.communicate(timeout=300)) for p in (a, b)}
     codes = sorted(p.returncode for p, _, _ in results.values())
-    assert codes[0] == 0 and codes[1] != 0, {pid: r[2][-500:] for pid, r in results.items()}
+    assert codes == [0, 1], {pid: r[2][-500:] for pid, r in results.items()}
     winner = next(p for p, _, _ in results.values() if p.returncode == 0)
+    _, out, err = next(r for r in results.values() if r[0].returncode == 0)
+    assert f"started at step {2 * EVERY}" in out and DAMAGED not in err, err
     _, _, err = next(r for r in results.values() if r[0].returncode != 0)
     assert f"RunDirLockedError: run directory {run} is locked by process {winner.pid}" in err
     assert "Wait for it to finish, stop it, or use another run_dir." in err
@@ -241,7 +281,8 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     assert read_until(proc, "PAUSE rename") is not None
     with pytest.raises(RunDirLockedError, match=f"locked by process {proc.pid}"):
         RunDir(run).lock()
-    kill9(proc)
+    rc, _ = kill9(proc)
+    assert rc == -signal.SIGKILL
     assert json.loads((run / "lock").read_text())["pid"] == proc.pid  # stale content
     rd = RunDir(run)
     rd.lock()
@@ -262,21 +303,44 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 
 def test_kill9_never_leaves_an_unloadable_latest(tmp_path, reference):
-    """Whatever LATEST names after a kill loads, or LATEST is absent/behind and the
-    newest intact folder is used: the Trainer's resume never errors."""
+    """Killed after the step-6 checkpoint's folder is in place, before LATEST names it:
+    LATEST still names the step-3 one, which loads intact, and a Trainer resumes from it
+    exactly (its tensors, step 3) without a warning."""
+    import warnings
+
+    import _crash_worker
+
     run = tmp_path / "run"
-    proc = start(run, pause="latest:2")
-    read_until(proc, "PAUSE latest")
-    kill9(proc)
+    proc = start(run, pause="latest:2")  # the second LATEST replace: the step-6 save's
+    assert read_until(proc, "PAUSE latest") is not None, proc.communicate()[1]
+    rc, _ = kill9(proc)
+    assert assert_killed_mid_way(rc, run) == EVERY
     rd = RunDir(run)
     path = rd.latest()
-    tensors, _ = read_checkpoint(path)
-    assert all(isinstance(a, np.ndarray) for a in tensors.values())
+    assert [p.name for p in rd.checkpoints()] == [
+        "ckpt-00000001-run000-step-000000000003",
+        "ckpt-00000002-run000-step-000000000006",
+    ]
+    assert path == rd.checkpoints()[0]
+    assert [p for p, why in verify_run_dir(run) if why] == []
+    tensors, state = read_checkpoint(path)
+    assert state["counters"]["global_step"] == EVERY
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping damaged checkpoint", no other
+        trainer = _crash_worker.make(str(run), EVERY)
+    try:
+        assert trainer.global_step == EVERY
+        now = trainer.state_dict()["tensors"]
+        assert sorted(now) == sorted(tensors)
+        for k, a in tensors.items():
+            assert now[k].dtype == a.dtype and now[k].tobytes() == a.tobytes(), k
+    finally:
+        trainer.close()
 
 
 def test_resume_at_the_end_of_an_epoch_logs_the_same_lr(tmp_path):
     import warmfit
-    from conftest import MLP, assert_same_training_state, make_data, make_trainer, trainer_settings
+    from conftest import MLP, make_data, make_trainer, trainer_settings
 
     class SignalAtStep(MLP):
         """SIGTERM during the 25th training forward: the epoch's last step."""
@@ -303,7 +367,7 @@ def test_resume_at_the_end_of_an_epoch_logs_the_same_lr(tmp_path):
     straight = make_trainer()
     straight.fit(x, y, epochs=1)
     assert resumed.learning_rate == straight.learning_rate
-    assert_same_training_state(resumed, straight)
+    assert_same_state(resumed, straight)
     resumed.fit(x, y, epochs=1)
     straight.fit(x, y, epochs=1)
-    assert_same_training_state(resumed, straight)
+    assert_same_state(resumed, straight)

@@ -15,23 +15,14 @@ import pytest
 import torch
 
 import warmfit
-from conftest import MLP, assert_same_training_state, make_data, make_trainer
+from conftest import MLP, assert_same_state, make_data, make_trainer
 from warmfit import schedules
 from warmfit.schedules import TorchScheduler, as_schedule, lr_at
 
 
-def weights(t: warmfit.Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
-
-
 def assert_unchanged(t: warmfit.Trainer, before: dict[str, Any]) -> None:
     """``t`` holds the state ``before`` (a ``state_dict()``), bit for bit, ledger included."""
-    after = t.state_dict()
-    assert sorted(after["tensors"]) == sorted(before["tensors"])
-    for name, arr in before["tensors"].items():
-        assert torch.equal(torch.from_numpy(after["tensors"][name]), torch.from_numpy(arr)), name
-    for key in ("counters", "backend", "schedule", "history", "ledger"):
-        assert after["state"][key] == before["state"][key], key
+    assert_same_state(before, t, ledger=True)
 
 
 # -- copies of a fitted trainer ---------------------------------------------------------
@@ -44,9 +35,7 @@ def test_a_deepcopy_of_a_fitted_trainer_continues_bit_identically(data):
     assert twin._backend._snapshot is None and twin._backend._last_loss is None
     t.fit(x, y, epochs=2)
     twin.fit(x, y, epochs=2)
-    assert_same_training_state(t, twin)
-    for name, value in weights(t).items():
-        assert torch.equal(value, twin.model.state_dict()[name]), name
+    assert_same_state(t, twin)  # the weights among the rest
     assert twin.model is not t.model
 
 
@@ -56,9 +45,12 @@ def test_a_deepcopy_of_a_fitted_sklearn_facade_continues_bit_identically(data):
     x, y = data
     clf = NeuralNetClassifier(hidden_layer_sizes=(8,), max_epochs=1, random_state=0).fit(x, y)
     twin = copy.deepcopy(clf)
+    assert_same_state(clf.trainer_, twin.trainer_, ledger=True)
     clf.partial_fit(x, y)
     twin.partial_fit(x, y)
     assert np.array_equal(clf.predict_proba(x), twin.predict_proba(x))
+    assert_same_state(clf.trainer_, twin.trainer_)  # (the ledgers' wall times differ)
+    assert twin.trainer_ is not clf.trainer_ and twin.module_ is not clf.module_
 
 
 # -- Datasets that cannot train ---------------------------------------------------------
@@ -175,8 +167,8 @@ def test_supported_dataset_items_train_like_the_arrays(make):
     from_arrays.fit(X, Y, epochs=2)
     from_dataset = make_trainer()
     from_dataset.fit(_Items(make), epochs=2)
-    for name, value in weights(from_arrays).items():
-        assert torch.equal(value, from_dataset.model.state_dict()[name]), name
+    # the whole state; the data's fingerprint is another by design (arrays, a Dataset)
+    assert_same_state(from_arrays, from_dataset, differ=("data.fingerprint",))
 
 
 # -- schedule values --------------------------------------------------------------------
@@ -216,8 +208,7 @@ def test_numpy_and_tensor_rates_train_like_python_floats(data):
         assert runs[name].global_step == runs["float"].global_step
         assert type(runs[name].learning_rate) is float
     # float32 arithmetic gives other rates; the float64 tensor gives the same bits.
-    for key, value in weights(runs["float"]).items():
-        assert torch.equal(value, runs["tensor"].model.state_dict()[key]), key
+    assert_same_state(runs["float"], runs["tensor"])
 
 
 def test_numpy_rates_are_recorded_as_floats_and_checkpointed(tmp_path, data):
@@ -301,8 +292,9 @@ def test_a_schedule_that_turns_negative_stops_before_the_step_that_would_use_it(
     good = make_trainer(schedule=schedules.constant(1e-2))
     good.fit(x, y, steps=5)
     assert t.global_step == 5
-    for name, value in weights(good).items():
-        assert torch.equal(value, t.model.state_dict()[name]), name
+    # the state of 5 good steps: all but the schedule (another) and the call in progress
+    # (this one stopped, that one finished)
+    assert_same_state(good, t, differ=("schedule", "call"))
 
 
 # -- per-group learning rates -----------------------------------------------------------
@@ -350,7 +342,7 @@ def test_group_ratios_survive_a_resume_exactly(data):
     second = make_trainer(optimizer=two_groups())
     second.load_state_dict(first.state_dict())
     second.fit(x, y, until_epoch=3)
-    assert_same_training_state(straight, second)
+    assert_same_state(straight, second)
     assert group_lrs(second) == group_lrs(straight)
 
 
@@ -377,7 +369,7 @@ def test_a_state_without_the_groups_ratios_takes_the_factorys(data):
     second.load_state_dict(sd)
     second.fit(x, y, epochs=1)
     first.fit(x, y, epochs=1)
-    assert_same_training_state(first, second)
+    assert_same_state(first, second)
 
 
 def test_a_malformed_ratio_entry_is_refused_and_changes_nothing(data):
@@ -478,7 +470,7 @@ def test_a_state_whose_settings_lack_the_learning_rate_loads_without_a_warning(d
         second.load_state_dict(sd)
     second.fit(x, y, epochs=1)  # not a setting that breaks exactness
     first.fit(x, y, epochs=1)
-    assert_same_training_state(first, second)
+    assert_same_state(first, second)
     assert math.isfinite(second.learning_rate)
 
 

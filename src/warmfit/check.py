@@ -10,10 +10,14 @@ Does not own: training or checkpoints — it uses the public ``Trainer.fit(steps
 :func:`warmfit.checkpoint.read_checkpoint`, exactly as a user's resume would.
 
 What is compared (what a resume must reproduce): every tensor of the state (weights,
-optimizer slots, framework RNG streams), the counters (except ``fit_calls``, which
-differs by design), the host RNG streams, the partial epoch, the backend's state
-(optimizer param groups, scheduler), the schedule, the callbacks' states and the
-history values (not the segment and mode of a record, which say which call wrote it).
+optimizer slots, framework RNG streams, validation rows, callback arrays) by dtype,
+shape and bytes, and every JSON part of it type for type and float by float bit for bit
+(NaN equals NaN, -0.0 differs from 0.0): the counters (except ``fit_calls``, which
+differs by design), the host RNG streams (every rank's), the partial epoch, the
+backend's state (optimizer param groups, scheduler), the schedule, the data record, the
+fit call in progress, the callbacks' states, the version and the history values (not
+the segment, mode and times of a record, which say which call wrote it and when). Not
+compared: the ledger and the settings (see :data:`NOT_COMPARED`).
 
 A straight run that a callback stops early (EarlyStopping at step S < N) is compared
 over the S steps it trained, with every cut before S, and the report says so: a run
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -41,7 +46,30 @@ from .trainer import validation_split_rows
 
 #: History keys that say which call wrote a record, or when: not training results.
 HISTORY_META = ("segment", "mode", "time", "wall_s")
-STATE_KEYS = ("counters", "rng", "epoch_partial", "backend", "schedule", "callbacks", "history")
+#: The parts of ``state_dict()["state"]`` compared, in this order; a part not listed here
+#: nor in :data:`NOT_COMPARED` (one a later version adds) is compared too, after these.
+STATE_KEYS = (
+    "version",
+    "counters",
+    "rng",
+    "epoch_partial",
+    "backend",
+    "schedule",
+    "data",
+    "call",
+    "callbacks",
+    "history",
+)
+#: The parts of the state that say how a run was driven, not what it trained: not compared.
+NOT_COMPARED = {
+    "ledger": "the record of the fit calls, their arguments and wall times: a run split "
+    "into calls has more rows than the straight one by design, and what the calls did is "
+    "in the compared parts (counters, history, data, the call in progress)",
+    "settings": "the Trainer's construction arguments (batch size, seed, the model's and "
+    "optimizer's description, device, threads): not results of training; a load compares "
+    "them with its own and warns or refuses, and a difference that changes training shows "
+    "in the compared parts",
+}
 
 
 @dataclass
@@ -203,43 +231,63 @@ def default_cuts(steps: int, steps_per_epoch: int) -> list[int]:
     return cuts
 
 
-def compare_states(a: Mapping[str, Any], b: Mapping[str, Any], trainer: Any = None) -> list[str]:
-    """The state entries that differ between two ``Trainer.state_dict()`` results, each
-    named for a person: the parameter, the optimizer slot (and its parameter, when
-    ``trainer`` is given), the RNG stream, the counter."""
+def compare_states(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    trainer: Any = None,
+    *,
+    labels: tuple[str, str] = ("straight", "split"),
+) -> list[str]:
+    """The state entries that differ between two ``Trainer.state_dict()`` results (or a
+    checkpoint's ``{"tensors": ..., "state": ...}``), each named for a person: the
+    parameter, the optimizer slot (and its parameter, when ``trainer`` is given), the RNG
+    stream, the counter. An empty list: the two states are the same, bit for bit.
+
+    Tensors are compared by dtype, shape and bytes. The JSON parts are compared type for
+    type, floats by their bits (NaN equals NaN; -0.0 differs from 0.0): every part of
+    the state but the ledger and the settings, which describe how the run was driven,
+    not what it trained (:data:`NOT_COMPARED` says why for each); ``fit_calls`` among the
+    counters (a split run makes more calls by design); and the segment, mode and times
+    of a history record (which call wrote it, and when). ``labels`` name ``a`` and ``b``
+    in the entries."""
+    first, second = labels
     names = _optimizer_param_names(trainer)
     out: list[str] = []
     ta, tb = a["tensors"], b["tensors"]
     for name in [*ta, *(k for k in tb if k not in ta)]:
         if name not in ta or name not in tb:
-            side = "straight" if name not in ta else "split"
+            side = first if name not in ta else second
             out.append(f"{_describe_tensor(name, names)}: missing in the {side} run")
             continue
         x, y = np.asarray(ta[name]), np.asarray(tb[name])
         if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
-            out.append(_describe_tensor(name, names) + _tensor_difference(x, y))
+            out.append(_describe_tensor(name, names) + _tensor_difference(x, y, labels))
     sa, sb = a["state"], b["state"]
-    for key in STATE_KEYS:
-        va, vb = sa.get(key), sb.get(key)
+    present = set(sa) | set(sb)
+    extra = sorted(k for k in present if k not in STATE_KEYS and k not in NOT_COMPARED)
+    for key in [*(k for k in STATE_KEYS if k in present), *extra]:
+        if key not in sa or key not in sb:
+            side = first if key not in sa else second
+            out.append(f"state entry {key}: missing in the {side} run")
+            continue
+        va, vb = sa[key], sb[key]
         if key == "counters":
             va = {k: v for k, v in (va or {}).items() if k != "fit_calls"}
             vb = {k: v for k, v in (vb or {}).items() if k != "fit_calls"}
             for c in sorted(set(va) | set(vb)):
-                if va.get(c) != vb.get(c):
-                    out.append(f"counter {c}: {va.get(c)} straight, {vb.get(c)} split")
-        elif key == "rng":
-            for stream in sorted(set((va or {}).get("host", {})) | set((vb or {}).get("host", {}))):
-                if va["host"].get(stream) != vb["host"].get(stream):
-                    out.append(f"RNG stream {stream} (rng.host.{stream})")
+                if c not in va or c not in vb or not _same(va[c], vb[c]):
+                    out.append(f"counter {c}: {va.get(c)} {first}, {vb.get(c)} {second}")
+        elif key == "rng" and isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _rng_differences(va, vb)
         elif key == "history":
             ha, hb = _history_values(va or []), _history_values(vb or [])
             if len(ha) != len(hb):
-                out.append(f"history: {len(ha)} epochs straight, {len(hb)} split")
+                out.append(f"history: {len(ha)} epochs {first}, {len(hb)} {second}")
             for ra, rb in zip(ha, hb, strict=False):
                 for k in sorted(set(ra) | set(rb)):
-                    if not _same(ra.get(k), rb.get(k)):
+                    if k not in ra or k not in rb or not _same(ra[k], rb[k]):
                         out.append(f"history epoch {ra.get('epoch')} {k}: {ra.get(k)!r} "
-                                   f"straight, {rb.get(k)!r} split")  # fmt: skip
+                                   f"{first}, {rb.get(k)!r} {second}")  # fmt: skip
         else:
             for path in _diff_paths(va, vb, key):
                 out.append(f"{_describe_state(path)} ({path})")
@@ -247,6 +295,31 @@ def compare_states(a: Mapping[str, Any], b: Mapping[str, Any], trainer: Any = No
 
 
 # -- internals ------------------------------------------------------------------------------
+
+
+def _rng_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The host RNG streams that differ, rank 0's (``rng.host``) and every other rank's
+    (``rng.host_ranks``), and any other entry of ``rng``."""
+    out: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if key == "host" and isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += [f"RNG stream {s} (rng.host.{s})" for s in _streams_differing(va, vb)]
+        elif key == "host_ranks" and isinstance(va, Mapping) and isinstance(vb, Mapping):
+            for rank in sorted(set(va) | set(vb), key=str):
+                streams = _streams_differing(va.get(rank, {}), vb.get(rank, {}))
+                out += [
+                    f"RNG stream {s} of rank {rank} (rng.host_ranks.{rank}.{s})" for s in streams
+                ]
+        elif key not in a or key not in b:
+            out.append(f"RNG state (rng.{key})")
+        else:
+            out += [f"RNG state ({p})" for p in _diff_paths(va, vb, f"rng.{key}")]
+    return out
+
+
+def _streams_differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    return [s for s in sorted(set(a) | set(b)) if s not in a or s not in b or not _same(a[s], b[s])]
 
 
 def _save_and_load(trainer: Any, fresh: Any, path: Path) -> Any:
@@ -330,9 +403,11 @@ def _describe_tensor(name: str, param_names: Mapping[str, str]) -> str:
     return name
 
 
-def _tensor_difference(x: np.ndarray, y: np.ndarray) -> str:
+def _tensor_difference(
+    x: np.ndarray, y: np.ndarray, labels: tuple[str, str] = ("straight", "split")
+) -> str:
     if x.shape != y.shape or x.dtype != y.dtype:
-        return f": {x.dtype}{list(x.shape)} straight, {y.dtype}{list(y.shape)} split"
+        return f": {x.dtype}{list(x.shape)} {labels[0]}, {y.dtype}{list(y.shape)} {labels[1]}"
     if x.dtype.kind != "f" or x.size == 0:
         return ""
     diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
@@ -350,6 +425,12 @@ def _describe_state(path: str) -> str:
         return "the partial epoch's loss sum"
     if path.startswith("callbacks"):
         return "callback state"
+    if path.startswith("data"):
+        return "the record of the training data"
+    if path.startswith("call"):
+        return "the fit call in progress"
+    if path.startswith("version"):
+        return "the warmfit version or framework"
     return "state"
 
 
@@ -360,7 +441,7 @@ def _diff_paths(a: Any, b: Any, path: str) -> Iterator[str]:
                 yield f"{path}.{k}"
             else:
                 yield from _diff_paths(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    elif isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             yield from _diff_paths(x, y, f"{path}[{i}]")
     elif not _same(a, b):
@@ -368,9 +449,21 @@ def _diff_paths(a: Any, b: Any, path: str) -> Iterator[str]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return type(a) is type(b) and a == b
+    """``a`` and ``b`` are the same value of the same type; floats by their bits (NaN
+    equals NaN whatever its payload: JSON keeps none; -0.0 differs from 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (float, np.floating)):
+        if math.isnan(a) and math.isnan(b):
+            return True
+        if isinstance(a, float):
+            return struct.pack("<d", a) == struct.pack("<d", b)
+        return bool(np.asarray(a).tobytes() == np.asarray(b).tobytes())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
 
 
 def _history_values(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -455,4 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # point stdout at devnull so that the flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE.value
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, nothing saved for it
+        print(
+            f"warmfit {args.command}: stopped at once by a second interrupt; the newest "
+            "checkpoint is the one written before it",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT.value
     return code

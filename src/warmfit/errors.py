@@ -79,9 +79,12 @@ class NonFiniteLossError(WarmfitError, FloatingPointError):
     """Training produced a NaN or infinite loss. Nothing after it is saved.
 
     Where the loss is read at every step (the CPU, one process) training stops before
-    that step changes anything. Where it stays on the device (a GPU, DDP) it is read at
-    the next save or epoch end (``seen_at``): the steps up to there have run, and the
-    trainer's weights may be NaN; the run directory's checkpoints are the good ones.
+    that step's update: weights, optimizer and counters are those of the last good step
+    (its forward pass has drawn from the random streams: they are not rewound, which
+    would cost a copy of every stream at every step). Where it stays on the device (a
+    GPU, DDP) it is read at the next save or epoch end (``seen_at``): the steps up to
+    there have run, and the trainer's weights may be NaN; the run directory's
+    checkpoints are the good ones.
     """
 
     def __init__(self, step: int, epoch: int, value: float, seen_at: int | None = None) -> None:
@@ -91,8 +94,9 @@ class NonFiniteLossError(WarmfitError, FloatingPointError):
         self.seen_at = seen_at
         if seen_at is None:
             where = (
-                f"Training stopped before that step changed anything: the trainer holds the "
-                f"state after step {step - 1}."
+                f"Training stopped before that step's update: the trainer holds the weights, "
+                f"optimizer and counters after step {step - 1} (the failed step's forward "
+                "pass has drawn from the random streams)."
             )
         else:
             where = (

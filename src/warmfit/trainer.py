@@ -536,7 +536,11 @@ class Trainer:
                     c.samples_seen += size
                     last = losses[-1]  # a float only where reading it was free (CPU)
                     progress.advance(c.global_step, last if type(last) is float else None)
-                    if self.checkpoint_every and c.global_step % self.checkpoint_every == 0:
+                    if (
+                        self.checkpoint_every
+                        and c.global_step % self.checkpoint_every == 0
+                        and c.global_step != step_target  # the closing save follows
+                    ):
                         if c.offset < n:
                             self._fold_losses(losses, sizes)
                             self._checkpoint(wait=False)
@@ -1183,6 +1187,17 @@ class Trainer:
     def _stage_state(self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> dict:
         """Read and check every entry of a state without changing the trainer."""
         counters = Counters.from_dict(dict(state["counters"]))
+        for key, needs in (("history", ("epoch", "segment")), ("ledger", ()), ("callbacks", ())):
+            rows = state[key]
+            if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and all(isinstance(r.get(k), int) for k in needs)
+                for r in rows
+            ):
+                need = f" with int {' and '.join(needs)}" if needs else ""
+                raise StateMismatchError(
+                    f"{key} is malformed: it must be a list of records (dicts{need}); got "
+                    f"{str(rows)[:80]}."
+                )
         saved_cbs = state["callbacks"]
         if [c["class"] for c in saved_cbs] != [type(cb).__name__ for cb in self.callbacks]:
             raise StateMismatchError(
@@ -1246,6 +1261,18 @@ class Trainer:
             val_rows = np.asarray(tensors["data/val_rows"])
             if val_rows.dtype.kind not in "iu" or val_rows.ndim != 1:
                 raise StateMismatchError("data/val_rows must be a 1-D integer array.")
+            n = data["shape"][0] if data is not None and data["shape"] else None
+            if not (
+                len(val_rows)
+                and (np.diff(val_rows) > 0).all()
+                and val_rows[0] >= 0
+                and (n is None or (val_rows[-1] < n and len(val_rows) < n))
+            ):
+                raise StateMismatchError(
+                    "data/val_rows must be the rows a validation split gives: increasing, "
+                    f"at least one, within the {n} rows of the data and not all of them; got "
+                    f"{val_rows[:8].tolist()}{' ...' if len(val_rows) > 8 else ''}."
+                )
         return {
             "counters": counters,
             "rng": rng,

@@ -914,19 +914,41 @@ class TorchBackend:
                 state.setdefault(idx, {})[slot] = t
         for idx, scalars in opt_meta["scalars"].items():
             state.setdefault(int(idx), {}).update(jsonstate.decode(scalars))
+        # Parameters of one rank (ndim) have the same slots (Adafactor factors matrices
+        # only): one that lacks a slot its likes have is an incomplete checkpoint.
+        for ndim in {params[i].ndim for i in state}:
+            slots = {i: set(s) for i, s in state.items() if params[i].ndim == ndim}
+            every = set().union(*slots.values())
+            lacking = {i: sorted(every - s) for i, s in slots.items() if every - s}
+            if lacking:
+                raise StateMismatchError(
+                    "the optimizer state lacks slots other parameters have: "
+                    + "; ".join(f"optim/{i} has no {v}" for i, v in sorted(lacking.items()))
+                    + ". The checkpoint is incomplete; resume from another one."
+                )
         groups = [  # checkpoints from before jsonstate stored tuples as lists
             {k: (tuple(v) if isinstance(cur.get(k), tuple) else v) for k, v in g.items()}
             for g, cur in zip(groups, current, strict=True)
         ]
+        for i, (g, cur) in enumerate(zip(groups, current, strict=True)):
+            for key in sorted(set(g) | set(cur)):
+                if key != "params" and not _same_kind(g.get(key, _MISSING), cur.get(key, _MISSING)):
+                    raise StateMismatchError(
+                        f"optimizer.param_groups[{i}].{key} is {g.get(key, 'missing')!r} in the "
+                        f"checkpoint, where this optimizer has {cur.get(key, 'no such key')!r}: "
+                        "not a value of the same kind. Build the optimizer the same way as the "
+                        "run that wrote the checkpoint."
+                    )
         scheduler_state = meta.get("scheduler")
         if scheduler_state is not None:
             scheduler_state = jsonstate.decode(scheduler_state)
-        # Apply: nothing below is expected to fail on data that passed the checks above.
+        # Apply: nothing below is expected to fail on data that passed the checks above;
+        # the optimizer first, as torch checks more there (and changes nothing on a refusal).
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
         with torch.no_grad():
             self.model.load_state_dict(weights)
         if initial and self.model_factory is None:
             self.initial = initial
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
         self._set_factory_lr([float(v) for v in factory_lr])
         if self.scheduler is not None and scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
@@ -1058,6 +1080,30 @@ def _isolated_streams(devices: list[torch.device], seed: int | None = None) -> I
     finally:
         random.setstate(host[0])
         np.random.set_state(host[1])
+
+
+_MISSING = object()
+
+
+def _same_kind(saved: Any, own: Any) -> bool:
+    """Whether a checkpoint's optimizer hyper-parameter is a value of the kind this
+    optimizer's is (a number for a number, a pair for a pair, a flag for a flag; a flag
+    may be None, torch's "decide for me")."""
+    if saved is _MISSING or own is _MISSING:
+        return saved is own
+    if isinstance(own, bool) or own is None:
+        return saved is None or isinstance(saved, bool)
+    if torch.is_tensor(own):
+        return torch.is_tensor(saved) and saved.shape == own.shape
+    if isinstance(own, numbers.Real):
+        return isinstance(saved, numbers.Real) and not isinstance(saved, bool)
+    if isinstance(own, (tuple, list)):
+        return (
+            isinstance(saved, (tuple, list))
+            and len(saved) == len(own)
+            and all(_same_kind(a, b) for a, b in zip(saved, own, strict=True))
+        )
+    return type(saved) is type(own)
 
 
 def check_global_modes(device_type: str) -> None:
