@@ -154,15 +154,15 @@ class Trainer:
             kwargs["num_workers"] = num_workers
         kwargs.update(backend_options or {})
         self._backend = select(model, framework=framework, **kwargs)
-        check_deterministic = getattr(self._backend, "check_deterministic", None)
-        if deterministic and check_deterministic is not None:
-            check_deterministic()  # a backend that cannot honour it says so now
-        self._backend._seed = seed  # type: ignore[attr-defined]
-        self.world_size: int = getattr(self._backend, "world_size", 1)
-        self.rank: int = getattr(self._backend, "rank", 0)
+        if deterministic:
+            self._backend.check_deterministic()  # a backend that cannot honour it says so
+        self.world_size: int = self._backend.world_size
+        self.rank: int = self._backend.rank
         self.batch_size = batch_size
         self.seed = seed
         self.schedule = as_schedule(schedule)
+        if self.schedule is not None:
+            self._backend.check_schedule(self.schedule)  # one the backend cannot drive
         self.callbacks = _check_callbacks(callbacks)
         self.deterministic = deterministic
         self.checkpoint_every = checkpoint_every
@@ -196,11 +196,12 @@ class Trainer:
     @property
     def model(self) -> Any:
         """The model being trained (the same object across ``restart``)."""
-        return self._backend.model  # type: ignore[attr-defined]
+        return self._backend.model
 
     @property
     def optimizer(self) -> Any:
-        return getattr(self._backend, "optimizer", None)
+        """The framework's optimizer (None for a scikit-learn estimator)."""
+        return self._backend.optimizer
 
     @property
     def epoch(self) -> int:
@@ -261,9 +262,7 @@ class Trainer:
         """
         if mode not in MODES:
             raise invalid_param("mode", "Trainer.fit", MODES, mode)
-        check_mode = getattr(self._backend, "check_mode", None)
-        if check_mode is not None:  # a backend that cannot honour a mode says so first
-            check_mode(mode)
+        self._backend.check_mode(mode)  # a backend that cannot honour a mode says so first
         if rounds is not None:
             if epochs is not None:
                 raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
@@ -286,14 +285,9 @@ class Trainer:
         verbose = self.verbose if verbose is None else verbose
         self.fit_verbose = verbose  # what callbacks print by (the call's, not the Trainer's)
         new_schedule = as_schedule(schedule) if schedule is not None else None
-        check_schedule = getattr(self._backend, "check_schedule", None)
-        if new_schedule is not None and check_schedule is not None:
-            check_schedule(new_schedule)
         if new_schedule is not None:
+            self._backend.check_schedule(new_schedule)  # before the data: a cheap refusal
             self._check_plateau(new_schedule)
-        check_lr_groups = getattr(self._backend, "check_lr_groups", None)
-        if mode == "continue" and check_lr_groups is not None and self._sets_lr(new_schedule):
-            check_lr_groups()  # warm and restart rebuild the optimizer from its factory
         data = self._backend.prepare(x, y)
         fp, shape = self._backend.fingerprint(data)
         request = {
@@ -363,14 +357,16 @@ class Trainer:
             val_data = None
         if self.counters.offset and mode_applied == "continue":
             check_offset(self.counters.offset, self.batch_size, len(data))
-        check_data = getattr(self._backend, "check_data", None)
-        if check_data is not None:  # the model and the loss accept this data
-            check_data(data, with_target=True, what="fit:")
-            if val_data is not None:
-                check_data(val_data, with_target=True, what="validation:")
-        check_zero_rows = getattr(self._backend, "check_zero_rows", None)
-        if check_zero_rows is not None and self.world_size > 1:  # a collective
-            check_zero_rows(data, self.batch_size)
+        # Every refusal that needs the data (the model and the loss take it; a schedule
+        # or learning rate the backend can drive): warm and restart rebuild the optimizer.
+        self._backend.preflight(
+            mode_applied,
+            data,
+            val_data,
+            batch_size=self.batch_size,
+            schedule=new_schedule,
+            sets_lr=self._sets_lr(new_schedule),
+        )
 
         # Everything checked: apply the mode.
         self._restored_metric = None  # scores weights restored in an earlier call
@@ -404,8 +400,7 @@ class Trainer:
         if new_schedule is not None:
             changes["schedule"] = {"from": describe(self.schedule), "to": describe(new_schedule)}
             self.schedule = new_schedule
-            if isinstance(new_schedule, TorchScheduler) or hasattr(self._backend, "set_schedule"):
-                self._backend.set_schedule(new_schedule)  # type: ignore[attr-defined]
+            self._backend.set_schedule(new_schedule)
         if self._pending_diffs:
             changes["settings"] = list(self._pending_diffs)
             self._pending_diffs = []
@@ -545,7 +540,7 @@ class Trainer:
                     if (
                         self._stop_signal is not None
                         if not distributed
-                        else backend.any_rank(self._stop_signal is not None)  # type: ignore[attr-defined]
+                        else backend.any_rank(self._stop_signal is not None)
                     ):
                         self._fold_losses(losses, sizes)
                         return None  # fit() saves and raises TrainingInterrupted
@@ -649,9 +644,7 @@ class Trainer:
         if batch_size is not None:
             batch_size = check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
         data = self._backend.prepare(x, y)
-        check_data = getattr(self._backend, "check_data", None)
-        if check_data is not None:
-            check_data(data, with_target=True, what="evaluate:")
+        self._backend.check_data(data, with_target=True, what="evaluate:")
         with self._fit_context(train=False):
             return self._backend.evaluate(data, batch_size or self.batch_size)
 
@@ -685,11 +678,11 @@ class Trainer:
         """
         tensors, state = self._collect_state()
         if self.rank != 0:
-            self._backend.dist.barrier()  # type: ignore[attr-defined]
+            self._backend.barrier()
             return Path(path)
         written = ckpt.write_checkpoint(path, tensors, state)
         if self.world_size > 1:
-            self._backend.dist.barrier()  # type: ignore[attr-defined]
+            self._backend.barrier()
         return written
 
     @classmethod
@@ -811,9 +804,7 @@ class Trainer:
         finally:
             if self.run_dir is not None:
                 self.run_dir.unlock()
-            backend_close = getattr(self._backend, "close", None)
-            if backend_close is not None:
-                backend_close()
+            self._backend.close()
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` copy; refused with a ``run_dir``, which
@@ -875,9 +866,7 @@ class Trainer:
                 "effect. Pass a warmfit schedule (warmfit.schedules) or none, or drop "
                 "ReduceLROnPlateau."
             )
-        check = getattr(self._backend, "check_lr_settable", None)
-        if check is not None:
-            check("ReduceLROnPlateau", "Drop ReduceLROnPlateau")
+        self._backend.check_lr_settable("ReduceLROnPlateau", "Drop ReduceLROnPlateau")
 
     def _lr_at(self, step: int) -> float:
         base = (
@@ -937,8 +926,7 @@ class Trainer:
     def _set_deterministic(self) -> Callable[[], None] | None:
         """The backend's switch for ``deterministic=True`` (none: nothing to switch, as
         for scikit-learn); returns what puts the previous setting back."""
-        hook = getattr(self._backend, "set_deterministic", None)
-        return hook() if self.deterministic and hook is not None else None
+        return self._backend.set_deterministic() if self.deterministic else None
 
     @contextlib.contextmanager
     def _signal_guard(self) -> Iterator[None]:
@@ -966,10 +954,10 @@ class Trainer:
         """The stop signal this fit call received (under DDP: any rank's, agreed by all
         ranks, so that they save together), or None."""
         name = self._stop_signal
-        if self.world_size > 1 and self._backend.any_rank(name is not None):  # type: ignore[attr-defined]
+        if self.world_size > 1 and self._backend.any_rank(name is not None):
             # Agreed: every rank learns the signal's name (the lowest rank that got one),
             # so each reports, and the CLI exits with, the same SIGINT or SIGTERM.
-            names = self._backend.gather_bytes((name or "").encode())  # type: ignore[attr-defined]
+            names = self._backend.gather_bytes((name or "").encode())
             return next(n.decode() for n in names if n)
         return name
 
@@ -1071,11 +1059,12 @@ class Trainer:
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The state's arrays (views of the live state) and its JSON part. With
         ``snapshot``, the arrays are private copies in reused buffers instead, for the
-        background writer: the backend's own ``snapshot_tensors`` where it has one (the
-        torch backend's pinned host buffers), else :class:`SnapshotBuffers`."""
+        background writer: the backend's ``snapshot_tensors`` (the torch backend's pinned
+        host buffers; by default reused NumPy buffers), and :class:`SnapshotBuffers` for
+        the rest."""
         rng = self._current_rng()
-        own_snapshot = getattr(self._backend, "snapshot_tensors", None) if snapshot else None
-        backend_tensors = own_snapshot() if own_snapshot else self._backend.state_tensors()
+        backend = self._backend
+        backend_tensors = backend.snapshot_tensors() if snapshot else backend.state_tensors()
         tensors: dict[str, np.ndarray] = {}  # everything but the backend's arrays
         for name, arr in rng["framework"].items():
             tensors[f"rng/{name}"] = arr
@@ -1093,12 +1082,9 @@ class Trainer:
                 tensors[f"callbacks/{i}/{name}"] = arr
         if not snapshot:
             tensors = {**backend_tensors, **tensors}
-        else:
+        else:  # the backend's arrays are its own copies already
             assert self._buffers is not None
-            if own_snapshot:  # the backend's arrays are its own copies already
-                tensors = {**backend_tensors, **self._buffers.copy(tensors)}
-            else:
-                tensors = self._buffers.copy({**backend_tensors, **tensors})
+            tensors = {**backend_tensors, **self._buffers.copy(tensors)}
         loss_sum, count = self._partial
         state = {
             "version": {"warmfit": __version__, "framework": self._backend.framework},
@@ -1213,9 +1199,7 @@ class Trainer:
             rng = self._rank_streams(tensors, state["rng"])
         finally:
             self.counters = previous
-        check_rng = getattr(self._backend, "check_rng", None)
-        if check_rng is not None:
-            check_rng(rng["framework"])
+        self._backend.check_rng(rng["framework"])
         try:
             HostStreams.check(rng["host"])
         except Exception as err:
@@ -1272,7 +1256,7 @@ class Trainer:
             }
         ).encode()
         out = []
-        for blob in self._backend.gather_bytes(payload):  # type: ignore[attr-defined]
+        for blob in self._backend.gather_bytes(payload):
             doc = json.loads(blob)
             fw = {
                 k: np.frombuffer(bytes.fromhex(v), dtype=np.uint8).copy()
@@ -1343,7 +1327,7 @@ class Trainer:
         view of a network filesystem), which would train from different states."""
         assert self.run_dir is not None
         name = "" if path is None else path.name
-        found = [b.decode() for b in self._backend.gather_bytes(name.encode())]  # type: ignore[attr-defined]
+        found = [b.decode() for b in self._backend.gather_bytes(name.encode())]
         if len(set(found)) > 1:
             seen = ", ".join(f"rank {r}: {n or 'none'}" for r, n in enumerate(found))
             raise CheckpointError(
@@ -1393,7 +1377,7 @@ class Trainer:
         """Load ``weights`` (an earlier epoch's). ``scored`` is the (key, value) they
         scored, so that a save at this step is tagged with that value, not with the last
         epoch's (no value at all if the key is not the one checkpoints are ranked by)."""
-        self._backend.load_weights(weights)  # type: ignore[attr-defined]
+        self._backend.load_weights(weights)
         value = scored[1] if scored is not None and scored[0] == self.monitor else None
         self._restored_metric = (self.counters.run, self.counters.global_step, value)
 
