@@ -38,7 +38,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .backends import NonFiniteLoss, select
 from .background import AsyncWriter, SaveFailedError, SnapshotBuffers
-from .callbacks import Callback, ReduceLROnPlateau
+from .callbacks import Callback
 from .data import Cursor, check_offset, epoch_permutation, validation_split
 from .errors import (
     CheckpointError,
@@ -181,6 +181,8 @@ class Trainer:
         # The fit call in progress, or one that was interrupted: what it asked for and
         # where it ends. Part of the state, so that the same call run again finishes it.
         self._open_call: dict[str, Any] | None = None
+        self._stop_requested: str | None = None  # Control.stop, acted on at the epoch's end
+        self.control = Control(self)
         self._new_run(first=True)
         self._check_plateau(self.schedule)
         self.run_dir: RunDir | None = None
@@ -583,6 +585,8 @@ class Trainer:
                 print(_epoch_line(logs, target), flush=True)
             self._check_monitor_logged(logs)
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
+            stop += [self._stop_requested] if self._stop_requested else []
+            self._stop_requested = None
             # Not after the call's last epoch or a stop: the call's closing save follows.
             last = stop or c.epoch >= target or c.global_step == step_target
             if save_at_epoch_end and not last:
@@ -855,18 +859,20 @@ class Trainer:
             cb.reset()
 
     def _check_plateau(self, schedule: Any) -> None:
-        """ReduceLROnPlateau scales the rate warmfit sets each step: refuse it where
-        something else sets the rate (a torch LRScheduler, a Keras schedule)."""
-        if not any(isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks):
+        """A callback that adjusts the rate warmfit sets each step (``adjusts_lr``, e.g.
+        ReduceLROnPlateau): refuse it where something else sets the rate (a torch
+        LRScheduler, a Keras schedule)."""
+        adjusting = [type(cb).__name__ for cb in self.callbacks if cb.adjusts_lr]
+        if not adjusting:
             return
+        name = adjusting[0]
         if isinstance(schedule, TorchScheduler):
             raise TypeError(
-                "ReduceLROnPlateau scales the learning rate warmfit sets at each step, but a "
-                "torch LRScheduler sets the rate itself, so the reductions would have no "
-                "effect. Pass a warmfit schedule (warmfit.schedules) or none, or drop "
-                "ReduceLROnPlateau."
+                f"{name} scales the learning rate warmfit sets at each step, but a torch "
+                "LRScheduler sets the rate itself, so the reductions would have no effect. "
+                f"Pass a warmfit schedule (warmfit.schedules) or none, or drop {name}."
             )
-        self._backend.check_lr_settable("ReduceLROnPlateau", "Drop ReduceLROnPlateau")
+        self._backend.check_lr_settable(name, f"Drop {name}")
 
     def _lr_at(self, step: int) -> float:
         base = (
@@ -875,20 +881,17 @@ class Trainer:
             else self._base_lr
         )
         for cb in self.callbacks:
-            if isinstance(cb, ReduceLROnPlateau):
-                base = cb.lr_scale(base)
+            base = cb.adjust_lr(base)
         return base
 
     def _sets_lr(self, schedule: Any = None) -> bool:
         """Whether warmfit sets the learning rate at each step under ``schedule`` (the
-        current one if None): a warmfit schedule or a ``ReduceLROnPlateau`` does; a torch
-        ``LRScheduler`` sets it itself."""
+        current one if None): a warmfit schedule or a callback that adjusts the rate
+        (``ReduceLROnPlateau``) does; a torch ``LRScheduler`` sets it itself."""
         schedule = self.schedule if schedule is None else schedule
         if isinstance(schedule, TorchScheduler):
             return False
-        return schedule is not None or any(
-            isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks
-        )
+        return schedule is not None or any(cb.adjusts_lr for cb in self.callbacks)
 
     def _apply_lr(self) -> None:
         """Set the learning rate for the next step (schedule x plateau reductions)."""
@@ -1364,23 +1367,6 @@ class Trainer:
             return result.get("path")
         return None
 
-    def _snapshot_weights(self) -> dict[str, np.ndarray]:
-        return {
-            k: np.array(v, copy=True)
-            for k, v in self._backend.state_tensors().items()
-            if k.startswith("model/")
-        }
-
-    def _restore_weights(
-        self, weights: Mapping[str, np.ndarray], *, scored: tuple[str, float] | None = None
-    ) -> None:
-        """Load ``weights`` (an earlier epoch's). ``scored`` is the (key, value) they
-        scored, so that a save at this step is tagged with that value, not with the last
-        epoch's (no value at all if the key is not the one checkpoints are ranked by)."""
-        self._backend.load_weights(weights)
-        value = scored[1] if scored is not None and scored[0] == self.monitor else None
-        self._restored_metric = (self.counters.run, self.counters.global_step, value)
-
     def _append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
         if self.run_dir is None or self.rank != 0:
             return
@@ -1400,6 +1386,48 @@ class Trainer:
             f"Trainer({self._backend.framework}, epoch={self.epoch}, step={self.global_step}, "
             f"run={self.counters.run}, fit_calls={self.counters.fit_calls})"
         )
+
+
+class Control:
+    """What a callback may do to training: the public interface that built-in and user
+    callbacks use alike (``trainer.control``). Every action keeps the run exact: it is
+    taken at an epoch's end, and what it changes is in the checkpoint (the weights; the
+    learning rate through the callback's own saved state and :meth:`Callback.adjust_lr`).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+
+    def snapshot_weights(self) -> dict[str, np.ndarray]:
+        """A copy of the model's weights, as plain arrays (``model/<name>``), for
+        :meth:`restore_weights` (and for a callback's ``state_arrays``, which saves them)."""
+        return {
+            k: np.array(v, copy=True)
+            for k, v in self._trainer._backend.state_tensors().items()
+            if k.startswith("model/")
+        }
+
+    def restore_weights(
+        self, weights: Mapping[str, np.ndarray], *, scored: tuple[str, float] | None = None
+    ) -> None:
+        """Load ``weights`` (an earlier epoch's :meth:`snapshot_weights`). ``scored`` is
+        the (key, value) they scored, so that a save at this step is tagged with that
+        value, not with the last epoch's (none if the key is not the one checkpoints are
+        ranked by)."""
+        t = self._trainer
+        t._backend.load_weights(weights)
+        value = scored[1] if scored is not None and scored[0] == t.monitor else None
+        t._restored_metric = (t.counters.run, t.counters.global_step, value)
+
+    def apply_learning_rate(self) -> None:
+        """Set the learning rate of the next step now — the schedule's, through every
+        callback's :meth:`Callback.adjust_lr` — after a callback changed its factor."""
+        self._trainer._apply_lr()
+
+    def stop(self, reason: str = "a callback") -> None:
+        """End the fit call after this epoch (as ``on_epoch_end`` returning True does);
+        ``reason`` is recorded as the ledger's ``stopped_by``."""
+        self._trainer._stop_requested = reason
 
 
 def validation_split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

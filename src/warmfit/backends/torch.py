@@ -433,7 +433,8 @@ class TorchBackend(Backend):
         """Refuse a torch scheduler factory that does not build a scheduler, before the
         Trainer changes: it is tried on a throwaway optimizer from the factory (a
         scheduler changes its optimizer's rates)."""
-        if isinstance(schedule, TorchScheduler):
+        if isinstance(schedule, TorchScheduler) and self.model is not None:
+            # (before init_model: init_optimizer builds it, with the same refusals)
             self._build_scheduler(schedule, self._fresh_optimizer())
 
     def _build_scheduler(self, schedule: Any, optimizer: torch.optim.Optimizer) -> Any:
