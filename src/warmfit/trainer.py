@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__
+from . import __version__, plan
 from . import checkpoint as ckpt
 from .backends import NonFiniteLoss, select
 from .background import AsyncWriter, SaveFailedError, SnapshotBuffers
@@ -55,7 +55,7 @@ from .rundir import RunDir
 from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
-MODES = ("continue", "warm", "restart")
+MODES = plan.MODES
 #: Settings whose change breaks exactness of a ``continue`` after a resume.
 EXACTNESS_SETTINGS = ("batch_size", "seed", "memory_format", "numerics")
 
@@ -137,12 +137,9 @@ class Trainer:
         backend_options: Mapping[str, Any] | None = None,
         framework: str | None = None,
     ) -> None:
-        batch_size = check_int("batch_size", batch_size, "Trainer", minimum=1)
-        seed = check_int("seed", seed, "Trainer", minimum=0)
-        if checkpoint_every is not None:
-            checkpoint_every = check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
-        if monitor_mode not in ("min", "max"):
-            raise invalid_param("monitor_mode", "Trainer", ("min", "max"), monitor_mode)
+        p = plan.validate("Trainer", plan.TRAINER, plan.arguments(locals()))
+        batch_size, seed, checkpoint_every = p["batch_size"], p["seed"], p["checkpoint_every"]
+        verbose, override = p["verbose"], p["override"]
         kwargs: dict[str, Any] = {"device": device}
         if optimizer is not None:
             kwargs["optimizer"] = optimizer
@@ -262,26 +259,21 @@ class Trainer:
         wrong, :class:`~warmfit.errors.NonFiniteLossError` on a NaN/inf loss and
         :class:`~warmfit.errors.TrainingInterrupted` after SIGINT/SIGTERM.
         """
-        if mode not in MODES:
-            raise invalid_param("mode", "Trainer.fit", MODES, mode)
+        p = plan.validate("Trainer.fit", plan.FIT, plan.arguments(locals()))
+        epochs, until_epoch, steps, rounds = p["epochs"], p["until_epoch"], p["steps"], p["rounds"]
+        shuffle, new_data, verbose = p["shuffle"], p["new_data"], p["verbose"]
+        validation_split = p["validation_split"]
         self._backend.check_mode(mode)  # a backend that cannot honour a mode says so first
         if rounds is not None:
             if epochs is not None:
                 raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
-            epochs = check_int("rounds", rounds, "Trainer.fit", minimum=1)
+            epochs = rounds
         if (epochs is None) + (until_epoch is None) + (steps is None) != 2:
             raise ValueError(
-                "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
-                f"'until_epoch' (the absolute target). Got epochs={epochs!r}, "
-                f"until_epoch={until_epoch!r}"
-                + (f", steps={steps!r}." if steps is not None else ".")
+                "Trainer.fit needs exactly one of 'epochs' (additional epochs), 'until_epoch' "
+                f"(the absolute target) and 'steps' (optimizer steps). Got epochs={epochs!r}, "
+                f"until_epoch={until_epoch!r}, steps={steps!r}."
             )
-        if epochs is not None:
-            epochs = check_int("epochs", epochs, "Trainer.fit", minimum=1)
-        elif until_epoch is not None:
-            until_epoch = check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
-        else:
-            steps = check_int("steps", steps, "Trainer.fit", minimum=1)
         if validation_data is not None and validation_split is not None:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
