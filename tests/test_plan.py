@@ -119,3 +119,12 @@ def test_fit_reaches_the_model_through_at_most_three_warmfit_frames():
         "Trainer._run_epochs",
         "Trainer.fit",
     ]
+
+
+def test_the_modes_table_in_the_code_is_the_one_in_the_docs():
+    from warmfit import modes
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    section = docs.split("## The three modes of a fit call")[1].split("\n\n")[1]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines()[2:]]
+    assert {r[0].strip(): tuple(c.strip() for c in r[1:]) for r in rows} == modes.TABLE

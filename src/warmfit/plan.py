@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import invalid_param
-
-MODES = ("continue", "warm", "restart")
+from .modes import MODES
 
 
 class Constraint:

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__, plan
+from . import __version__, modes, plan
 from . import checkpoint as ckpt
 from .backends import NonFiniteLoss, select
 from .background import AsyncWriter, SaveFailedError, SnapshotBuffers
@@ -55,7 +55,7 @@ from .rundir import RunDir
 from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
-MODES = plan.MODES
+MODES = modes.MODES
 #: Settings whose change breaks exactness of a ``continue`` after a resume.
 EXACTNESS_SETTINGS = ("batch_size", "seed", "memory_format", "numerics")
 
@@ -378,15 +378,9 @@ class Trainer:
                 "with the same arguments and data.",
                 stacklevel=2,
             )
-        if mode_applied == "restart":
-            self._archive_history()
-            self._new_run(first=False)
-        elif mode_applied == "warm":
-            self._backend.init_optimizer(self.schedule)
-            self._base_lr = self._backend.learning_rate()
-            self.counters.schedule_origin = self.counters.global_step
-            self._reset_callbacks()
-            self._partial = (0.0, 0)
+        modes.apply(mode_applied, _ModeOperations(self))
+        if mode_applied == "warm":
+            self._partial = (0.0, 0)  # the epoch's loss: of the new regime only (design.md)
             if self._warm_restarts_epoch(shape, validation_split, len(data)):
                 c = self.counters
                 changes["cursor"] = {"epoch": c.epoch, "offset": c.offset, "now": 0}
@@ -1378,6 +1372,28 @@ class Trainer:
             f"Trainer({self._backend.framework}, epoch={self.epoch}, step={self.global_step}, "
             f"run={self.counters.run}, fit_calls={self.counters.fit_calls})"
         )
+
+
+class _ModeOperations:
+    """The Trainer's side of :func:`warmfit.modes.apply`."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._t = trainer
+
+    def new_run(self) -> None:
+        self._t._archive_history()
+        self._t._new_run(first=False)
+
+    def fresh_optimizer(self) -> None:
+        t = self._t
+        t._backend.init_optimizer(t.schedule)
+        t._base_lr = t._backend.learning_rate()
+
+    def restart_schedule(self) -> None:
+        self._t.counters.schedule_origin = self._t.counters.global_step
+
+    def reset_callbacks(self) -> None:
+        self._t._reset_callbacks()
 
 
 class Control:
