@@ -23,12 +23,10 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -52,6 +50,7 @@ from .errors import (
 from .history import History, Ledger, epoch_table
 from .progress import Progress
 from .rundir import RunDir
+from .runtime import StopSignals, Streams
 from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
@@ -168,8 +167,7 @@ class Trainer:
         self.verbose = verbose
         self.fit_verbose = verbose  # the verbosity of the fit call in progress (or the last)
         self.ledger = Ledger()
-        self._in_fit = False
-        self._stop_signal: str | None = None
+        self._signals = StopSignals()
         self._pending_diffs: list[str] = []
         self._writer: AsyncWriter | None = None
         self._buffers: SnapshotBuffers | None = None
@@ -426,9 +424,10 @@ class Trainer:
         }
         started = time.perf_counter()
         stopped_by = interrupted = None
-        with self._signal_guard():  # until the closing save is written
+        with self._signals.installed():  # until the closing save is written
             try:
-                with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
+                shown = bool(verbose) and self.rank == 0
+                with self._swapped_in(train=True), Progress(shown) as progress:
                     self._progress = progress
                     self._open_call = {
                         "call": open_call["call"] if resumes else record["call"],
@@ -444,7 +443,7 @@ class Trainer:
                     )
                     # A signal at a step boundary, or one that came during the last epoch's
                     # validation or after the last step: either way it is acted on here.
-                    interrupted = self._agreed_signal()
+                    interrupted = self._signals.agreed(self._backend, self.world_size)
                     stopped_by = interrupted or stopped_by
             except BaseException:
                 if self._writer is not None:  # the saves this call started are on disk
@@ -466,7 +465,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             path = self._checkpoint(wait=True) if self.run_dir is not None else None
-            late = self._agreed_signal()  # during on_fit_end or the closing save
+            late = self._signals.agreed(self._backend, self.world_size)  # in the closing save
             if late is not None:
                 self._interrupt(late, saved=path)
         if verbose and self.rank == 0:
@@ -525,11 +524,7 @@ class Trainer:
                             self._checkpoint(wait=False)
                         else:  # the epoch's last step: save after its validation, with its metric
                             save_at_epoch_end = True
-                    if (
-                        self._stop_signal is not None
-                        if not distributed
-                        else backend.any_rank(self._stop_signal is not None)
-                    ):
+                    if self._signals.any(backend, self.world_size):
                         self._fold_losses(losses, sizes)
                         return None  # fit() saves and raises TrainingInterrupted
                     if c.global_step == step_target:
@@ -635,14 +630,14 @@ class Trainer:
             batch_size = check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
         data = self._backend.prepare(x, y)
         self._backend.check_data(data, with_target=True, what="evaluate:")
-        with self._fit_context(train=False):
+        with self._swapped_in(train=False):
             return self._backend.evaluate(data, batch_size or self.batch_size)
 
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The model's outputs for ``x`` in inference mode, in the framework's array type."""
         if batch_size is not None:
             batch_size = check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
-        with self._fit_context(train=False):
+        with self._swapped_in(train=False):
             return self._backend.predict(x, batch_size or self.batch_size)
 
     # -- state ---------------------------------------------------------------------------
@@ -830,10 +825,11 @@ class Trainer:
         self._backend.init_optimizer(self.schedule)
         self._base_lr = self._backend.learning_rate()
         self.counters = Counters(run=run)
-        self._rng = {
-            "host": HostStreams.seeded(self.seed, self.rank),
-            "framework": self._backend.seeded_rng(self.seed),
-        }
+        seeded = Streams.seeded(self._backend, self.seed, self.rank)
+        if first:
+            self._streams = seeded
+        else:
+            self._streams.replace(seeded.state)
         self.history = History()
         self._partial: tuple[float, int] = (0.0, 0)
         self._data_info: dict[str, Any] | None = None
@@ -884,76 +880,20 @@ class Trainer:
         if self._sets_lr():
             self._backend.set_learning_rate(self._lr_at(self.counters.global_step))
 
-    @contextlib.contextmanager
-    def _fit_context(self, train: bool = True) -> Iterator[None]:
-        """Swap the trainer's random streams in (and the caller's back out after), and
-        switch deterministic algorithms on, for the duration of a fit call (or, with
-        ``train=False``, of an evaluate/predict call, which never moves the streams)."""
-        if self._in_fit:
-            yield
-            return
-        caller = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
-        HostStreams.install(self._rng["host"])
-        self._backend.install_rng(self._rng["framework"])
-        self._in_fit = True
-        restore_det = self._set_deterministic() if train else None
-        try:
+    def _swapped_in(self, *, train: bool) -> contextlib.AbstractContextManager[None]:
+        """The trainer's random streams swapped in for a call (and, for a fit call,
+        deterministic algorithms switched on and the model in training mode)."""
+        switch = (
+            (lambda: self._backend.set_deterministic()) if train and self.deterministic else None
+        )
+        if not self._streams.installed:  # a nested call leaves the mode as it is
             self._backend.train_mode(train)
-            yield
-        finally:
-            self._in_fit = False
-            if train:  # evaluate/predict never move the training streams
-                self._rng = {
-                    "host": HostStreams.capture(),
-                    "framework": self._backend.capture_rng(),
-                }
-            HostStreams.install(caller["host"])
-            self._backend.install_rng(caller["framework"])
-            if restore_det is not None:
-                restore_det()
-
-    def _set_deterministic(self) -> Callable[[], None] | None:
-        """The backend's switch for ``deterministic=True`` (none: nothing to switch, as
-        for scikit-learn); returns what puts the previous setting back."""
-        return self._backend.set_deterministic() if self.deterministic else None
-
-    @contextlib.contextmanager
-    def _signal_guard(self) -> Iterator[None]:
-        """SIGINT/SIGTERM set a flag that fit acts on at the next step boundary (a second
-        one stops at once); the previous handlers are put back afterwards. Only the main
-        thread can install handlers: elsewhere signals keep their own."""
-        self._stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: object) -> None:
-            if self._stop_signal is not None:  # a second signal: stop right now
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-
-    def _agreed_signal(self) -> str | None:
-        """The stop signal this fit call received (under DDP: any rank's, agreed by all
-        ranks, so that they save together), or None."""
-        name = self._stop_signal
-        if self.world_size > 1 and self._backend.any_rank(name is not None):
-            # Agreed: every rank learns the signal's name (the lowest rank that got one),
-            # so each reports, and the CLI exits with, the same SIGINT or SIGTERM.
-            names = self._backend.gather_bytes((name or "").encode())
-            return next(n.decode() for n in names if n)
-        return name
+        return self._streams.swapped_in(keep=train, switch=switch)
 
     def _interrupt(self, name: str, *, saved: Path | bool | None = False) -> NoReturn:
         """Save at the current step boundary (unless ``saved``: the path of the save just
         made, None on ranks other than 0) and raise :class:`TrainingInterrupted`."""
-        self._stop_signal = None
+        self._signals.received = None
         if saved is False:
             path = self._checkpoint(wait=True) if self.run_dir is not None else None
         else:
@@ -968,12 +908,10 @@ class Trainer:
 
     def _validate(self, val_data: Any) -> dict[str, float]:
         """Validation metrics, with the training streams restored afterwards (E5)."""
-        streams = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
         try:
-            metrics = self._backend.evaluate(val_data, self.batch_size)
+            with self._streams.untouched():
+                metrics = self._backend.evaluate(val_data, self.batch_size)
         finally:
-            HostStreams.install(streams["host"])
-            self._backend.install_rng(streams["framework"])
             self._backend.train_mode(True)
         return {f"val_{k}": v for k, v in metrics.items()}
 
@@ -1038,11 +976,6 @@ class Trainer:
             self._writer.wait()
 
     # -- internals: state ------------------------------------------------------------------
-    def _current_rng(self) -> dict[str, Any]:
-        if self._in_fit:
-            return {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
-        return self._rng
-
     def _collect_state(
         self, *, snapshot: bool = False
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -1051,7 +984,7 @@ class Trainer:
         background writer: the backend's ``snapshot_tensors`` (the torch backend's pinned
         host buffers; by default reused NumPy buffers), and :class:`SnapshotBuffers` for
         the rest."""
-        rng = self._current_rng()
+        rng = self._streams.current()
         backend = self._backend
         backend_tensors = backend.snapshot_tensors() if snapshot else backend.state_tensors()
         tensors: dict[str, np.ndarray] = {}  # everything but the backend's arrays
@@ -1135,10 +1068,7 @@ class Trainer:
                 f"the backend state is incomplete or malformed: {type(err).__name__}: {err}"
             ) from None
         self.counters = staged["counters"]
-        self._rng = staged["rng"]
-        if self._in_fit:
-            HostStreams.install(self._rng["host"])
-            self._backend.install_rng(self._rng["framework"])
+        self._streams.replace(staged["rng"])
         self._partial = staged["partial"]
         if staged["schedule"] is not None:
             self.schedule = staged["schedule"]
