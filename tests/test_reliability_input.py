@@ -292,8 +292,9 @@ CASES: dict[str, tuple[Callable[[warmfit.Trainer], Any], type, str, tuple]] = {
     "no epochs": (
         lambda t: t.fit(X, Y),
         ValueError,
-        "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
-        "'until_epoch' (the absolute target). Got epochs=None, until_epoch=None.",
+        "Trainer.fit needs exactly one of 'epochs' (additional epochs), 'until_epoch' "
+        "(the absolute target) and 'steps' (optimizer steps). Got epochs=None, "
+        "until_epoch=None, steps=None.",
         (),
     ),
     "epochs and until_epoch": (

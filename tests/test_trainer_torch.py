@@ -270,7 +270,7 @@ def test_fit_call_schedule_replaces_and_is_recorded(data):
         ),
         (
             dict(),
-            "Trainer.fit needs exactly one of 'epochs' (additional epochs) and 'until_epoch' (the absolute target). Got epochs=None, until_epoch=None.",
+            "Trainer.fit needs exactly one of 'epochs' (additional epochs), 'until_epoch' (the absolute target) and 'steps' (optimizer steps). Got epochs=None, until_epoch=None, steps=None.",
         ),
         (dict(epochs=1, until_epoch=3), "Trainer.fit needs exactly one of 'epochs'"),
     ],

@@ -7,7 +7,12 @@ weights of ``EarlyStopping(restore_best=True)``), ``state_arrays()`` /
 following the modes table, the Trainer keeps callback state on ``continue`` and calls
 ``reset()`` on ``warm`` and ``restart``.
 
-A callback asks training to stop by returning ``True`` from ``on_epoch_end``.
+A callback acts on training through the public :class:`~warmfit.trainer.Control`
+(``trainer.control``): snapshot and restore the weights, set the learning rate for the
+next step after changing its own factor, ask to stop. Built-in and user callbacks use
+it alike; the Trainer special-cases no callback class. A callback that changes the
+learning rate warmfit sets declares it: ``adjusts_lr = True`` and :meth:`adjust_lr`.
+Returning ``True`` from ``on_epoch_end`` asks to stop, as ``trainer.control.stop()``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,16 @@ if TYPE_CHECKING:
 
 class Callback:
     """Base class. Hooks receive the trainer; ``logs`` is the epoch's history record."""
+
+    #: Whether :meth:`adjust_lr` changes the learning rate warmfit sets at each step
+    #: (then a schedule that sets the rate itself, a torch LR scheduler or a Keras
+    #: schedule, is refused with this callback).
+    adjusts_lr: bool = False
+
+    def adjust_lr(self, lr: float) -> float:
+        """The learning rate of a step, given the schedule's ``lr`` for it (called every
+        step, so a pure function of this callback's state)."""
+        return lr
 
     def on_fit_start(self, trainer: Trainer, mode: str) -> None:
         """Called at the start of every fit call, after the mode took effect."""
@@ -128,13 +143,15 @@ class EarlyStopping(Callback):
         if math.isfinite(value) and _improved(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch, self.wait = float(value), logs["epoch"], 0
             if self.restore_best:
-                self._best_weights = trainer._snapshot_weights()
+                self._best_weights = trainer.control.snapshot_weights()
             return False
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = logs["epoch"]
             if self.restore_best and self._best_weights is not None:
-                trainer._restore_weights(self._best_weights, scored=(self.monitor, self.best))
+                trainer.control.restore_weights(
+                    self._best_weights, scored=(self.monitor, self.best)
+                )
             return True
         return False
 
@@ -184,6 +201,8 @@ class ReduceLROnPlateau(Callback):
     ``continue`` calls and process restarts.
     """
 
+    adjusts_lr = True
+
     def __init__(
         self,
         monitor: str = "val_loss",
@@ -230,11 +249,11 @@ class ReduceLROnPlateau(Callback):
             if lr * self.factor >= self.min_lr or lr > self.min_lr:
                 self.scale *= self.factor
                 self.reductions.append(logs["epoch"])
-                trainer._apply_lr()
+                trainer.control.apply_learning_rate()
             self.cooldown_left, self.wait = self.cooldown, 0
         return False
 
-    def lr_scale(self, lr: float) -> float:
+    def adjust_lr(self, lr: float) -> float:
         """The learning rate after this callback's reductions."""
         return max(self.min_lr, lr * self.scale) if self.scale != 1.0 else lr
 

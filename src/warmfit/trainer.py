@@ -23,22 +23,20 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__
+from . import __version__, modes, plan
 from . import checkpoint as ckpt
 from .backends import NonFiniteLoss, select
 from .background import AsyncWriter, SaveFailedError, SnapshotBuffers
-from .callbacks import Callback, ReduceLROnPlateau
+from .callbacks import Callback
 from .data import Cursor, check_offset, epoch_permutation, validation_split
 from .errors import (
     CheckpointError,
@@ -52,10 +50,11 @@ from .errors import (
 from .history import History, Ledger, epoch_table
 from .progress import Progress
 from .rundir import RunDir
+from .runtime import StopSignals, Streams
 from .schedules import Schedule, TorchScheduler, as_schedule, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
-MODES = ("continue", "warm", "restart")
+MODES = modes.MODES
 #: Settings whose change breaks exactness of a ``continue`` after a resume.
 EXACTNESS_SETTINGS = ("batch_size", "seed", "memory_format", "numerics")
 
@@ -137,12 +136,9 @@ class Trainer:
         backend_options: Mapping[str, Any] | None = None,
         framework: str | None = None,
     ) -> None:
-        batch_size = check_int("batch_size", batch_size, "Trainer", minimum=1)
-        seed = check_int("seed", seed, "Trainer", minimum=0)
-        if checkpoint_every is not None:
-            checkpoint_every = check_int("checkpoint_every", checkpoint_every, "Trainer", minimum=1)
-        if monitor_mode not in ("min", "max"):
-            raise invalid_param("monitor_mode", "Trainer", ("min", "max"), monitor_mode)
+        p = plan.validate("Trainer", plan.TRAINER, plan.arguments(locals()))
+        batch_size, seed, checkpoint_every = p["batch_size"], p["seed"], p["checkpoint_every"]
+        verbose, override = p["verbose"], p["override"]
         kwargs: dict[str, Any] = {"device": device}
         if optimizer is not None:
             kwargs["optimizer"] = optimizer
@@ -154,15 +150,15 @@ class Trainer:
             kwargs["num_workers"] = num_workers
         kwargs.update(backend_options or {})
         self._backend = select(model, framework=framework, **kwargs)
-        check_deterministic = getattr(self._backend, "check_deterministic", None)
-        if deterministic and check_deterministic is not None:
-            check_deterministic()  # a backend that cannot honour it says so now
-        self._backend._seed = seed  # type: ignore[attr-defined]
-        self.world_size: int = getattr(self._backend, "world_size", 1)
-        self.rank: int = getattr(self._backend, "rank", 0)
+        if deterministic:
+            self._backend.check_deterministic()  # a backend that cannot honour it says so
+        self.world_size: int = self._backend.world_size
+        self.rank: int = self._backend.rank
         self.batch_size = batch_size
         self.seed = seed
         self.schedule = as_schedule(schedule)
+        if self.schedule is not None:
+            self._backend.check_schedule(self.schedule)  # one the backend cannot drive
         self.callbacks = _check_callbacks(callbacks)
         self.deterministic = deterministic
         self.checkpoint_every = checkpoint_every
@@ -171,8 +167,7 @@ class Trainer:
         self.verbose = verbose
         self.fit_verbose = verbose  # the verbosity of the fit call in progress (or the last)
         self.ledger = Ledger()
-        self._in_fit = False
-        self._stop_signal: str | None = None
+        self._signals = StopSignals()
         self._pending_diffs: list[str] = []
         self._writer: AsyncWriter | None = None
         self._buffers: SnapshotBuffers | None = None
@@ -181,6 +176,8 @@ class Trainer:
         # The fit call in progress, or one that was interrupted: what it asked for and
         # where it ends. Part of the state, so that the same call run again finishes it.
         self._open_call: dict[str, Any] | None = None
+        self._stop_requested: str | None = None  # Control.stop, acted on at the epoch's end
+        self.control = Control(self)
         self._new_run(first=True)
         self._check_plateau(self.schedule)
         self.run_dir: RunDir | None = None
@@ -196,11 +193,12 @@ class Trainer:
     @property
     def model(self) -> Any:
         """The model being trained (the same object across ``restart``)."""
-        return self._backend.model  # type: ignore[attr-defined]
+        return self._backend.model
 
     @property
     def optimizer(self) -> Any:
-        return getattr(self._backend, "optimizer", None)
+        """The framework's optimizer (None for a scikit-learn estimator)."""
+        return self._backend.optimizer
 
     @property
     def epoch(self) -> int:
@@ -259,41 +257,29 @@ class Trainer:
         wrong, :class:`~warmfit.errors.NonFiniteLossError` on a NaN/inf loss and
         :class:`~warmfit.errors.TrainingInterrupted` after SIGINT/SIGTERM.
         """
-        if mode not in MODES:
-            raise invalid_param("mode", "Trainer.fit", MODES, mode)
-        check_mode = getattr(self._backend, "check_mode", None)
-        if check_mode is not None:  # a backend that cannot honour a mode says so first
-            check_mode(mode)
+        p = plan.validate("Trainer.fit", plan.FIT, plan.arguments(locals()))
+        epochs, until_epoch, steps, rounds = p["epochs"], p["until_epoch"], p["steps"], p["rounds"]
+        shuffle, new_data, verbose = p["shuffle"], p["new_data"], p["verbose"]
+        validation_split = p["validation_split"]
+        self._backend.check_mode(mode)  # a backend that cannot honour a mode says so first
         if rounds is not None:
             if epochs is not None:
                 raise ValueError("Pass either 'rounds' or 'epochs' (they mean the same), not both.")
-            epochs = check_int("rounds", rounds, "Trainer.fit", minimum=1)
+            epochs = rounds
         if (epochs is None) + (until_epoch is None) + (steps is None) != 2:
             raise ValueError(
-                "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
-                f"'until_epoch' (the absolute target). Got epochs={epochs!r}, "
-                f"until_epoch={until_epoch!r}"
-                + (f", steps={steps!r}." if steps is not None else ".")
+                "Trainer.fit needs exactly one of 'epochs' (additional epochs), 'until_epoch' "
+                f"(the absolute target) and 'steps' (optimizer steps). Got epochs={epochs!r}, "
+                f"until_epoch={until_epoch!r}, steps={steps!r}."
             )
-        if epochs is not None:
-            epochs = check_int("epochs", epochs, "Trainer.fit", minimum=1)
-        elif until_epoch is not None:
-            until_epoch = check_int("until_epoch", until_epoch, "Trainer.fit", minimum=1)
-        else:
-            steps = check_int("steps", steps, "Trainer.fit", minimum=1)
         if validation_data is not None and validation_split is not None:
             raise ValueError("Pass either validation_data or validation_split, not both.")
         verbose = self.verbose if verbose is None else verbose
         self.fit_verbose = verbose  # what callbacks print by (the call's, not the Trainer's)
         new_schedule = as_schedule(schedule) if schedule is not None else None
-        check_schedule = getattr(self._backend, "check_schedule", None)
-        if new_schedule is not None and check_schedule is not None:
-            check_schedule(new_schedule)
         if new_schedule is not None:
+            self._backend.check_schedule(new_schedule)  # before the data: a cheap refusal
             self._check_plateau(new_schedule)
-        check_lr_groups = getattr(self._backend, "check_lr_groups", None)
-        if mode == "continue" and check_lr_groups is not None and self._sets_lr(new_schedule):
-            check_lr_groups()  # warm and restart rebuild the optimizer from its factory
         data = self._backend.prepare(x, y)
         fp, shape = self._backend.fingerprint(data)
         request = {
@@ -363,14 +349,16 @@ class Trainer:
             val_data = None
         if self.counters.offset and mode_applied == "continue":
             check_offset(self.counters.offset, self.batch_size, len(data))
-        check_data = getattr(self._backend, "check_data", None)
-        if check_data is not None:  # the model and the loss accept this data
-            check_data(data, with_target=True, what="fit:")
-            if val_data is not None:
-                check_data(val_data, with_target=True, what="validation:")
-        check_zero_rows = getattr(self._backend, "check_zero_rows", None)
-        if check_zero_rows is not None and self.world_size > 1:  # a collective
-            check_zero_rows(data, self.batch_size)
+        # Every refusal that needs the data (the model and the loss take it; a schedule
+        # or learning rate the backend can drive): warm and restart rebuild the optimizer.
+        self._backend.preflight(
+            mode_applied,
+            data,
+            val_data,
+            batch_size=self.batch_size,
+            schedule=new_schedule,
+            sets_lr=self._sets_lr(new_schedule),
+        )
 
         # Everything checked: apply the mode.
         self._restored_metric = None  # scores weights restored in an earlier call
@@ -388,15 +376,9 @@ class Trainer:
                 "with the same arguments and data.",
                 stacklevel=2,
             )
-        if mode_applied == "restart":
-            self._archive_history()
-            self._new_run(first=False)
-        elif mode_applied == "warm":
-            self._backend.init_optimizer(self.schedule)
-            self._base_lr = self._backend.learning_rate()
-            self.counters.schedule_origin = self.counters.global_step
-            self._reset_callbacks()
-            self._partial = (0.0, 0)
+        modes.apply(mode_applied, _ModeOperations(self))
+        if mode_applied == "warm":
+            self._partial = (0.0, 0)  # the epoch's loss: of the new regime only (design.md)
             if self._warm_restarts_epoch(shape, validation_split, len(data)):
                 c = self.counters
                 changes["cursor"] = {"epoch": c.epoch, "offset": c.offset, "now": 0}
@@ -404,8 +386,7 @@ class Trainer:
         if new_schedule is not None:
             changes["schedule"] = {"from": describe(self.schedule), "to": describe(new_schedule)}
             self.schedule = new_schedule
-            if isinstance(new_schedule, TorchScheduler) or hasattr(self._backend, "set_schedule"):
-                self._backend.set_schedule(new_schedule)  # type: ignore[attr-defined]
+            self._backend.set_schedule(new_schedule)
         if self._pending_diffs:
             changes["settings"] = list(self._pending_diffs)
             self._pending_diffs = []
@@ -443,9 +424,10 @@ class Trainer:
         }
         started = time.perf_counter()
         stopped_by = interrupted = None
-        with self._signal_guard():  # until the closing save is written
+        with self._signals.installed():  # until the closing save is written
             try:
-                with self._fit_context(), Progress(bool(verbose) and self.rank == 0) as progress:
+                shown = bool(verbose) and self.rank == 0
+                with self._swapped_in(train=True), Progress(shown) as progress:
                     self._progress = progress
                     self._open_call = {
                         "call": open_call["call"] if resumes else record["call"],
@@ -461,7 +443,7 @@ class Trainer:
                     )
                     # A signal at a step boundary, or one that came during the last epoch's
                     # validation or after the last step: either way it is acted on here.
-                    interrupted = self._agreed_signal()
+                    interrupted = self._signals.agreed(self._backend, self.world_size)
                     stopped_by = interrupted or stopped_by
             except BaseException:
                 if self._writer is not None:  # the saves this call started are on disk
@@ -483,7 +465,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             path = self._checkpoint(wait=True) if self.run_dir is not None else None
-            late = self._agreed_signal()  # during on_fit_end or the closing save
+            late = self._signals.agreed(self._backend, self.world_size)  # in the closing save
             if late is not None:
                 self._interrupt(late, saved=path)
         if verbose and self.rank == 0:
@@ -546,11 +528,7 @@ class Trainer:
                             self._checkpoint(wait=False)
                         else:  # the epoch's last step: save after its validation, with its metric
                             save_at_epoch_end = True
-                    if (
-                        self._stop_signal is not None
-                        if not distributed
-                        else backend.any_rank(self._stop_signal is not None)  # type: ignore[attr-defined]
-                    ):
+                    if self._signals.any(backend, self.world_size):
                         self._fold_losses(losses, sizes)
                         return None  # fit() saves and raises TrainingInterrupted
                     if c.global_step == step_target:
@@ -592,6 +570,8 @@ class Trainer:
                 print(_epoch_line(logs, target), flush=True)
             self._check_monitor_logged(logs)
             stop = [type(cb).__name__ for cb in self.callbacks if cb.on_epoch_end(self, logs)]
+            stop += [self._stop_requested] if self._stop_requested else []
+            self._stop_requested = None
             # Not after the call's last epoch or a stop: the call's closing save follows.
             last = stop or c.epoch >= target or c.global_step == step_target
             if save_at_epoch_end and not last:
@@ -653,17 +633,15 @@ class Trainer:
         if batch_size is not None:
             batch_size = check_int("batch_size", batch_size, "Trainer.evaluate", minimum=1)
         data = self._backend.prepare(x, y)
-        check_data = getattr(self._backend, "check_data", None)
-        if check_data is not None:
-            check_data(data, with_target=True, what="evaluate:")
-        with self._fit_context(train=False):
+        self._backend.check_data(data, with_target=True, what="evaluate:")
+        with self._swapped_in(train=False):
             return self._backend.evaluate(data, batch_size or self.batch_size)
 
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
         """The model's outputs for ``x`` in inference mode, in the framework's array type."""
         if batch_size is not None:
             batch_size = check_int("batch_size", batch_size, "Trainer.predict", minimum=1)
-        with self._fit_context(train=False):
+        with self._swapped_in(train=False):
             return self._backend.predict(x, batch_size or self.batch_size)
 
     # -- state ---------------------------------------------------------------------------
@@ -689,11 +667,11 @@ class Trainer:
         """
         tensors, state = self._collect_state()
         if self.rank != 0:
-            self._backend.dist.barrier()  # type: ignore[attr-defined]
+            self._backend.barrier()
             return Path(path)
         written = ckpt.write_checkpoint(path, tensors, state)
         if self.world_size > 1:
-            self._backend.dist.barrier()  # type: ignore[attr-defined]
+            self._backend.barrier()
         return written
 
     @classmethod
@@ -815,9 +793,7 @@ class Trainer:
         finally:
             if self.run_dir is not None:
                 self.run_dir.unlock()
-            backend_close = getattr(self._backend, "close", None)
-            if backend_close is not None:
-                backend_close()
+            self._backend.close()
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` copy; refused with a ``run_dir``, which
@@ -853,10 +829,11 @@ class Trainer:
         self._backend.init_optimizer(self.schedule)
         self._base_lr = self._backend.learning_rate()
         self.counters = Counters(run=run)
-        self._rng = {
-            "host": HostStreams.seeded(self.seed, self.rank),
-            "framework": self._backend.seeded_rng(self.seed),
-        }
+        seeded = Streams.seeded(self._backend, self.seed, self.rank)
+        if first:
+            self._streams = seeded
+        else:
+            self._streams.replace(seeded.state)
         self.history = History()
         self._partial: tuple[float, int] = (0.0, 0)
         self._data_info: dict[str, Any] | None = None
@@ -868,20 +845,20 @@ class Trainer:
             cb.reset()
 
     def _check_plateau(self, schedule: Any) -> None:
-        """ReduceLROnPlateau scales the rate warmfit sets each step: refuse it where
-        something else sets the rate (a torch LRScheduler, a Keras schedule)."""
-        if not any(isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks):
+        """A callback that adjusts the rate warmfit sets each step (``adjusts_lr``, e.g.
+        ReduceLROnPlateau): refuse it where something else sets the rate (a torch
+        LRScheduler, a Keras schedule)."""
+        adjusting = [type(cb).__name__ for cb in self.callbacks if cb.adjusts_lr]
+        if not adjusting:
             return
+        name = adjusting[0]
         if isinstance(schedule, TorchScheduler):
             raise TypeError(
-                "ReduceLROnPlateau scales the learning rate warmfit sets at each step, but a "
-                "torch LRScheduler sets the rate itself, so the reductions would have no "
-                "effect. Pass a warmfit schedule (warmfit.schedules) or none, or drop "
-                "ReduceLROnPlateau."
+                f"{name} scales the learning rate warmfit sets at each step, but a torch "
+                "LRScheduler sets the rate itself, so the reductions would have no effect. "
+                f"Pass a warmfit schedule (warmfit.schedules) or none, or drop {name}."
             )
-        check = getattr(self._backend, "check_lr_settable", None)
-        if check is not None:
-            check("ReduceLROnPlateau", "Drop ReduceLROnPlateau")
+        self._backend.check_lr_settable(name, f"Drop {name}")
 
     def _lr_at(self, step: int) -> float:
         base = (
@@ -890,97 +867,37 @@ class Trainer:
             else self._base_lr
         )
         for cb in self.callbacks:
-            if isinstance(cb, ReduceLROnPlateau):
-                base = cb.lr_scale(base)
+            base = cb.adjust_lr(base)
         return base
 
     def _sets_lr(self, schedule: Any = None) -> bool:
         """Whether warmfit sets the learning rate at each step under ``schedule`` (the
-        current one if None): a warmfit schedule or a ``ReduceLROnPlateau`` does; a torch
-        ``LRScheduler`` sets it itself."""
+        current one if None): a warmfit schedule or a callback that adjusts the rate
+        (``ReduceLROnPlateau``) does; a torch ``LRScheduler`` sets it itself."""
         schedule = self.schedule if schedule is None else schedule
         if isinstance(schedule, TorchScheduler):
             return False
-        return schedule is not None or any(
-            isinstance(cb, ReduceLROnPlateau) for cb in self.callbacks
-        )
+        return schedule is not None or any(cb.adjusts_lr for cb in self.callbacks)
 
     def _apply_lr(self) -> None:
         """Set the learning rate for the next step (schedule x plateau reductions)."""
         if self._sets_lr():
             self._backend.set_learning_rate(self._lr_at(self.counters.global_step))
 
-    @contextlib.contextmanager
-    def _fit_context(self, train: bool = True) -> Iterator[None]:
-        """Swap the trainer's random streams in (and the caller's back out after), and
-        switch deterministic algorithms on, for the duration of a fit call (or, with
-        ``train=False``, of an evaluate/predict call, which never moves the streams)."""
-        if self._in_fit:
-            yield
-            return
-        caller = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
-        HostStreams.install(self._rng["host"])
-        self._backend.install_rng(self._rng["framework"])
-        self._in_fit = True
-        restore_det = self._set_deterministic() if train else None
-        try:
+    def _swapped_in(self, *, train: bool) -> contextlib.AbstractContextManager[None]:
+        """The trainer's random streams swapped in for a call (and, for a fit call,
+        deterministic algorithms switched on and the model in training mode)."""
+        switch = (
+            (lambda: self._backend.set_deterministic()) if train and self.deterministic else None
+        )
+        if not self._streams.installed:  # a nested call leaves the mode as it is
             self._backend.train_mode(train)
-            yield
-        finally:
-            self._in_fit = False
-            if train:  # evaluate/predict never move the training streams
-                self._rng = {
-                    "host": HostStreams.capture(),
-                    "framework": self._backend.capture_rng(),
-                }
-            HostStreams.install(caller["host"])
-            self._backend.install_rng(caller["framework"])
-            if restore_det is not None:
-                restore_det()
-
-    def _set_deterministic(self) -> Callable[[], None] | None:
-        """The backend's switch for ``deterministic=True`` (none: nothing to switch, as
-        for scikit-learn); returns what puts the previous setting back."""
-        hook = getattr(self._backend, "set_deterministic", None)
-        return hook() if self.deterministic and hook is not None else None
-
-    @contextlib.contextmanager
-    def _signal_guard(self) -> Iterator[None]:
-        """SIGINT/SIGTERM set a flag that fit acts on at the next step boundary (a second
-        one stops at once); the previous handlers are put back afterwards. Only the main
-        thread can install handlers: elsewhere signals keep their own."""
-        self._stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: object) -> None:
-            if self._stop_signal is not None:  # a second signal: stop right now
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-
-    def _agreed_signal(self) -> str | None:
-        """The stop signal this fit call received (under DDP: any rank's, agreed by all
-        ranks, so that they save together), or None."""
-        name = self._stop_signal
-        if self.world_size > 1 and self._backend.any_rank(name is not None):  # type: ignore[attr-defined]
-            # Agreed: every rank learns the signal's name (the lowest rank that got one),
-            # so each reports, and the CLI exits with, the same SIGINT or SIGTERM.
-            names = self._backend.gather_bytes((name or "").encode())  # type: ignore[attr-defined]
-            return next(n.decode() for n in names if n)
-        return name
+        return self._streams.swapped_in(keep=train, switch=switch)
 
     def _interrupt(self, name: str, *, saved: Path | bool | None = False) -> NoReturn:
         """Save at the current step boundary (unless ``saved``: the path of the save just
         made, None on ranks other than 0) and raise :class:`TrainingInterrupted`."""
-        self._stop_signal = None
+        self._signals.received = None
         if saved is False:
             path = self._checkpoint(wait=True) if self.run_dir is not None else None
         else:
@@ -995,12 +912,10 @@ class Trainer:
 
     def _validate(self, val_data: Any) -> dict[str, float]:
         """Validation metrics, with the training streams restored afterwards (E5)."""
-        streams = {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
         try:
-            metrics = self._backend.evaluate(val_data, self.batch_size)
+            with self._streams.untouched():
+                metrics = self._backend.evaluate(val_data, self.batch_size)
         finally:
-            HostStreams.install(streams["host"])
-            self._backend.install_rng(streams["framework"])
             self._backend.train_mode(True)
         return {f"val_{k}": v for k, v in metrics.items()}
 
@@ -1065,21 +980,17 @@ class Trainer:
             self._writer.wait()
 
     # -- internals: state ------------------------------------------------------------------
-    def _current_rng(self) -> dict[str, Any]:
-        if self._in_fit:
-            return {"host": HostStreams.capture(), "framework": self._backend.capture_rng()}
-        return self._rng
-
     def _collect_state(
         self, *, snapshot: bool = False
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The state's arrays (views of the live state) and its JSON part. With
         ``snapshot``, the arrays are private copies in reused buffers instead, for the
-        background writer: the backend's own ``snapshot_tensors`` where it has one (the
-        torch backend's pinned host buffers), else :class:`SnapshotBuffers`."""
-        rng = self._current_rng()
-        own_snapshot = getattr(self._backend, "snapshot_tensors", None) if snapshot else None
-        backend_tensors = own_snapshot() if own_snapshot else self._backend.state_tensors()
+        background writer: the backend's ``snapshot_tensors`` (the torch backend's pinned
+        host buffers; by default reused NumPy buffers), and :class:`SnapshotBuffers` for
+        the rest."""
+        rng = self._streams.current()
+        backend = self._backend
+        backend_tensors = backend.snapshot_tensors() if snapshot else backend.state_tensors()
         tensors: dict[str, np.ndarray] = {}  # everything but the backend's arrays
         for name, arr in rng["framework"].items():
             tensors[f"rng/{name}"] = arr
@@ -1097,12 +1008,9 @@ class Trainer:
                 tensors[f"callbacks/{i}/{name}"] = arr
         if not snapshot:
             tensors = {**backend_tensors, **tensors}
-        else:
+        else:  # the backend's arrays are its own copies already
             assert self._buffers is not None
-            if own_snapshot:  # the backend's arrays are its own copies already
-                tensors = {**backend_tensors, **self._buffers.copy(tensors)}
-            else:
-                tensors = self._buffers.copy({**backend_tensors, **tensors})
+            tensors = {**backend_tensors, **self._buffers.copy(tensors)}
         loss_sum, count = self._partial
         state = {
             "version": {"warmfit": __version__, "framework": self._backend.framework},
@@ -1164,10 +1072,7 @@ class Trainer:
                 f"the backend state is incomplete or malformed: {type(err).__name__}: {err}"
             ) from None
         self.counters = staged["counters"]
-        self._rng = staged["rng"]
-        if self._in_fit:
-            HostStreams.install(self._rng["host"])
-            self._backend.install_rng(self._rng["framework"])
+        self._streams.replace(staged["rng"])
         self._partial = staged["partial"]
         if staged["schedule"] is not None:
             self.schedule = staged["schedule"]
@@ -1228,9 +1133,7 @@ class Trainer:
             rng = self._rank_streams(tensors, state["rng"])
         finally:
             self.counters = previous
-        check_rng = getattr(self._backend, "check_rng", None)
-        if check_rng is not None:
-            check_rng(rng["framework"])
+        self._backend.check_rng(rng["framework"])
         try:
             HostStreams.check(rng["host"])
         except Exception as err:
@@ -1299,7 +1202,7 @@ class Trainer:
             }
         ).encode()
         out = []
-        for blob in self._backend.gather_bytes(payload):  # type: ignore[attr-defined]
+        for blob in self._backend.gather_bytes(payload):
             doc = json.loads(blob)
             fw = {
                 k: np.frombuffer(bytes.fromhex(v), dtype=np.uint8).copy()
@@ -1370,7 +1273,7 @@ class Trainer:
         view of a network filesystem), which would train from different states."""
         assert self.run_dir is not None
         name = "" if path is None else path.name
-        found = [b.decode() for b in self._backend.gather_bytes(name.encode())]  # type: ignore[attr-defined]
+        found = [b.decode() for b in self._backend.gather_bytes(name.encode())]
         if len(set(found)) > 1:
             seen = ", ".join(f"rank {r}: {n or 'none'}" for r, n in enumerate(found))
             raise CheckpointError(
@@ -1407,23 +1310,6 @@ class Trainer:
             return result.get("path")
         return None
 
-    def _snapshot_weights(self) -> dict[str, np.ndarray]:
-        return {
-            k: np.array(v, copy=True)
-            for k, v in self._backend.state_tensors().items()
-            if k.startswith("model/")
-        }
-
-    def _restore_weights(
-        self, weights: Mapping[str, np.ndarray], *, scored: tuple[str, float] | None = None
-    ) -> None:
-        """Load ``weights`` (an earlier epoch's). ``scored`` is the (key, value) they
-        scored, so that a save at this step is tagged with that value, not with the last
-        epoch's (no value at all if the key is not the one checkpoints are ranked by)."""
-        self._backend.load_weights(weights)  # type: ignore[attr-defined]
-        value = scored[1] if scored is not None and scored[0] == self.monitor else None
-        self._restored_metric = (self.counters.run, self.counters.global_step, value)
-
     def _append_jsonl(self, name: str, record: Mapping[str, Any]) -> None:
         if self.run_dir is None or self.rank != 0:
             return
@@ -1443,6 +1329,70 @@ class Trainer:
             f"Trainer({self._backend.framework}, epoch={self.epoch}, step={self.global_step}, "
             f"run={self.counters.run}, fit_calls={self.counters.fit_calls})"
         )
+
+
+class _ModeOperations:
+    """The Trainer's side of :func:`warmfit.modes.apply`."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._t = trainer
+
+    def new_run(self) -> None:
+        self._t._archive_history()
+        self._t._new_run(first=False)
+
+    def fresh_optimizer(self) -> None:
+        t = self._t
+        t._backend.init_optimizer(t.schedule)
+        t._base_lr = t._backend.learning_rate()
+
+    def restart_schedule(self) -> None:
+        self._t.counters.schedule_origin = self._t.counters.global_step
+
+    def reset_callbacks(self) -> None:
+        self._t._reset_callbacks()
+
+
+class Control:
+    """What a callback may do to training: the public interface that built-in and user
+    callbacks use alike (``trainer.control``). Every action keeps the run exact: it is
+    taken at an epoch's end, and what it changes is in the checkpoint (the weights; the
+    learning rate through the callback's own saved state and :meth:`Callback.adjust_lr`).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+
+    def snapshot_weights(self) -> dict[str, np.ndarray]:
+        """A copy of the model's weights, as plain arrays (``model/<name>``), for
+        :meth:`restore_weights` (and for a callback's ``state_arrays``, which saves them)."""
+        return {
+            k: np.array(v, copy=True)
+            for k, v in self._trainer._backend.state_tensors().items()
+            if k.startswith("model/")
+        }
+
+    def restore_weights(
+        self, weights: Mapping[str, np.ndarray], *, scored: tuple[str, float] | None = None
+    ) -> None:
+        """Load ``weights`` (an earlier epoch's :meth:`snapshot_weights`). ``scored`` is
+        the (key, value) they scored, so that a save at this step is tagged with that
+        value, not with the last epoch's (none if the key is not the one checkpoints are
+        ranked by)."""
+        t = self._trainer
+        t._backend.load_weights(weights)
+        value = scored[1] if scored is not None and scored[0] == t.monitor else None
+        t._restored_metric = (t.counters.run, t.counters.global_step, value)
+
+    def apply_learning_rate(self) -> None:
+        """Set the learning rate of the next step now — the schedule's, through every
+        callback's :meth:`Callback.adjust_lr` — after a callback changed its factor."""
+        self._trainer._apply_lr()
+
+    def stop(self, reason: str = "a callback") -> None:
+        """End the fit call after this epoch (as ``on_epoch_end`` returning True does);
+        ``reason`` is recorded as the ledger's ``stopped_by``."""
+        self._trainer._stop_requested = reason
 
 
 def validation_split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,14 +8,17 @@ Separation of concerns:
   the framework's batches, one optimizer step, evaluation, prediction, the framework's
   random streams, and turning its state into plain arrays + JSON and back.
 
-A new backend is one file implementing :class:`Backend`; :func:`warmfit.backends.select`
-picks it from the model's type.
+A new backend is one file: a subclass of :class:`Backend` implementing its abstract
+methods (and overriding the declared defaults it needs to);
+:func:`warmfit.backends.select` picks it from the model's type. The Trainer calls only
+what these two declare.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+import abc
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,40 +33,59 @@ class NonFiniteLoss(Exception):
         super().__init__(value)
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """What the Trainer needs from a framework. All methods are called inside a fit call
-    with the trainer's random streams swapped in, unless stated otherwise."""
+class Backend(abc.ABC):
+    """What the Trainer needs from a framework, declared: every member the Trainer calls
+    is here, and it calls nothing else. A new backend subclasses it and implements the
+    abstract methods (the framework's work); the others have documented defaults, which
+    are right for a single-process framework that needs no extra checks (one process:
+    ``world_size`` 1, ``rank`` 0, collectives that return their own argument; every mode
+    supported; no deterministic switch; a torch LR scheduler refused; background saves
+    copied into reused NumPy buffers).
 
-    framework: str
+    All methods are called inside a fit call with the trainer's random streams swapped
+    in, unless stated otherwise.
+    """
+
+    framework: str = ""
+    #: The model being trained (the same object across ``restart``).
+    model: Any = None
 
     # -- construction, warm and restart -------------------------------------------
+    @abc.abstractmethod
     def init_model(self, seed: int, *, first: bool) -> None:
         """Initialise the weights from ``seed`` (``first``: at construction; else restart)."""
 
+    @abc.abstractmethod
     def init_optimizer(self, schedule: Any) -> None:
         """A fresh optimizer (and framework scheduler, if ``schedule`` is one)."""
 
+    @abc.abstractmethod
     def seeded_rng(self, seed: int) -> dict[str, np.ndarray]:
         """The framework's random streams as they are right after seeding with ``seed``."""
 
+    @abc.abstractmethod
     def capture_rng(self) -> dict[str, np.ndarray]:
         """The framework's current global random streams (copies)."""
 
+    @abc.abstractmethod
     def install_rng(self, state: Mapping[str, np.ndarray]) -> None:
         """Make ``state`` the framework's global random streams."""
 
     # -- data -----------------------------------------------------------------------
+    @abc.abstractmethod
     def prepare(self, x: Any, y: Any) -> Any:
         """Validate and place training data (e.g. on the device); returns a handle with
         ``__len__``. Raise ``ValueError``/``TypeError`` naming the problem on bad input."""
 
+    @abc.abstractmethod
     def subset(self, data: Any, rows: np.ndarray) -> Any:
         """The rows ``rows`` of a prepared data handle (for the validation split)."""
 
+    @abc.abstractmethod
     def fingerprint(self, data: Any) -> tuple[str, list[int]]:
         """(content hash, shape of x) of a prepared data handle."""
 
+    @abc.abstractmethod
     def batches(
         self, data: Any, order: np.ndarray, offset: int, batch_size: int, epoch: int
     ) -> Iterator[Any]:
@@ -71,35 +93,47 @@ class Backend(Protocol):
         touch any sample before ``offset``."""
 
     # -- training -------------------------------------------------------------------
+    @abc.abstractmethod
     def train_mode(self, training: bool) -> None:
         """Switch layers such as dropout between training and inference behaviour."""
 
+    @abc.abstractmethod
     def set_learning_rate(self, lr: float) -> None: ...
 
+    @abc.abstractmethod
     def learning_rate(self) -> float: ...
 
+    @abc.abstractmethod
     def train_step(self, batch: Any) -> Any:
         """One optimizer step; returns a loss handle for :meth:`read_losses` (or None)."""
 
+    @abc.abstractmethod
     def end_epoch(self) -> None:
         """Called after every completed epoch (epoch-interval framework schedulers)."""
 
-    def read_losses(self, handles: list[Any]) -> np.ndarray:
-        """Float64 values of the loss handles (the only host sync of the loop)."""
+    @abc.abstractmethod
+    def read_losses(self, handles: list[Any]) -> np.ndarray | None:
+        """Float64 values of the loss handles (the only host sync of the loop); None if
+        the steps report no loss (a scikit-learn estimator without one)."""
 
+    @abc.abstractmethod
     def evaluate(self, data: Any, batch_size: int) -> dict[str, float]:
         """Loss and metrics on ``data``; never changes the training state."""
 
+    @abc.abstractmethod
     def predict(self, x: Any, batch_size: int) -> Any: ...
 
     # -- state ----------------------------------------------------------------------
+    @abc.abstractmethod
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Every array of the state (weights, optimizer slots, framework RNG), as views
         where possible; the caller copies before training goes on."""
 
+    @abc.abstractmethod
     def state_meta(self) -> dict[str, Any]:
         """Everything else, as JSON data (optimizer hyper-parameters, scheduler state)."""
 
+    @abc.abstractmethod
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state_tensors` + :meth:`state_meta`; raise
         :class:`~warmfit.errors.StateMismatchError` listing every mismatched key.
@@ -107,9 +141,137 @@ class Backend(Protocol):
         The caller hands the arrays over: a backend may keep them (as optimizer slots,
         say) rather than copy them, so nobody else may write to them afterwards."""
 
+    @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """The settings a resume compares (model keys/shapes, optimizer class and
         hyper-parameters, loss), as JSON data."""
+
+    # -- declared capabilities, with their defaults ---------------------------------
+    #: The modes of a fit call this backend honours (the others are refused first).
+    modes: tuple[str, ...] = ("continue", "warm", "restart")
+    optimizer: Any = None
+    world_size: int = 1
+    rank: int = 0
+    #: The Trainer's seed, set by :meth:`init_model` (data-reading streams use it).
+    seed: int = 0
+    _snapshot_buffers: Any = None
+
+    # -- checks, each before the fit call changes anything --------------------------
+    def check_mode(self, mode: str) -> None:
+        """Called first by ``fit``: refuse a mode this backend cannot honour, or a call
+        it cannot make exact for a reason that needs no data (a global mode)."""
+        if mode not in self.modes:
+            raise ValueError(
+                f"mode={mode!r} is not supported for {self.framework} models. Supported "
+                f"modes: {self.modes}."
+            )
+
+    def preflight(
+        self,
+        mode: str,
+        data: Any,
+        val_data: Any,
+        *,
+        batch_size: int,
+        schedule: Any,
+        sets_lr: bool,
+    ) -> None:
+        """Every refusal that needs the call's data, before anything changes: a new
+        ``schedule`` (None if the call keeps its own) this backend cannot drive, a
+        learning rate it cannot set, data the model or the loss cannot take, a batch
+        that leaves a rank no rows the model cannot run on."""
+        if schedule is not None:
+            self.check_schedule(schedule)
+        if sets_lr and mode == "continue":
+            self.check_lr_groups()
+        self.check_data(data, with_target=True, what="fit:")
+        if val_data is not None:
+            self.check_data(val_data, with_target=True, what="validation:")
+        if self.world_size > 1:  # a collective: every rank calls it
+            self.check_zero_rows(data, batch_size)
+
+    def check_schedule(self, schedule: Any) -> None:
+        """Refuse a schedule this backend cannot drive (default: a torch LR scheduler)."""
+        from ..schedules import TorchScheduler
+
+        if isinstance(schedule, TorchScheduler):
+            raise TypeError(
+                "schedules.from_torch(...) builds a torch LR scheduler, which drives a torch "
+                f"optimizer only; this is a {self.framework} model. Pass a warmfit schedule "
+                "(warmfit.schedules), a function step -> learning rate."
+            )
+
+    def check_lr_groups(self) -> None:
+        """Refuse a ``continue`` whose learning rate warmfit sets when the optimizer's
+        parameter groups are no longer those its factory built (default: nothing)."""
+        return None  # the default: nothing to do
+
+    def check_lr_settable(self, who: str, instead: str) -> None:
+        """Refuse ``who`` (e.g. ``ReduceLROnPlateau``) setting a learning rate this
+        backend cannot set; ``instead`` says what to do (default: it can)."""
+        return None  # the default: nothing to do
+
+    def check_data(self, data: Any, *, with_target: bool, what: str) -> None:
+        """Refuse data the model or the loss cannot take, naming it (default: nothing)."""
+        return None  # the default: nothing to do
+
+    def check_zero_rows(self, data: Any, batch_size: int) -> None:
+        """Under DDP: refuse a model that cannot run on a rank's empty share of a global
+        batch (default: nothing)."""
+        return None  # the default: nothing to do
+
+    def check_rng(self, state: Mapping[str, np.ndarray]) -> None:
+        """Refuse framework random-stream entries the framework would reject."""
+        return None  # the default: nothing to do
+
+    def check_deterministic(self) -> None:
+        """Refuse ``Trainer(deterministic=True)`` where it cannot be honoured."""
+        return None  # the default: nothing to do
+
+    # -- switches ---------------------------------------------------------------------
+    def set_deterministic(self) -> Callable[[], None] | None:
+        """Turn deterministic algorithms on for a fit call; return what puts the
+        previous setting back (None: nothing to switch, as for scikit-learn)."""
+        return None
+
+    def set_schedule(self, schedule: Any) -> None:
+        """``fit(schedule=...)`` replaced the schedule (after :meth:`check_schedule`):
+        build the framework scheduler it names, if any (default: none to build)."""
+        return None  # the default: nothing to do
+
+    def close(self) -> None:
+        """Release what the backend holds (a DDP wrapper); it cannot train after."""
+        return None  # the default: nothing to do
+
+    # -- collectives (DDP) ------------------------------------------------------------
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        return flag
+
+    def gather_bytes(self, payload: bytes) -> list[bytes]:
+        """Every rank's ``payload``, in rank order."""
+        return [payload]
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        return None  # the default: nothing to do
+
+    # -- state ------------------------------------------------------------------------
+    def snapshot_tensors(self) -> dict[str, np.ndarray]:
+        """:meth:`state_tensors` as private copies for the background writer,
+        valid until the next call (default: reused NumPy buffers)."""
+        from ..background import SnapshotBuffers
+
+        if self._snapshot_buffers is None:
+            self._snapshot_buffers = SnapshotBuffers()
+        return self._snapshot_buffers.copy(self.state_tensors())
+
+    def load_weights(
+        self, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None
+    ) -> None:
+        """Load the ``model/*`` entries of ``tensors`` into the model (the weights an
+        EarlyStopping restores)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load_weights")
 
 
 def check_samples(x: Any, x_rows: Any, y_rows: Any) -> None:

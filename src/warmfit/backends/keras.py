@@ -61,7 +61,7 @@ from ..background import SnapshotBuffers
 from ..data import fingerprint
 from ..errors import StateMismatchError
 from ..state import derive_seed
-from .base import NonFiniteLoss, check_keys, check_samples
+from .base import Backend, NonFiniteLoss, check_keys, check_samples
 
 _GLOBAL_SEED_GENERATOR = "global_seed_generator"  # keras.src.random.seed_generator
 
@@ -78,7 +78,7 @@ class ArrayData:
         return len(self.x_np)
 
 
-class KerasBackend:
+class KerasBackend(Backend):
     framework = "keras"
 
     def __init__(
@@ -119,6 +119,7 @@ class KerasBackend:
 
     # -- construction, warm and restart --------------------------------------------
     def init_model(self, seed: int, *, first: bool) -> None:
+        self.seed = seed
         if self.model_factory is not None:
             fresh = self._build_seeded(seed)
             if self.model is None:
@@ -324,7 +325,6 @@ class KerasBackend:
             idx = order_t[start : start + batch_size]
             yield (take(data.x, idx, axis=0), None if data.y is None else take(data.y, idx, axis=0))
 
-    _seed = 0  # set by the Trainer; unused (no loader workers)
 
     def check_data(self, data: ArrayData, *, with_target: bool, what: str) -> None:
         """Run the model (and the loss) on the first two rows in inference mode: a
@@ -487,8 +487,10 @@ class KerasBackend:
         self.check_schedule(schedule)
 
     def check_schedule(self, schedule: Any) -> None:
-        """A warmfit schedule cannot drive an optimizer whose LR is a Keras schedule."""
-        if schedule is not None:
+        """A warmfit schedule cannot drive an optimizer whose LR is a Keras schedule (nor
+        can a torch LR scheduler drive a Keras optimizer)."""
+        super().check_schedule(schedule)
+        if schedule is not None and self.optimizer is not None:  # else: when it is built
             self.check_lr_settable(
                 "a warmfit schedule",
                 "Pass schedule=None to Trainer (the Keras schedule "

@@ -48,6 +48,7 @@ import numpy as np
 from ..data import fingerprint
 from ..errors import CheckpointError, StateMismatchError
 from ..state import derive_seed
+from .base import Backend
 
 #: Types beyond skops' defaults that a checkpoint may contain. Anything else is refused.
 TRUSTED_TYPES = [
@@ -221,7 +222,7 @@ def _reseeds_each_fit(est: Any) -> bool:
     return isinstance(est, BaseEnsemble) and not isinstance(est, BaseGradientBoosting)
 
 
-class SklearnBackend:
+class SklearnBackend(Backend):
     framework = "sklearn"
 
     def __init__(
@@ -282,9 +283,7 @@ class SklearnBackend:
         self._pending_warm = False
         self._global_rng_attrs: list[str] = []
         self._global_rng_paths: list[list[list[Any]]] = []
-        self._fit_mode = "continue"  # the mode of the fit call being checked
 
-    _seed = 0  # set by the Trainer
 
     # -- modes ---------------------------------------------------------------------
     @property
@@ -305,11 +304,7 @@ class SklearnBackend:
         return None
 
     def check_mode(self, mode: str) -> None:
-        """Refuse a mode this estimator cannot honour (before anything changes).
-
-        ``Trainer.fit`` calls it first, with the call's mode; the mode is kept for
-        :meth:`check_data`, which must know which estimator the call will train."""
-        self._fit_mode = mode
+        """Refuse a mode this estimator cannot honour (before anything changes)."""
         self._check_supported(mode)
 
     def _check_supported(self, mode: str) -> None:
@@ -328,6 +323,7 @@ class SklearnBackend:
     def init_model(self, seed: int, *, first: bool) -> None:
         from sklearn.base import clone
 
+        self.seed = seed
         if first:
             self._pristine = clone(self.model)
         else:
@@ -429,16 +425,25 @@ class SklearnBackend:
             )
         self.classes = np.asarray(known)
 
-    def check_data(self, data: Any, *, with_target: bool, what: str) -> None:
-        """Called by ``Trainer.fit`` before anything changes, on the training data
-        (``what='fit:'``): refuse an estimator whose own stopping rule warmfit's loop would
-        silently change (:func:`_stopping_rule`). The estimator judged is the one this call
-        trains: the current one, or for ``mode='restart'`` the fresh clone it starts from.
-        The decision depends only on its parameters and the number of training rows, so a
-        resumed run decides as the straight run did. Validation data is not checked."""
-        if what != "fit:":
-            return
-        restart = self._fit_mode == "restart" and self._pristine is not None
+    def preflight(
+        self,
+        mode: str,
+        data: Any,
+        val_data: Any,
+        *,
+        batch_size: int,
+        schedule: Any,
+        sets_lr: bool,
+    ) -> None:
+        """:meth:`Backend.preflight`, and: refuse an estimator whose own stopping rule
+        warmfit's loop would silently change (:func:`_stopping_rule`). The estimator judged
+        is the one this call trains: the current one, or for ``mode='restart'`` the fresh
+        clone it starts from. The decision depends only on its parameters and the number
+        of training rows, so a resumed run decides as the straight run did."""
+        super().preflight(
+            mode, data, val_data, batch_size=batch_size, schedule=schedule, sets_lr=sets_lr
+        )
+        restart = mode == "restart" and self._pristine is not None
         est = self._pristine if restart else self.model
         why = _stopping_rule(est, self.kind, data.x.shape[0])
         if why is not None:

@@ -31,7 +31,7 @@ from ..distributed import DistContext
 from ..errors import StateMismatchError, invalid_param
 from ..schedules import TorchScheduler
 from ..state import derive_seed
-from .base import NonFiniteLoss, check_keys, check_samples
+from .base import Backend, NonFiniteLoss, check_keys, check_samples
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -201,7 +201,7 @@ class HostSnapshot:
         return bool(self._buffers) and all(b.is_pinned() for b in self._buffers.values())
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     framework = "torch"
     _last_loss: torch.Tensor | None = None  # the previous step's loss (see train_step)
     _snapshot: HostSnapshot | None = None  # made by the first snapshot_tensors()
@@ -277,8 +277,12 @@ class TorchBackend:
     def gather_bytes(self, payload: bytes) -> list[bytes]:
         return self.dist.gather_bytes(payload)
 
+    def barrier(self) -> None:
+        self.dist.barrier()
+
     # -- construction, warm and restart --------------------------------------------
     def init_model(self, seed: int, *, first: bool) -> None:
+        self.seed = seed
         self._last_loss = None
         if self.model_factory is not None:
             # Seed the CPU generator (and CUDA's, for a factory that builds on the GPU)
@@ -429,7 +433,8 @@ class TorchBackend:
         """Refuse a torch scheduler factory that does not build a scheduler, before the
         Trainer changes: it is tried on a throwaway optimizer from the factory (a
         scheduler changes its optimizer's rates)."""
-        if isinstance(schedule, TorchScheduler):
+        if isinstance(schedule, TorchScheduler) and self.model is not None:
+            # (before init_model: init_optimizer builds it, with the same refusals)
             self._build_scheduler(schedule, self._fresh_optimizer())
 
     def _build_scheduler(self, schedule: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -577,10 +582,10 @@ class TorchBackend:
         # Each sample's randomness comes from (seed, epoch, index) (_SeededSamples); the
         # loader's own generator, which seeds its workers, keeps it off the trainer's
         # global torch stream.
-        gen = torch.Generator().manual_seed(derive_seed(self._seed, "loader", epoch, offset))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch, offset))
         sampler = _OrderSampler(order, offset, batch_size, self.dist.rank, self.dist.world_size)
         loader = torch.utils.data.DataLoader(
-            _SeededSamples(data.dataset, self._seed, epoch),
+            _SeededSamples(data.dataset, self.seed, epoch),
             batch_sampler=sampler,
             num_workers=self.num_workers,
             generator=gen,
@@ -617,7 +622,6 @@ class TorchBackend:
             self._no_rows = (xb[:0], None if yb is None else yb[:0])
         return self._no_rows
 
-    _seed = 0  # set by the Trainer; only the Dataset reads (_SeededSamples) use it
     _numerics: dict[str, str] | None = None  # torch's global numerics at the last fit call
 
     # -- training --------------------------------------------------------------------
