@@ -300,8 +300,9 @@ CASES: dict[str, tuple[Callable[[warmfit.Trainer], Any], type, str, tuple]] = {
     "epochs and until_epoch": (
         lambda t: t.fit(X, Y, epochs=1, until_epoch=3),
         ValueError,
-        "Trainer.fit needs exactly one of 'epochs' (additional epochs) and "
-        "'until_epoch' (the absolute target). Got epochs=1, until_epoch=3.",
+        "Trainer.fit needs exactly one of 'epochs' (additional epochs), 'until_epoch' "
+        "(the absolute target) and 'steps' (optimizer steps). Got epochs=1, "
+        "until_epoch=3, steps=None.",
         (),
     ),
     "until_epoch 0": (
