@@ -16,6 +16,7 @@ work it launched and nothing launched before it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -40,9 +41,16 @@ GPU_SECTIONS = (
 
 
 def machine() -> str:
+    """The machine, and how busy it was: the load average when the run ended (1, 5
+    and 15 minutes) — the cores are shared with other work, which is what makes single
+    times move between runs."""
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+    text = f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+    with contextlib.suppress(OSError, AttributeError):
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        text += f"; load average {load} (1, 5, 15 min) as the run ended"
+    return text
 
 
 # -- device ----------------------------------------------------------------------------
@@ -100,10 +108,15 @@ def device_label(device: torch.device | str) -> str:
     return f"CUDA, {torch.cuda.get_device_name(device)}"
 
 
+#: The interpreter the printed commands name: the project's virtual environment.
+PYTHON = ".venv/bin/python"
+
+
 def command(script: str, device: torch.device | str, *extra: str) -> str:
-    """The command line that reproduces a section: ``python benchmarks/<script>`` plus
-    ``--device cuda`` off the CPU, plus any non-default options."""
-    parts = [f"python benchmarks/{script}"]
+    """The command line that reproduces a section, run from the repository root:
+    ``.venv/bin/python benchmarks/<script>`` plus ``--device cuda`` off the CPU, plus
+    any non-default options."""
+    parts = [f"{PYTHON} benchmarks/{script}"]
     if torch.device(device).type != "cpu":
         parts.append(f"--device {torch.device(device).type}")
     parts.extend(extra)
@@ -134,6 +147,20 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def paired(num: list[float], den: list[float]) -> list[float]:
+    """The ratios ``num[i] / den[i]`` of two variants timed in the same round."""
+    return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``xs`` (the middle half of the rounds lies
+    between them); with fewer than 4 values, the smallest and the largest."""
+    if len(xs) < 4:
+        return min(xs), max(xs)
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q3
+
+
 # -- BENCHMARKS.md ---------------------------------------------------------------------
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -153,8 +180,8 @@ def gpu_status(text: str) -> str:
         "model and the in-memory data on the GPU and every timed block ended by "
         "`torch.cuda.synchronize()`. `benchmarks/run_all.sh` runs them after the CPU ones "
         "when `torch.cuda.is_available()` (`--cuda-only` for the GPU ones alone), or one at "
-        "a time: `python benchmarks/bench_<name>.py --device cuda`. Each writes its own "
-        "section (`<name>-cuda`) after the CPU one, whose rows stay as they are."
+        "a time: `.venv/bin/python benchmarks/bench_<name>.py --device cuda`. Each writes its "
+        "own section (`<name>-cuda`) after the CPU one, whose rows stay as they are."
     )
     if not done:
         return how + " They have not been run yet: no GPU has been lent to the sessions so far."

@@ -27,7 +27,7 @@ peak; the snapshot shows in the host RSS column.
 
 Prints ratios and rewrites its section of BENCHMARKS.md (not with ``--quick``).
 
-    python benchmarks/bench_memory.py [--quick] [--device {cpu,cuda}]
+    .venv/bin/python benchmarks/bench_memory.py [--quick] [--device {cpu,cuda}]
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def _body(r: dict[str, float], repeats: int, cfg: dict) -> str:
         f"{r['snapshot_bytes'] / mib:.0f} MiB) — {'meets' if ok else 'misses'} the target.\n\n"
         "| variant | peak RSS | × hand-written |\n|---|---|---|\n"
         f"{rows}\n\n"
-        f"Medians of {repeats} interleaved repeats (each a fresh process)."
+        f"Medians of {repeats} interleaved repeats (each a fresh process); every × is the "
+        "quotient of the medians shown."
     )
 
 

@@ -2,7 +2,9 @@
 # Run every benchmark and rewrite its section of BENCHMARKS.md: first on the CPU, then,
 # only if torch.cuda.is_available(), each one again with --device cuda (own sections,
 # named <name>-cuda, next to the CPU ones).
-#   benchmarks/run_all.sh              full runs: about 8 minutes on 2 CPU cores. On an
+#   benchmarks/run_all.sh              full runs: about 10 minutes on 2 shared CPU cores
+#                                      (step overhead ~3, resume ~3.5, checkpoint ~2,
+#                                      memory ~1.5, data path ~0.5). On an
 #                                      H100 machine (estimated; not yet run there): about
 #                                      6 minutes of CPU runs, then about 8 of GPU runs
 #                                      (step overhead ~1, data path ~2, checkpoint ~2-3
