@@ -577,6 +577,19 @@ def test_an_optimizer_slot_missing_is_refused_at_load(good_state, name):
     _refused_at_load(sd)
 
 
+@pytest.mark.parametrize(
+    "params", [[0, False, 2, 3], [1, 0, 2, 3], [0, 1, 2, 3.0]], ids=["a-bool", "swapped", "a-float"]
+)
+def test_optimizer_group_params_that_would_misplace_the_slots_are_refused(good_state, params):
+    """Found by the long run: ``params`` [0, False, 2, 3] was taken, and torch (which maps
+    the saved slots to parameters by these indices; False == 0) gave parameter 1 the
+    slots of parameter 0, silently."""
+    sd = copy.deepcopy(good_state)
+    assert sd["state"]["backend"]["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
+    sd["state"]["backend"]["optimizer"]["param_groups"][0]["params"] = params
+    _refused_at_load(sd)
+
+
 @pytest.mark.parametrize("name", ["optim/0/step", "optim/1/step"])
 def test_a_state_missing_an_optimizer_step_is_refused_before_anything_changes(good_state, name):
     """Was refused only after the model's weights were replaced (half-loaded); refused

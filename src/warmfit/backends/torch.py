@@ -935,6 +935,17 @@ class TorchBackend(Backend):
             for g, cur in zip(groups, current, strict=True)
         ]
         for i, (g, cur) in enumerate(zip(groups, current, strict=True)):
+            indices = g.get("params")
+            if not (
+                isinstance(indices, list)
+                and all(type(j) is int for j in indices)
+                and indices == cur["params"]
+            ):  # torch maps the slots to parameters by these: any other list misplaces them
+                raise StateMismatchError(
+                    f"optimizer.param_groups[{i}].params is {indices!r}, this optimizer's "
+                    f"group {i} holds parameters {cur['params']}. Build the optimizer the same "
+                    "way as the run that wrote the checkpoint."
+                )
             for key in sorted(set(g) | set(cur)):
                 if key != "params" and not _same_kind(g.get(key, _MISSING), cur.get(key, _MISSING)):
                     raise StateMismatchError(
