@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import warmfit
-from conftest import MLP, make_data, make_trainer
+from conftest import MLP, make_data, make_trainer, state_of
 from warmfit.check import compare_states
 
 
@@ -21,16 +21,9 @@ def _resumed_through_a_file(tmp_path, build, x, y, first: dict, second: dict):  
     t.fit(x, y, **first)
     t.save(tmp_path / "ckpt")
     resumed = build()
-    resumed.load_state_dict(_read(tmp_path / "ckpt"))
+    resumed.load_state_dict(state_of(tmp_path / "ckpt"))
     resumed.fit(x, y, **second)
     return resumed
-
-
-def _read(path):  # type: ignore[no-untyped-def]
-    from warmfit.checkpoint import read_checkpoint
-
-    tensors, state = read_checkpoint(path)
-    return {"tensors": tensors, "state": state}
 
 
 def test_multistep_lr_decays_after_a_resume_as_straight(tmp_path):

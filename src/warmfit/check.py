@@ -414,24 +414,21 @@ def _tensor_difference(
     return f": max |difference| {float(np.nanmax(diff)):.3g}"
 
 
+#: (prefix of a state path, what it is, for a person), first match wins
+_STATE_NAMES = (
+    ("backend.optimizer", "optimizer state"),
+    ("backend.scheduler", "LR scheduler state"),
+    ("schedule", "schedule"),
+    ("epoch_partial", "the partial epoch's loss sum"),
+    ("callbacks", "callback state"),
+    ("data", "the record of the training data"),
+    ("call", "the fit call in progress"),
+    ("version", "the warmfit version or framework"),
+)
+
+
 def _describe_state(path: str) -> str:
-    if path.startswith("backend.optimizer"):
-        return "optimizer state"
-    if path.startswith("backend.scheduler"):
-        return "LR scheduler state"
-    if path.startswith("schedule"):
-        return "schedule"
-    if path.startswith("epoch_partial"):
-        return "the partial epoch's loss sum"
-    if path.startswith("callbacks"):
-        return "callback state"
-    if path.startswith("data"):
-        return "the record of the training data"
-    if path.startswith("call"):
-        return "the fit call in progress"
-    if path.startswith("version"):
-        return "the warmfit version or framework"
-    return "state"
+    return next((name for prefix, name in _STATE_NAMES if path.startswith(prefix)), "state")
 
 
 def _diff_paths(a: Any, b: Any, path: str) -> Iterator[str]:
