@@ -9,7 +9,7 @@ the stall variants, then every writer.
 
 **Stall**: how long training is blocked per checkpoint.
 
-- ``warmfit background``: ``Trainer._checkpoint(wait=False)``, the call ``fit()`` makes
+- ``warmfit background``: ``Trainer.save_checkpoint(wait=False)``, the call ``fit()`` makes
   every ``checkpoint_every`` steps: collect the state, copy it into reused host buffers
   (pinned on a GPU), hand it to the background writer. Timed until it returns; the
   write it started is then waited for *outside* the timing, so it never overlaps the
@@ -181,7 +181,7 @@ def run(
             device=str(device),
         )
         trainer.fit(x, y, steps=2)  # Adam state exists; the final save allocates the buffers
-        host, _ = trainer._collect_state()  # host arrays (views of the live state on the CPU)
+        host = trainer.state_dict()["tensors"]  # host arrays: the state's, copied
         live = live_state(trainer)
         params = sum(p.numel() for p in trainer.model.parameters())
         state_bytes = sum(t.nbytes for t in live.values())
@@ -193,7 +193,7 @@ def run(
         stall: dict[str, Callable[[], None]] = {"floor": copier(live, torch.device("cpu"))}
         if cuda:
             stall["device copy"] = copier(live, device)
-        stall["background"] = lambda: trainer._checkpoint(wait=False)
+        stall["background"] = lambda: trainer.save_checkpoint(wait=False)
         # The copy inside warmfit's call, timed where it happens: a part of the stall.
         snapshot = trainer._backend.snapshot_tensors
         copies: list[float] = []
@@ -216,7 +216,7 @@ def run(
             "torch.save": lambda: (torch.save(live, tmp / "ts.pt"), _fsync_path(tmp / "ts.pt")),
         }
         cleanup: dict[str, Callable[[], None]] = {  # all outside the timing
-            "background": lambda: trainer._writer.wait(),
+            "background": lambda: trainer.checkpointer.wait(),
             "raw": lambda: os.unlink(tmp / "raw.bin"),
             "write_checkpoint": lambda: shutil.rmtree(tmp / "wc"),
             "safetensors": lambda: os.unlink(tmp / "st.safetensors"),
@@ -402,7 +402,7 @@ def _body(r: dict[str, float], rounds: int, width: int, layers: int, device: tor
         f"An MLP of {layers} {width}×{width} layers ({r['params'] / 1e6:.1f}M parameters) "
         f"with Adam: {mib:.0f} MiB of state (weights + two Adam slots; the tensor file is "
         f"{r['file_bytes'] / 2**20:.0f} MiB). **Stall** compares how long `fit()` is blocked "
-        "per checkpoint — `Trainer._checkpoint(wait=False)`, the call `fit()` makes every "
+        "per checkpoint — `Trainer.save_checkpoint(wait=False)`, the call `fit()` makes every "
         "`checkpoint_every` steps: collect the state, copy it into reused host buffers, "
         f"submit it to the background writer — {what}\n\n"
         f"| what blocks training | time | {unit}: median of per-round ratios (quartiles) |\n"

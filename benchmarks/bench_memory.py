@@ -115,7 +115,8 @@ def child(variant: str, cfg: dict, run_dir: str) -> dict[str, float]:
         trainer.fit(x, y, steps=steps)
         if ckpt:  # warmfit's buffers, plus the backend's own host copy where it keeps one
             own = getattr(trainer._backend, "_snapshot", None)
-            state_bytes = trainer._buffers.nbytes + (own.nbytes if own is not None else 0)
+            own_bytes = own.nbytes if own is not None else 0
+            state_bytes = trainer.checkpointer.snapshot_bytes + own_bytes
         trainer.close()
     elif variant != "imports only":
         raise ValueError(variant)

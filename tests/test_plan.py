@@ -116,7 +116,7 @@ def test_fit_reaches_the_model_through_at_most_three_warmfit_frames():
     make_trainer(model=FrameCounter).fit(x, y, epochs=1)
     assert FrameCounter.frames == [
         "TorchBackend.train_step",
-        "Trainer._run_epochs",
+        "run_epochs",
         "Trainer.fit",
     ]
 
