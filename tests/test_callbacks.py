@@ -326,3 +326,18 @@ def test_a_monitor_key_that_is_never_logged_warns_once(tmp_path):
     with make_trainer(run_dir=tmp_path / "plain") as t, warnings.catch_warnings():
         warnings.simplefilter("error")  # the default val_loss without validation: silent
         t.fit(x, y, epochs=1)
+
+
+def test_early_stopping_that_never_saw_a_finite_value_continues(capsys):
+    """Every epoch's val_loss NaN: it fires with no best value, and the next call's
+    notice says so (it formatted None with :.6g and raised TypeError)."""
+    x, y, (xv, yv) = noisy_data()
+    xv = xv.copy()
+    xv[0, 0] = np.nan
+    es = EarlyStopping(patience=2)
+    t = make_trainer(callbacks=[es], schedule=None)
+    t.fit(x, y, epochs=10, validation_data=(xv, yv))
+    assert es.stopped_epoch == t.epoch == 2 and es.best is None
+    t.fit(x, y, epochs=10, validation_data=(xv, yv))
+    assert "EarlyStopping: stopped at epoch 2 (no finite val_loss yet)" in capsys.readouterr().out
+    assert t.epoch == 3

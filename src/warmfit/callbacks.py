@@ -7,7 +7,7 @@ weights of ``EarlyStopping(restore_best=True)``), ``state_arrays()`` /
 following the modes table, the Trainer keeps callback state on ``continue`` and calls
 ``reset()`` on ``warm`` and ``restart``.
 
-A callback acts on training through the public :class:`~warmfit.trainer.Control`
+A callback acts on training through the public :class:`~warmfit.control.Control`
 (``trainer.control``): snapshot and restore the weights, set the learning rate for the
 next step after changing its own factor, ask to stop. Built-in and user callbacks use
 it alike; the Trainer special-cases no callback class. A callback that changes the
@@ -125,10 +125,14 @@ class EarlyStopping(Callback):
 
     def on_fit_start(self, trainer: Trainer, mode: str) -> None:
         if self.stopped_epoch is not None and trainer.rank == 0:
+            best = (
+                f"no finite {self.monitor} yet"  # every epoch's value was NaN or inf
+                if self.best is None
+                else f"best {self.monitor}={self.best:.6g} at epoch {self.best_epoch}"
+            )
             print(
-                f"EarlyStopping: stopped at epoch {self.stopped_epoch} (best {self.monitor}="
-                f"{self.best:.6g} at epoch {self.best_epoch}); continuing until the next epoch "
-                "that does not improve."
+                f"EarlyStopping: stopped at epoch {self.stopped_epoch} ({best}); continuing "
+                "until the next epoch that does not improve."
             )
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> bool:
@@ -149,9 +153,8 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience:
             self.stopped_epoch = logs["epoch"]
             if self.restore_best and self._best_weights is not None:
-                trainer.control.restore_weights(
-                    self._best_weights, scored=(self.monitor, self.best)
-                )
+                scored = None if self.best is None else (self.monitor, self.best)
+                trainer.control.restore_weights(self._best_weights, scored=scored)
             return True
         return False
 

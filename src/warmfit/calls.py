@@ -23,7 +23,6 @@ from . import modes
 from .control import ModeOperations, check_plateau
 from .data import check_offset, validation_split
 from .errors import StateMismatchError, invalid_param
-from .history import History
 from .schedules import as_schedule, describe
 from .training_state import EXACTNESS_SETTINGS, setting_of
 
@@ -372,14 +371,6 @@ def abandoned_warning(open_call: Mapping[str, Any], request: Mapping[str, Any], 
         f"cursor (global step {step}) and the interrupted call stays unfinished. To finish "
         "that call where it would have ended, repeat it with the same arguments and data."
     )
-
-
-def final_metrics(history: History, segment: int) -> dict[str, float]:
-    """The last epoch's losses and metrics of fit call ``segment`` (for the ledger)."""
-    rows = history.segment(segment)
-    if not rows:
-        return {}
-    return {k: v for k, v in rows[-1].items() if isinstance(v, float) and k != "lr"}
 
 
 def validation_split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

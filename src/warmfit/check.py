@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from .calls import validation_split_rows
 from .checkpoint import read_checkpoint
 from .spec import Spec
-from .trainer import validation_split_rows
 
 #: History keys that say which call wrote a record, or when: not training results.
 HISTORY_META = ("segment", "mode", "time", "wall_s")
@@ -275,7 +275,7 @@ def compare_states(
             va = {k: v for k, v in (va or {}).items() if k != "fit_calls"}
             vb = {k: v for k, v in (vb or {}).items() if k != "fit_calls"}
             for c in sorted(set(va) | set(vb)):
-                if c not in va or c not in vb or not _same(va[c], vb[c]):
+                if c not in va or c not in vb or not same_value(va[c], vb[c]):
                     out.append(f"counter {c}: {va.get(c)} {first}, {vb.get(c)} {second}")
         elif key == "rng" and isinstance(va, Mapping) and isinstance(vb, Mapping):
             out += _rng_differences(va, vb)
@@ -285,7 +285,7 @@ def compare_states(
                 out.append(f"history: {len(ha)} epochs {first}, {len(hb)} {second}")
             for ra, rb in zip(ha, hb, strict=False):
                 for k in sorted(set(ra) | set(rb)):
-                    if k not in ra or k not in rb or not _same(ra[k], rb[k]):
+                    if k not in ra or k not in rb or not same_value(ra[k], rb[k]):
                         out.append(f"history epoch {ra.get('epoch')} {k}: {ra.get(k)!r} "
                                    f"{first}, {rb.get(k)!r} {second}")  # fmt: skip
         else:
@@ -319,7 +319,8 @@ def _rng_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 
 def _streams_differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return [s for s in sorted(set(a) | set(b)) if s not in a or s not in b or not _same(a[s], b[s])]
+    names = sorted(set(a) | set(b))
+    return [s for s in names if s not in a or s not in b or not same_value(a[s], b[s])]
 
 
 def _save_and_load(trainer: Any, fresh: Any, path: Path) -> Any:
@@ -441,11 +442,11 @@ def _diff_paths(a: Any, b: Any, path: str) -> Iterator[str]:
     elif isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             yield from _diff_paths(x, y, f"{path}[{i}]")
-    elif not _same(a, b):
+    elif not same_value(a, b):
         yield path
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
     """``a`` and ``b`` are the same value of the same type; floats by their bits (NaN
     equals NaN whatever its payload: JSON keeps none; -0.0 differs from 0.0)."""
     if type(a) is not type(b):
@@ -457,9 +458,9 @@ def _same(a: Any, b: Any) -> bool:
             return struct.pack("<d", a) == struct.pack("<d", b)
         return bool(np.asarray(a).tobytes() == np.asarray(b).tobytes())
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, Mapping):
-        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+        return set(a) == set(b) and all(same_value(a[k], b[k]) for k in a)
     return bool(a == b)
 
 

@@ -87,7 +87,7 @@ _ITEMSIZES: dict[str, int] = {code: int(k[1]) for k, code in _CODES.items()}
 _METADATA_KEY = "__metadata__"
 # The checksum each schema version records, and the state.json fields that hold it.
 CHECKSUM = "xxh3_128"
-_HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+_HASHES: dict[str, Callable[..., Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 _CHECKSUM_FIELDS: dict[int, tuple[str, str, str]] = {
     # version: (algorithm, field of the tensor file's checksum, field of the state's)
     1: ("sha256", "tensors_sha256", "state_sha256"),
@@ -126,7 +126,7 @@ class UnsupportedSchemaError(CheckpointError):
 
 
 def write_checkpoint(
-    path: str | Path,
+    path: str | os.PathLike[str],
     tensors: Mapping[str, np.ndarray],
     state: dict,
     *,
@@ -272,7 +272,7 @@ def _write_tensor_file(file: Path, entries: list[tuple[str, str, tuple, Any]]) -
         offset += flat.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
-    chunks = [len(hb).to_bytes(8, "little") + hb]
+    chunks: list[bytes | memoryview] = [len(hb).to_bytes(8, "little") + hb]
     chunks += [memoryview(flat.view(np.uint8)) for _, _, _, flat in entries]
     hasher = _Hasher(CHECKSUM, 8 + len(hb) + offset)
     try:
@@ -427,7 +427,9 @@ def snapshot_state(state: dict) -> dict:
 # --------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+def read_checkpoint(
+    path: str | os.PathLike[str], *, verify: bool = True
+) -> tuple[dict[str, np.ndarray], dict]:
     """Load ``(tensors, state)`` from a checkpoint folder. Never unpickles.
 
     Checks, in order, each failure a :class:`~warmfit.errors.CheckpointError` naming
@@ -506,7 +508,7 @@ def _read_tensor_data(
             start = 0
             for name, dtype, shape, end in layout:
                 buf = np.empty(end - start, dtype=np.uint8)
-                view = memoryview(buf)
+                view = buf.data  # memoryview(buf); NumPy types ndarray as a Buffer on 3.12+ only
                 done = 0
                 while done < len(view):
                     n = f.readinto(view[done : done + _IO_CHUNK])
@@ -526,7 +528,7 @@ def _read_tensor_data(
     return tensors, digest
 
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Summarise a checkpoint without loading its arrays (for ``warmfit inspect``).
 
     Returns ``{"path", "schema_version", "checksum", "tensors_bytes", "checksum_ok",
@@ -567,7 +569,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     }
 
 
-def read_state(path: str | Path) -> dict[str, Any]:
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON state of a checkpoint (``state.json`` checked, tensors not read)."""
     return _read_state_doc(Path(path))["state"]
 
@@ -640,7 +642,7 @@ def _read_state_doc(folder: Path) -> dict[str, Any]:
     return doc
 
 
-def verify_checkpoint(path: str | Path) -> None:
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
     """Read every byte of the checkpoint folder ``path`` and check it against its
     checksums; load no arrays. Raises :class:`~warmfit.errors.CheckpointError` naming
     the damaged file and the problem."""

@@ -33,7 +33,7 @@ from .background import AsyncWriter, SnapshotBuffers
 from .errors import CheckpointError
 from .history import History
 from .rundir import RunDir
-from .training_state import TrainingState
+from .training_state import TrainingState, final_metrics
 
 
 class Checkpointer:
@@ -102,6 +102,60 @@ class Checkpointer:
         """Bytes held by the reused host buffers of background saves (besides the
         backend's own, :meth:`~warmfit.backends.base.Backend.snapshot_tensors`)."""
         return 0 if self._buffers is None else self._buffers.nbytes
+
+    def write_to(
+        self, path: str | os.PathLike[str], state: TrainingState, settings: Mapping[str, Any]
+    ) -> Path:
+        """Write ``state`` as a checkpoint folder at ``path`` now (not in the run
+        directory). Under DDP every rank calls it; rank 0 writes."""
+        tensors, saved = state.state_dict(settings)
+        if self.rank != 0:
+            self.backend.barrier()
+            return Path(path)
+        written = ckpt.write_checkpoint(path, tensors, saved)
+        if self.world_size > 1:
+            self.backend.barrier()
+        return written
+
+    def rewind(
+        self,
+        state: TrainingState,
+        settings: Mapping[str, Any],
+        to: Any,
+        *,
+        epoch: int | None,
+        step: int | None,
+    ) -> Path:
+        """:meth:`Trainer.rewind`: load the checkpoint :meth:`find` finds into ``state``
+        (its ledger kept: the ledger records everything), record the rewind in the ledger
+        and the history file, and save the rewound state as the newest checkpoint."""
+        path = self.find(to, epoch=epoch, step=step, run=state.counters.run)
+        tensors, saved = ckpt.read_checkpoint(path)
+        ledger = state.ledger
+        state.load_state_dict(tensors, saved)
+        self.restored_metric = None  # the loaded weights are the loaded step's own
+        state.ledger = ledger
+        c, history = state.counters, state.history
+        record = {
+            "call": len(ledger),
+            "run": c.run,
+            "mode": "rewind",
+            "to": Path(path).name,
+            "epoch_start": c.epoch,
+            "step_start": c.global_step,
+            "step_end": c.global_step,
+            "epochs_done": 0,
+            "wall_s": 0.0,
+            "final": final_metrics(history, history[-1]["segment"]) if len(history) else {},
+        }
+        ledger.append(record)
+        self.append("ledger.jsonl", record)
+        # The history file is append-only: mark the epochs after this one as gone.
+        self.append(f"history-run{c.run}.jsonl", {"rewound_to_epoch": c.epoch})
+        # The rewound state, its ledger row included, is the run dir's newest checkpoint:
+        # a new process on the run dir resumes from here, not from before the rewind.
+        self.save(state, settings, wait=True)
+        return Path(path)
 
     def wait(self) -> None:
         """Wait for the save in flight; raise :class:`~warmfit.background.SaveFailedError`

@@ -270,9 +270,7 @@ def _latest_checkpoint_state(root: Path) -> dict | None:
     from .checkpoint import read_checkpoint
     from .rundir import RunDir
 
-    latest = RunDir(root).latest
-    if callable(latest):  # a method in newer checkpoint.py, a property before
-        latest = latest()
+    latest = RunDir(root).latest()
     if latest is None:
         return None
     return read_checkpoint(latest, verify=False)[1]

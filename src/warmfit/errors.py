@@ -171,7 +171,11 @@ def check_int(name: str, value: object, owner: str, *, minimum: int) -> int:
 def check_real(name: str, value: object, owner: str, *, minimum: float = 0.0) -> float:
     """Refuse anything but a finite real number (not a bool) >= ``minimum``; return it
     as a plain ``float``."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < minimum:  # type: ignore[arg-type]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+        or value < minimum
+    ):
         raise invalid_param(name, owner, f"a finite number >= {minimum:g}", value)
-    return float(value)  # type: ignore[arg-type]
+    return float(value)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import FRAMEWORK_TEXT, FRAMEWORKS, is_backend_class
 from .errors import invalid_param
 from .modes import MODES
 
@@ -51,7 +52,7 @@ class Int(Constraint):
         return f"an int >= {self.minimum}"
 
     def accepts(self, value: Any) -> bool:
-        return (
+        return bool(
             isinstance(value, (int, np.integer))
             and not isinstance(value, bool)
             and value >= self.minimum
@@ -68,7 +69,7 @@ class OpenUnit(Constraint):
     text = "a float in (0, 1)"
 
     def accepts(self, value: Any) -> bool:
-        return isinstance(value, (float, np.floating)) and 0.0 < value < 1.0
+        return bool(isinstance(value, (float, np.floating)) and 0.0 < value < 1.0)
 
     def convert(self, value: Any) -> float:
         return float(value)
@@ -104,7 +105,7 @@ class Verbosity(Constraint):
     text = "an int >= 0 or a bool"
 
     def accepts(self, value: Any) -> bool:
-        return isinstance(value, (bool, numbers.Integral)) and value >= 0
+        return isinstance(value, (bool, numbers.Integral)) and int(value) >= 0
 
     def convert(self, value: Any) -> int:
         return int(value)
@@ -155,6 +156,17 @@ class Options(Constraint):
 
 
 @dataclass(frozen=True)
+class Framework(Constraint):
+    """A built-in backend's name, or a subclass of
+    :class:`~warmfit.backends.base.Backend` (a third party's backend)."""
+
+    text = FRAMEWORK_TEXT
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, str) and value in FRAMEWORKS) or is_backend_class(value)
+
+
+@dataclass(frozen=True)
 class Delegated(Constraint):
     """Checked by ``by`` (which raises its own, more specific message)."""
 
@@ -187,7 +199,7 @@ TRAINER: dict[str, tuple[Constraint | None, ...]] = {
     "override": (Names(),),
     "verbose": (Verbosity(),),
     "backend_options": (Options(), NONE),
-    "framework": (Delegated("warmfit.backends.select: 'torch', 'keras' or 'sklearn'"), NONE),
+    "framework": (Framework(), NONE),
 }
 
 FIT: dict[str, tuple[Constraint | None, ...]] = {

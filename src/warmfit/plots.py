@@ -55,7 +55,7 @@ def plot_history(
     epochs = [r["epoch"] for r in records]
     loss = [_num(r.get("loss")) for r in records]
     val = [_num(r.get("val_loss")) for r in records]
-    style = {"marker": "o", "markersize": 3.5, "linewidth": 1.8}
+    style: dict[str, Any] = {"marker": "o", "markersize": 3.5, "linewidth": 1.8}
     handles = []
     if any(not math.isnan(v) for v in loss):
         handles += ax.plot(epochs, loss, color="#1f77b4", label="train loss", **style)

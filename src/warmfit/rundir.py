@@ -215,7 +215,7 @@ class RunDir:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | os.PathLike[str],
         *,
         keep_last: int | None = 3,
         keep_best: bool = True,
@@ -664,7 +664,7 @@ class RunDir:
                             os.unlink(entry.path)
 
 
-def verify_run_dir(root: str | Path) -> list[tuple[Path, str | None]]:
+def verify_run_dir(root: str | os.PathLike[str]) -> list[tuple[Path, str | None]]:
     """Every checkpoint of the run directory at ``root``, oldest first, with its
     problem (``"<file>: <problem>"``) or None if intact. Reads every byte; loads no
     arrays; needs no lock, so it may run while a Trainer trains there: a checkpoint

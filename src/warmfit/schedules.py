@@ -323,7 +323,7 @@ def as_schedule(obj: object) -> Schedule | TorchScheduler | Callable[[int], floa
     if it does not build one).
     """
     if obj is None or isinstance(obj, (Schedule, TorchScheduler)):
-        return obj  # type: ignore[return-value]
+        return obj
     lr = _real(obj)
     if lr is not None:
         return Constant(lr)  # Constant refuses a negative or non-finite rate
@@ -341,7 +341,7 @@ def as_schedule(obj: object) -> Schedule | TorchScheduler | Callable[[int], floa
     if _real(value) is None:
         return TorchScheduler(obj, probe=f"calling it with step 0 returned {value!r}")
     _checked(obj, 0, value)  # a bad rate at step 0 is refused now, before anything changes
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 def lr_at(schedule: Callable[[int], Any], step: int) -> float:

@@ -21,7 +21,7 @@ import functools
 import math
 import operator
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -85,6 +85,12 @@ class _NeuralNet:
     """Shared implementation; the public classes add the scikit-learn mixins."""
 
     _loss: Any = "cross_entropy"
+
+    if TYPE_CHECKING:  # what the public classes and BaseEstimator provide
+        n_outputs_: int
+
+        def _encode_target(self, y: Any, *, first: bool, classes: Any) -> Any: ...
+        def get_params(self, deep: bool = True) -> dict[str, Any]: ...
 
     def __init__(
         self,

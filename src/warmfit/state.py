@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class HostStreams:
     def capture() -> dict[str, Any]:
         return {
             "python": _py_to_json(random.getstate()),
-            "numpy": _np_to_json(np.random.get_state()),
+            "numpy": _np_to_json(_legacy_tuple(np.random.get_state(legacy=True))),
         }
 
     @staticmethod
@@ -115,14 +115,22 @@ class HostStreams:
 
 
 @functools.lru_cache(maxsize=16)
-def _seeded(seed: int, rank: int) -> tuple[tuple, tuple]:
+def _seeded(seed: int, rank: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """Python's and NumPy's states right after seeding (building a RandomState costs
     ~0.2 ms, and every Trainer and restart needs one); callers only read them."""
     extra = (rank,) if rank else ()
     py = random.Random(derive_seed(seed, "python", *extra))
-    np_state = np.random.RandomState(derive_seed(seed, "numpy", *extra) % (1 << 32)).get_state()
+    gen = np.random.RandomState(derive_seed(seed, "numpy", *extra) % (1 << 32))
+    np_state = _legacy_tuple(gen.get_state(legacy=True))
     np_state[1].flags.writeable = False
     return py.getstate(), np_state
+
+
+def _legacy_tuple(state: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, ...]:
+    """A ``RandomState.get_state(legacy=True)`` result as the tuple it is: NumPy's stubs
+    allow a dict, which only a non-MT19937 bit generator gives, and a ``RandomState``
+    here (the global one or our own seeded one) is always MT19937."""
+    return cast("tuple[Any, ...]", state)
 
 
 def _py_to_json(state: tuple) -> list:

@@ -1,24 +1,19 @@
 """The Trainer: one explicit, exact and resumable meaning of "call fit() again".
 
 Owns the contract (``docs/design.md``, "The three modes") and the order of a fit call:
-**plan** (every argument, the data and the backend's refusals checked, nothing
-changed: :meth:`Trainer._plan`), **apply** (the modes table, :func:`warmfit.modes.apply`),
+**plan** (every argument, the data and the backend's refusals checked, nothing changed:
+:func:`warmfit.calls.plan_call`), **apply** (the modes table: :func:`warmfit.calls.start_call`),
 **run** (:func:`warmfit.loop.run_epochs`, from the cursor to the call's end) and
 **record** (the ledger row, the closing checkpoint). Its collaborators, each in a
-module of its own: the backend (the framework, :mod:`warmfit.backends`), the training
-state (:class:`~warmfit.training_state.TrainingState`), persistence
+module of its own: the backend (:mod:`warmfit.backends`), the training state
+(:class:`~warmfit.training_state.TrainingState`), persistence
 (:class:`~warmfit.checkpointer.Checkpointer`), random streams and stop signals
 (:mod:`warmfit.runtime`), the callbacks' control (:class:`~warmfit.control.Control`).
 
-Modes, in one sentence each (the table is in the docs):
-
-- ``continue`` (default): everything goes on exactly as if the previous call had
-  asked for more epochs; ``fit(epochs=a); fit(epochs=b)`` equals ``fit(epochs=a+b)``
-  bit for bit.
-- ``warm``: keep the weights and counters, start a fresh optimizer, schedule and
-  callbacks; the data order and random streams go on.
-- ``restart``: a new run, indistinguishable from a freshly constructed Trainer; the
-  old run stays on disk and in the ledger.
+Modes: ``continue`` (default) goes on as if the previous call had asked for more epochs
+(``fit(epochs=a); fit(epochs=b)`` equals ``fit(epochs=a+b)`` bit for bit); ``warm`` keeps
+the weights, counters, data order and streams with a fresh optimizer, schedule and
+callbacks; ``restart`` begins a new run, as a freshly built Trainer would.
 """
 
 from __future__ import annotations
@@ -51,6 +46,7 @@ from .schedules import as_schedule
 from .state import Counters
 from .training_state import (
     TrainingState,
+    final_metrics,
     setting_diffs,
     settings_warning,
 )
@@ -101,8 +97,10 @@ class Trainer:
         after each call, and the flag is recorded in the ledger. On CUDA, torch also
         needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the process starts.
     framework:
-        ``"torch"``, ``"keras"`` or ``"sklearn"``; None infers it from the model (a
-        factory of a Keras model must say ``"keras"``).
+        ``"torch"``, ``"keras"``, ``"sklearn"``, or a subclass of
+        :class:`warmfit.backends.Backend` (a backend of one's own, built as
+        ``framework(model, **kwargs)``; :mod:`warmfit.testing` checks it); None infers it
+        from the model (a factory of a Keras model must say ``"keras"``).
     backend_options:
         Options for the backend only, e.g. ``{"estimators_per_round": 10}`` for a
         scikit-learn ensemble.
@@ -133,18 +131,12 @@ class Trainer:
         override: Iterable[str] = (),
         verbose: int = 1,
         backend_options: Mapping[str, Any] | None = None,
-        framework: str | None = None,
+        framework: str | type[Backend] | None = None,
     ) -> None:
         p = plan.validate("Trainer", plan.TRAINER, plan.arguments(locals()))
-        kwargs: dict[str, Any] = {"device": device}
-        if optimizer is not None:
-            kwargs["optimizer"] = optimizer
-        if loss is not None:
-            kwargs["loss"] = loss
-        if metrics:
-            kwargs["metrics"] = metrics
-        if num_workers:
-            kwargs["num_workers"] = num_workers
+        given = {"optimizer": optimizer, "loss": loss, "metrics": metrics or None,
+                 "num_workers": num_workers or None}  # fmt: skip
+        kwargs = {"device": device, **{k: v for k, v in given.items() if v is not None}}
         kwargs.update(backend_options or {})
         self._backend: Backend = select(model, framework=framework, **kwargs)
         if deterministic:
@@ -167,14 +159,8 @@ class Trainer:
         self.control = Control(self)
         self._backend.init_model(self.seed, first=True)
         self._backend.init_optimizer(schedule)
-        self.state = TrainingState(
-            self._backend,
-            self.callbacks,
-            schedule,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        self.state = TrainingState(self._backend, self.callbacks, schedule, seed=self.seed,
+                                   rank=self.rank, world_size=self.world_size)  # fmt: skip
         check_plateau(self.callbacks, schedule, self._backend)
         self.checkpointer = Checkpointer(
             run_dir, self._backend, keep_last=keep_last, monitor=monitor, monitor_mode=monitor_mode
@@ -320,7 +306,7 @@ class Trainer:
                     epochs_done=self.counters.epoch - record["epoch_start"],
                     step_end=self.counters.global_step,
                     wall_s=round(time.perf_counter() - started, 4),
-                    final=calls.final_metrics(self.history, call.segment),
+                    final=final_metrics(self.history, call.segment),
                     stopped_by=stopped_by,
                 )
                 self.ledger.append(record)
@@ -380,14 +366,7 @@ class Trainer:
         Under torchrun every rank must call it (the ranks' random streams are gathered);
         rank 0 writes.
         """
-        tensors, state = self.state.state_dict(self._settings())
-        if self.rank != 0:
-            self._backend.barrier()
-            return Path(path)
-        written = ckpt.write_checkpoint(path, tensors, state)
-        if self.world_size > 1:
-            self._backend.barrier()
-        return written
+        return self.checkpointer.write_to(path, self.state, self._settings())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Any, **kwargs: Any) -> Trainer:
@@ -397,13 +376,8 @@ class Trainer:
         trainer._load_compared(tensors, state, stacklevel=3)
         return trainer
 
-    def rewind(
-        self,
-        to: str | os.PathLike[str] = "best",
-        *,
-        epoch: int | None = None,
-        step: int | None = None,
-    ) -> Path:
+    def rewind(self, to: str | os.PathLike[str] = "best", *, epoch: int | None = None,
+               step: int | None = None) -> Path:  # fmt: skip
         """Restore the whole state — weights, optimizer, counters, random streams,
         callbacks, history — from a checkpoint of the run directory, so that a following
         ``continue`` is exact from there. Recorded in the ledger, and saved: the rewound
@@ -413,37 +387,11 @@ class Trainer:
         ``to="best"`` (by ``monitor``), ``"latest"``, a checkpoint path; or ``epoch=K``
         (the checkpoint at the end of global epoch K) or ``step=S``.
         """
-        path = self.checkpointer.find(to, epoch=epoch, step=step, run=self.counters.run)
-        tensors, state = ckpt.read_checkpoint(path)
-        ledger = self.ledger
-        self.state.load_state_dict(tensors, state)
-        self.checkpointer.restored_metric = None  # the loaded weights are the loaded step's
-        self.state.ledger = ledger  # the ledger records everything, the rewind included
+        path = self.checkpointer.rewind(self.state, self._settings(), to, epoch=epoch, step=step)
         c = self.counters
-        record = {
-            "call": len(self.ledger),
-            "run": c.run,
-            "mode": "rewind",
-            "to": Path(path).name,
-            "epoch_start": c.epoch,
-            "step_start": c.global_step,
-            "step_end": c.global_step,
-            "epochs_done": 0,
-            "wall_s": 0.0,
-            "final": calls.final_metrics(self.history, self.history[-1]["segment"])
-            if len(self.history)
-            else {},
-        }
-        self.ledger.append(record)
-        self.checkpointer.append("ledger.jsonl", record)
-        # The history file is append-only: mark the epochs after this one as gone.
-        self.checkpointer.append(f"history-run{c.run}.jsonl", {"rewound_to_epoch": c.epoch})
-        # The rewound state, its ledger row included, is the run dir's newest checkpoint:
-        # a new process on the run dir resumes from here, not from before the rewind.
-        self.save_checkpoint(wait=True)
         if self.verbose and self.rank == 0:
             print(f"warmfit: rewound to {path} (epoch {c.epoch}, step {c.global_step})", flush=True)
-        return Path(path)
+        return path
 
     def save_checkpoint(self, *, wait: bool) -> Path | None:
         """Save the state to the run directory, in the background unless ``wait`` (then
@@ -456,13 +404,8 @@ class Trainer:
         learning rate on a second axis. Writes a PNG."""
         from .plots import plot_history
 
-        return plot_history(
-            self.history.records,
-            self.ledger.records,
-            path,
-            monitor=self.monitor,
-            mode=self.monitor_mode,
-        )
+        history, ledger = self.history.records, self.ledger.records
+        return plot_history(history, ledger, path, monitor=self.monitor, mode=self.monitor_mode)
 
     def close(self) -> None:
         """Wait for a save in flight, release the run directory's lock and, under
@@ -517,11 +460,8 @@ class Trainer:
 
     def _settings(self) -> dict[str, Any]:
         """The settings a checkpoint records and a resume compares."""
-        return {
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "deterministic": self.deterministic,
-        }
+        return {"batch_size": self.batch_size, "seed": self.seed,
+                "deterministic": self.deterministic}  # fmt: skip
 
     def _load_compared(
         self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any], *, stacklevel: int
@@ -538,9 +478,7 @@ class Trainer:
     def _swapped_in(self, *, train: bool) -> contextlib.AbstractContextManager[None]:
         """The trainer's random streams swapped in for a call (and, for a fit call,
         deterministic algorithms switched on and the model in training mode)."""
-        switch = (
-            (lambda: self._backend.set_deterministic()) if train and self.deterministic else None
-        )
+        switch = self._backend.set_deterministic if train and self.deterministic else None
         streams = self.state.streams
         if not streams.installed:  # a nested call leaves the mode as it is
             self._backend.train_mode(train)
@@ -551,19 +489,11 @@ class Trainer:
         made, None on ranks other than 0) and raise :class:`TrainingInterrupted`."""
         self.signals.received = None
         path = self.save_checkpoint(wait=True) if saved is False else saved
-        call = self.state.call
-        err = TrainingInterrupted(
-            name,
-            path if isinstance(path, Path) else None,
-            self.counters.global_step,
-            None if call is None else calls.call_end(call),
-        )
+        call, step = self.state.call, self.counters.global_step
+        end = None if call is None else calls.call_end(call)
+        err = TrainingInterrupted(name, path if isinstance(path, Path) else None, step, end)
         if self.rank == 0:
             print(f"warmfit: {err}", file=sys.stderr, flush=True)
         raise err
-
-
-#: The rows of a ``validation_split`` (training, validation) for ``n`` rows.
-validation_split_rows = calls.validation_split_rows
 
 __all__ = ["MODES", "Trainer", "WarmfitError", "epoch_table"]

@@ -388,6 +388,14 @@ def check_open_call(call: Any) -> dict[str, Any] | None:
     return dict(call)
 
 
+def final_metrics(history: History, segment: int) -> dict[str, float]:
+    """The last epoch's losses and metrics of fit call ``segment`` (for the ledger)."""
+    rows = history.segment(segment)
+    if not rows:
+        return {}
+    return {k: v for k, v in rows[-1].items() if isinstance(v, float) and k != "lr"}
+
+
 # -- settings compared with a checkpoint's ---------------------------------------------------
 def setting_diffs(
     state: Mapping[str, Any],

@@ -1,13 +1,16 @@
 """Framework adapters behind one protocol (:class:`~warmfit.backends.base.Backend`).
 
-:func:`select` picks the backend from the model's type; frameworks are imported only
-when a model of theirs is given, so the core never imports one it does not need.
+:func:`select` picks the backend from the model's type, or builds the one named by
+``framework``: a built-in's name, or a third party's subclass of :class:`Backend`.
+Frameworks are imported only when a model of theirs is given, so the core never imports
+one it does not need.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 from .base import Backend, NonFiniteLoss
 
@@ -15,16 +18,35 @@ __all__ = ["Backend", "NonFiniteLoss", "select"]
 
 
 FRAMEWORKS = ("torch", "keras", "sklearn")
+#: What the ``framework`` parameter of Trainer accepts, in the one message template (the
+#: names in a fixed order: a set's order changes from one process to the next).
+FRAMEWORK_TEXT = (
+    "one of {" + ", ".join(map(repr, FRAMEWORKS)) + "}, a subclass of "
+    "warmfit.backends.Backend or None (inferred from the model)"
+)
 
 
-def select(model: Any, framework: str | None = None, **kwargs: Any) -> Backend:
+def is_backend_class(framework: Any) -> TypeGuard[type[Backend]]:
+    """Whether ``framework`` is a subclass of :class:`Backend` (a third-party backend)."""
+    return isinstance(framework, type) and issubclass(framework, Backend)
+
+
+def select(model: Any, framework: str | type[Backend] | None = None, **kwargs: Any) -> Backend:
     """The backend for ``model``: a torch ``nn.Module`` (or a factory of one), a Keras
     model, or a scikit-learn estimator. A factory of a Keras model cannot be recognised
-    before it is called: name its ``framework`` ("keras")."""
+    before it is called: name its ``framework`` ("keras").
+
+    ``framework`` may also be a subclass of :class:`Backend` (a backend of one's own,
+    or a built-in one's subclass): it is built as the built-ins are,
+    ``framework(model, **kwargs)``, with the Trainer's ``device``, ``optimizer``,
+    ``loss``, ``metrics``, ``num_workers`` (those given) and ``backend_options``."""
+    if is_backend_class(framework):
+        build: Callable[..., Backend] = framework  # a subclass: (model, **options)
+        return build(model, **kwargs)
     if framework is not None and framework not in FRAMEWORKS:
         raise ValueError(
-            f"The 'framework' parameter of Trainer must be one of {set(FRAMEWORKS)} or None "
-            f"(inferred from the model). Got {framework!r} instead."
+            f"The 'framework' parameter of Trainer must be {FRAMEWORK_TEXT}. "
+            f"Got {framework!r} instead."
         )
     if framework == "keras":
         from .keras import KerasBackend

@@ -147,11 +147,22 @@ class Backend(abc.ABC):
         hyper-parameters, loss), as JSON data."""
 
     # -- declared capabilities, with their defaults ---------------------------------
-    #: The modes of a fit call this backend honours (the others are refused first).
-    modes: tuple[str, ...] = ("continue", "warm", "restart")
+    # ``modes``, ``world_size`` and ``rank`` are read-only to the Trainer: a backend
+    # overrides them with a class attribute or a property.
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes of a fit call this backend honours (the others are refused first)."""
+        return ("continue", "warm", "restart")
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def rank(self) -> int:
+        return 0
+
     optimizer: Any = None
-    world_size: int = 1
-    rank: int = 0
     #: The Trainer's seed, set by :meth:`init_model` (data-reading streams use it).
     seed: int = 0
     _snapshot_buffers: Any = None
@@ -288,7 +299,7 @@ def check_samples(x: Any, x_rows: Any, y_rows: Any) -> None:
         raise ValueError("x has no samples: nothing to train on.")
 
 
-def check_keys(what: str, own: Mapping[str, Any], saved: Mapping[str, np.ndarray]) -> None:
+def check_keys(what: str, own: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """Raise :class:`StateMismatchError` listing every missing, unexpected and mis-shaped
     key of ``saved`` against ``own`` (a backend's arrays by name)."""
     missing = sorted(set(own) - set(saved))

@@ -95,7 +95,7 @@ class KerasBackend(Backend):
             self.model_factory: Callable[[], keras.Model] | None = None
             self.model: keras.Model = model
         elif callable(model):
-            self.model_factory, self.model = model, None  # type: ignore[assignment]
+            self.model_factory, self.model = model, None
         else:
             raise TypeError(
                 "The 'model' parameter of Trainer must be a keras.Model or a zero-argument "

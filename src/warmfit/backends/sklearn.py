@@ -329,7 +329,7 @@ class SklearnBackend(Backend):
         else:
             _become(self.model, clone(self._pristine))
         self.classes = None
-        rs = self._pristine.random_state if hasattr(self._pristine, "random_state") else 0
+        rs: Any = self._pristine.random_state if hasattr(self._pristine, "random_state") else 0
         if self.kind == "rounds" and _reseeds_each_fit(self.model) and not _is_int(rs):
             base = (
                 np.random.RandomState(derive_seed(seed, "init", 1) % (1 << 32))
@@ -350,9 +350,20 @@ class SklearnBackend(Backend):
         self._check_supported("warm")
         self._pending_warm = True  # applied by batches(), once the data is checked
 
+    def _factory_lr(self) -> tuple[str, Any] | None:
+        """The estimator's own learning-rate parameter and its constructor value (what a
+        warm call's fresh optimizer starts from, as torch's factory; warmfit's schedule
+        and ReduceLROnPlateau write the parameter while training), or None."""
+        kind = self._optimizer_kind()
+        name = "eta0" if kind == "sgd" else "learning_rate_init" if kind == "mlp" else None
+        return None if name is None else (name, getattr(self._pristine, name))
+
     def _reset_optimizer(self) -> None:
         self._pending_warm = False
         est = self.model
+        factory = self._factory_lr()
+        if factory is not None:
+            setattr(est, *factory)  # the rate warmfit wrote is the old optimizer's
         if self._optimizer_kind() == "sgd" and hasattr(est, "coef_"):
             # What SGD's own warm-start fit resets: the step counter and the averages.
             est.t_ = 1.0
@@ -483,15 +494,19 @@ class SklearnBackend(Backend):
     def learning_rate(self) -> float:
         """The step size the estimator would use next (nan if it has none)."""
         est, kind = self.model, self._optimizer_kind()
+        factory = self._factory_lr() if self._pending_warm else None  # after the reset
         if kind == "sgd":
             t = 1.0 if self._pending_warm else getattr(est, "t_", 1.0)
+            eta0 = est.eta0 if factory is None else factory[1]
             if est.learning_rate == "optimal":
                 return float("nan")  # needs sklearn's private optimal_init; not reported
             if est.learning_rate == "invscaling":
-                return float(est.eta0 / math.pow(t, est.power_t))
-            return float(est.eta0)
+                return float(eta0 / math.pow(t, est.power_t))
+            return float(eta0)
         if kind == "mlp":
             opt = getattr(est, "_optimizer", None)
+            if factory is not None:
+                return float(factory[1])
             if est.solver == "sgd" and opt is not None:
                 return float(opt.learning_rate)
             return float(est.learning_rate_init)
@@ -884,9 +899,10 @@ def _set_at(root: Any, path: list[list[Any]], value: Any) -> None:
             else:
                 obj = getattr(obj, key)
         elif kind == "item":
-            index = tuple(int(k) for k in key)
+            parts = tuple(int(k) for k in key)
+            index: int | tuple[int, ...] = parts
             if isinstance(obj, list):
-                (index,) = index
+                (index,) = parts
             if last:
                 obj[index] = value
             else:

@@ -19,7 +19,7 @@ import numbers
 import random
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -426,6 +426,7 @@ class TorchBackend(Backend):
     def set_schedule(self, schedule: Any) -> None:
         """Called when ``fit(schedule=...)`` replaces the schedule (after
         :meth:`check_schedule`)."""
+        assert self.optimizer is not None  # built at construction by init_optimizer
         self.scheduler = self._build_scheduler(schedule, self.optimizer)
         self.scheduler_interval = getattr(schedule, "interval", "step")
 
@@ -527,12 +528,12 @@ class TorchBackend(Backend):
 
     def fingerprint(self, data: Any) -> tuple[str, list[int]]:
         if isinstance(data, DatasetData):
-            ds = data.dataset
+            ds, n = data.dataset, len(data)
             probes = []
             # Read with every stream forked and fixed: an augmenting Dataset then gives the
             # same fingerprint on every call, and the caller's streams do not move.
             with _isolated_streams(self._cuda_devices(), seed=0):
-                for i in sorted({0, len(ds) // 2, len(ds) - 1}):  # prepare refused len 0
+                for i in sorted({0, n // 2, n - 1}):  # prepare refused len 0
                     probes.append(ds[i])
                     if not _trainable(probes[-1]):  # refused now, before the call starts
                         raise _item_error(probes[-1], f"Item {i}")
@@ -540,7 +541,7 @@ class TorchBackend(Backend):
                 np.asarray(t.cpu() if torch.is_tensor(t) else t) for p in probes for t in _flat(p)
             ]
             first = arrays[0] if arrays else np.zeros(0)
-            return fingerprint(np.asarray(len(ds)), *arrays), [len(ds), *first.shape]
+            return fingerprint(np.asarray(n), *arrays), [n, *first.shape]
         x = (
             data.x.detach().cpu().numpy()
             if data.x.dtype != torch.bfloat16
@@ -674,6 +675,7 @@ class TorchBackend(Backend):
         xb, yb = batch
         out = self.model(xb)
         loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+        value: float | torch.Tensor
         if self.check_each_step:
             value = loss.item()
             if not math.isfinite(value):
@@ -709,7 +711,8 @@ class TorchBackend(Backend):
             part = mean * (local_n / global_n)
         else:  # a short global batch left this rank nothing: join the all-reduce with zeros
             # (each parameter times 0 before the sum: a float16 sum could overflow to inf)
-            part = sum((p * 0.0).sum() for p in self.model.parameters())
+            # (a tensor, not sum's start 0: the optimizer refused a model without parameters)
+            part = cast(torch.Tensor, sum((p * 0.0).sum() for p in self.model.parameters()))
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         (part * self.dist.world_size).backward()
         self.optimizer.step()  # type: ignore[union-attr]
