@@ -7,7 +7,7 @@ crashes; the whole training state in one safe checkpoint. See ``docs/design.md``
 
 __version__ = "0.1.0"
 
-from .callbacks import Callback, EarlyStopping, ReduceLROnPlateau
+from .callbacks import Callback, EarlyStopping, ReduceLROnPlateau, StepLogs
 from .errors import (
     CheckpointError,
     NonFiniteLossError,
@@ -33,6 +33,7 @@ __all__ = [
     "ReduceLROnPlateau",
     "RunDirLockedError",
     "StateMismatchError",
+    "StepLogs",
     "Trainer",
     "TrainingInterrupted",
     "WarmfitError",

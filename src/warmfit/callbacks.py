@@ -13,6 +13,8 @@ next step after changing its own factor, ask to stop. Built-in and user callback
 it alike; the Trainer special-cases no callback class. A callback that changes the
 learning rate warmfit sets declares it: ``adjusts_lr = True`` and :meth:`adjust_lr`.
 Returning ``True`` from ``on_epoch_end`` asks to stop, as ``trainer.control.stop()``.
+``on_step_end`` sees every optimizer step (:class:`StepLogs`); only callbacks that
+override it are called, and the loss is read only when one asks for it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,33 @@ from .errors import check_int, check_real, invalid_param
 
 if TYPE_CHECKING:
     from .trainer import Trainer
+
+
+class StepLogs:
+    """The optimizer step just taken, as ``on_step_end`` sees it: ``step`` (global
+    step, counted from 1), ``epoch`` (the epoch it belongs to, from 0), ``offset``
+    (samples of that epoch trained on after it), ``lr`` (the step's learning rate) and
+    :attr:`loss`, read when asked: on a GPU that is a host sync, so a callback that
+    never asks adds none. Under torchrun reading :attr:`loss` is a collective (the
+    global batch's mean is summed over the ranks): ask on every rank or on none."""
+
+    __slots__ = ("_handle", "_read", "epoch", "lr", "offset", "step")
+
+    def __init__(
+        self, step: int, epoch: int, offset: int, lr: float, handle: Any, read: Any
+    ) -> None:
+        self.step, self.epoch, self.offset, self.lr = step, epoch, offset, lr
+        self._handle, self._read = handle, read
+
+    @property
+    def loss(self) -> float:
+        """The step's training loss (the mean over its global batch)."""
+        if type(self._handle) is float:
+            return self._handle
+        return float(self._read([self._handle])[0])
+
+    def __repr__(self) -> str:
+        return f"StepLogs(step={self.step}, epoch={self.epoch}, lr={self.lr:.6g})"
 
 
 class Callback:
@@ -44,6 +73,10 @@ class Callback:
 
     def on_fit_start(self, trainer: Trainer, mode: str) -> None:
         """Called at the start of every fit call, after the mode took effect."""
+
+    def on_step_end(self, trainer: Trainer, step: StepLogs) -> None:
+        """Called after every optimizer step (only for callbacks that override it). A
+        change it makes to training must be in its :meth:`state_dict` to stay exact."""
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> bool | None:
         """Called after every epoch; return True to stop training after this epoch."""
@@ -77,7 +110,7 @@ def _check_monitor(monitor: object, owner: str) -> None:
         raise invalid_param("monitor", owner, "a logged value's name, e.g. 'val_loss'", monitor)
 
 
-def _check_mode(mode: str, owner: str) -> str:
+def check_monitor_mode(mode: str, owner: str) -> str:
     if mode not in ("min", "max"):
         raise invalid_param("mode", owner, ("min", "max"), mode)
     return mode
@@ -112,7 +145,7 @@ class EarlyStopping(Callback):
         if not isinstance(restore_best, bool):
             raise invalid_param("restore_best", "EarlyStopping", "a bool", restore_best)
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
-        self.mode = _check_mode(mode, "EarlyStopping")
+        self.mode = check_monitor_mode(mode, "EarlyStopping")
         self.restore_best = restore_best
         self.reset()
 
@@ -226,7 +259,7 @@ class ReduceLROnPlateau(Callback):
         min_lr = check_real("min_lr", min_lr, "ReduceLROnPlateau")
         self.monitor, self.factor, self.patience = monitor, factor, patience
         self.min_delta, self.cooldown, self.min_lr = min_delta, cooldown, min_lr
-        self.mode = _check_mode(mode, "ReduceLROnPlateau")
+        self.mode = check_monitor_mode(mode, "ReduceLROnPlateau")
         self.reset()
 
     def reset(self) -> None:

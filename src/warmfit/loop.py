@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backends import NonFiniteLoss
+from .callbacks import Callback, StepLogs
 from .data import epoch_permutation
 from .errors import NonFiniteLossError
 from .progress import Progress
@@ -60,6 +61,9 @@ def run_epochs(
     step_target = call.step_target
     n, bs = len(data), trainer.batch_size
     per_step_lr = state.schedule is not None and not isinstance(state.schedule, TorchScheduler)
+    # Only callbacks that override on_step_end see steps: the others cost nothing.
+    stepwise = [cb for cb in trainer.callbacks if type(cb).on_step_end is not Callback.on_step_end]
+    read = backend.read_losses  # a StepLogs reads its loss with it, when asked
     if c.offset < n or not per_step_lr:
         # Not at an epoch's end: there the optimizer keeps the rate of the epoch's
         # last step, as in an uninterrupted run; the next step sets its own.
@@ -76,6 +80,7 @@ def run_epochs(
             for batch in backend.batches(data, order, c.offset, bs, c.epoch):
                 if per_step_lr:
                     backend.set_learning_rate(state.lr_at(c.global_step))
+                lr = backend.learning_rate() if stepwise else 0.0  # the rate this step uses
                 try:
                     losses.append(backend.train_step(batch))
                 except NonFiniteLoss as err:
@@ -87,6 +92,10 @@ def run_epochs(
                 c.samples_seen += size
                 last = losses[-1]  # a float only where reading it was free (CPU)
                 progress.advance(c.global_step, last if type(last) is float else None)
+                if stepwise:
+                    taken = StepLogs(c.global_step, c.epoch, c.offset, lr, last, read)
+                    for cb in stepwise:
+                        cb.on_step_end(trainer, taken)
                 if (
                     trainer.checkpoint_every
                     and c.global_step % trainer.checkpoint_every == 0

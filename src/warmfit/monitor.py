@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .callbacks import Callback, _check_mode
+from .callbacks import Callback, check_monitor_mode
 from .errors import invalid_param
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class OverfittingMonitor(Callback):
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise invalid_param("window", "OverfittingMonitor", "an int >= 2", window)
         self.monitor, self.patience, self.window = monitor, patience, window
-        self.mode = _check_mode(mode, "OverfittingMonitor")
+        self.mode = check_monitor_mode(mode, "OverfittingMonitor")
         self.verbose = verbose
         self.train_key = monitor[len("val_") :] if monitor.startswith("val_") else None
         self.reset()
