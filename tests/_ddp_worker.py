@@ -49,6 +49,14 @@ class Recording(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+class DictItems(Recording):
+    """Items ``({"x": row}, label)``: the model is called as ``model(x=...)``."""
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        x, y = super().__getitem__(i)
+        return {"x": x}, y
+
+
 class HalfMLP(torch.nn.Module):
     """The MLP in float16, with a parameter whose float16 sum overflows (512 x 256 =
     131072 > 65504): a rank's zero-row step that summed the parameters before
@@ -130,6 +138,8 @@ def main() -> None:
     p.add_argument("--flat-view", action="store_true")  # a model that needs rows
     p.add_argument("--half", action="store_true")
     p.add_argument("--writes", default=None)
+    p.add_argument("--accumulate", type=int, default=1)  # the torch step's micro-batches
+    p.add_argument("--dict-items", action="store_true")  # items ({"x": row}, label)
     args = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -141,9 +151,11 @@ def main() -> None:
         x = x.astype("float16")
     if args.nan_row is not None:
         x[args.nan_row] = float("nan")
-    data = Recording(x, y, args.slow)
+    data = (DictItems if args.dict_items else Recording)(x, y, args.slow)
     model = (lambda: FlatView()) if args.flat_view else (lambda: MLP(p=args.dropout))
     settings = half_settings() if args.half else {"model": model}
+    if args.accumulate > 1:
+        settings["accumulate"] = args.accumulate
     try:
         trainer = make_trainer(
             run_dir=args.run_dir.format(rank=rank),  # "{rank}": a run dir per rank

@@ -162,6 +162,19 @@ def test_same_world_size_resume_is_bit_exact_with_dropout(tmp_path):
     assert_same_state(tmp_path / "a", tmp_path / "b")  # the whole state, every rank's streams
 
 
+def test_accumulation_and_dict_items_resume_bit_exact_at_the_same_world_size(tmp_path):
+    """accumulate=2 under DDP (gradients all-reduced once per optimizer step, no_sync on
+    the first micro-batch) from a Dataset of dict items: a resumed run == straight."""
+    args = ("--dropout", "0.2", "--accumulate", "2", "--dict-items")
+    run(2, tmp_path / "straight", 2, *args, "--out", str(tmp_path / "a"))
+    run(2, tmp_path / "split", 1, *args)
+    out = run(2, tmp_path / "split", 2, *args, "--out", str(tmp_path / "b"))
+    assert f"started at step {STEPS_PER_EPOCH}" in out
+    _, state = read_checkpoint(tmp_path / "a")
+    assert state["backend"]["step"]["options"]["accumulate"] == 2
+    assert_same_state(tmp_path / "a", tmp_path / "b")
+
+
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_resume_at_another_world_size_keeps_the_global_order(tmp_path, before, after):
     run(before, tmp_path / "run", 1)

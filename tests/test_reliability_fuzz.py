@@ -759,6 +759,14 @@ VALID_SPEC_VALUES = {
     "monitor": _names,
     "monitor_mode": st.sampled_from(["min", "max"]),
     "verbose": st.integers(0, 2**40),
+    "step": _refs,
+    "precision": st.sampled_from(["32", "bf16", "fp16"]),
+    "accumulate": st.integers(1, 2**40),
+    "clip_grad_norm": st.one_of(
+        st.integers(1, 2**40), st.floats(0.0, 1e9, exclude_min=True, allow_nan=False)
+    ),
+    "ema": st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+    "ema_warmup": st.booleans(),
 }
 
 

@@ -87,10 +87,13 @@ CASES: dict[str, tuple[Callable[[warmfit.Trainer], Any], type, str, tuple]] = {
         "x must be numeric (a numpy array or torch tensor). Got dtype object.",
         (),
     ),
-    "x is a dict": (
+    "x is a dict": (  # a structure since issue 18: refused by the forward it cannot reach
         lambda t: t.fit({"a": X}, Y, epochs=1),
-        TypeError,
-        "x must be numeric (a numpy array or torch tensor). Got dtype object.",
+        ValueError,
+        "The data does not fit the model's forward: fit: x is a dict with keys ['a'], passed "
+        "to it as model(**x), and MLP.forward takes (x): keys without a parameter: ['a']; "
+        "parameters without a key: ['x']. Name the keys (or order the parts) as the forward's "
+        "parameters, or pass step=fn(model, batch) -> loss, which calls the model as it wants.",
         (),
     ),
     "x with NaN": (

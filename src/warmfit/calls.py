@@ -23,6 +23,7 @@ from . import modes
 from .control import ModeOperations, check_plateau
 from .data import check_offset, validation_split
 from .errors import StateMismatchError, invalid_param
+from .loop import FitCall
 from .schedules import as_schedule, describe
 from .training_state import EXACTNESS_SETTINGS, setting_of
 
@@ -197,9 +198,9 @@ def plan_call(
     )
 
 
-def start_call(trainer: Trainer, planned: PlannedCall) -> dict[str, Any]:
+def start_call(trainer: Trainer, planned: PlannedCall) -> tuple[dict[str, Any], FitCall]:
     """Start a planned call: the modes table (:func:`warmfit.modes.apply`) and the
-    changes the call makes; returns the ledger row of its start."""
+    changes the call makes; returns the ledger row of its start and what the loop runs."""
     state = trainer.state
     trainer.fit_verbose = planned.verbose  # what callbacks print by (the call's)
     trainer.checkpointer.restored_metric = None  # scores weights restored in an earlier call
@@ -243,7 +244,7 @@ def start_call(trainer: Trainer, planned: PlannedCall) -> dict[str, Any]:
         "target": planned.target,
         "step_target": planned.step_target,
     }
-    return {
+    record = {
         "call": len(trainer.ledger),
         **({"resumes_call": resumes["call"]} if resumes is not None else {}),
         "run": c.run,
@@ -263,6 +264,10 @@ def start_call(trainer: Trainer, planned: PlannedCall) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "changes": changes,
     }
+    shuffle = planned.request["shuffle"]
+    return record, FitCall(
+        planned.target, planned.step_target, segment, planned.mode, shuffle, planned.verbose
+    )
 
 
 def same_rows(prev: Mapping[str, Any] | None, shape: list[int], split: float | None) -> bool:
@@ -334,7 +339,9 @@ def warm_restarts_epoch(offset: int, batch_size: int, same: bool, n: int) -> boo
 
 
 def pair(validation_data: Any) -> tuple[Any, Any]:
-    """``validation_data`` as (x, y)."""
+    """``validation_data`` as (x, y); a dict is x alone (its target among its keys)."""
+    if isinstance(validation_data, Mapping):
+        return validation_data, None
     if isinstance(validation_data, (tuple, list)) and len(validation_data) == 2:
         return validation_data[0], validation_data[1]
     if isinstance(validation_data, (tuple, list)) and len(validation_data) == 1:

@@ -360,9 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train from a TOML spec; run it again to continue the run",
         description="Train the model a TOML spec describes. The run directory keeps the "
         "checkpoints, the ledger and the history: running the same command again resumes "
-        "from the newest checkpoint and trains more (--epochs are always additional).",
+        "from the newest checkpoint and trains more (--epochs are always additional). A "
+        "spec's keys: model, data, optimizer, loss (optional for a model whose output has "
+        ".loss), step, schedule, batch_size, seed, epochs, metrics, callbacks, validation_split, "
+        "checkpoint_every, keep_last, run_dir, device, deterministic, monitor, monitor_mode, "
+        "verbose, and the torch step's precision ('32', 'bf16', 'fp16'), accumulate, "
+        "clip_grad_norm, ema, ema_warmup (see examples/charlm.toml).",
     )
-    p.add_argument("spec", help="the TOML spec (see examples/digits.toml)")
+    p.add_argument("spec", help="the TOML spec (see examples/digits.toml, examples/charlm.toml)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--epochs", type=_positive_int, help="additional epochs (default: the spec's)")
     how.add_argument("--until-epoch", type=_positive_int, help="train until this global epoch")

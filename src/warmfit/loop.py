@@ -131,6 +131,7 @@ def run_epochs(
             "mode": call.mode,
             "step": c.global_step,
             "loss": loss_sum / count if count and loss_sum is not None else None,
+            **backend.epoch_logs(),
         }
         if val_data is not None:
             logs.update(validate(trainer, val_data))

@@ -179,10 +179,23 @@ class Delegated(Constraint):
 #: ``None`` among a parameter's constraints: None is accepted (not listed in messages).
 NONE = None
 
+#: The torch training step's options and their defaults (Trainer passes the others on).
+STEP_DEFAULTS: dict[str, Any] = {
+    "precision": "32", "accumulate": 1, "clip_grad_norm": None, "ema": None,
+    "ema_warmup": False, "use_ema": None,
+}  # fmt: skip
+
 TRAINER: dict[str, tuple[Constraint | None, ...]] = {
     "model": (Delegated("the backend: a torch Module, Keras model, estimator or a factory"),),
     "optimizer": (Delegated("the backend: a factory params -> optimizer"), NONE),
     "loss": (Delegated("the backend: a callable or a loss name"), NONE),
+    "step": (Delegated("the backend: a function (model, batch) -> loss (torch only)"), NONE),
+    "precision": (OneOf(("32", "bf16", "fp16")),),
+    "accumulate": (Int(1),),
+    "clip_grad_norm": (Delegated("the torch backend: a number > 0"), NONE),
+    "ema": (Delegated("the torch backend: a decay in (0, 1)"), NONE),
+    "ema_warmup": (Bool(),),
+    "use_ema": (Bool(), NONE),
     "schedule": (Delegated("schedules.as_schedule and the backend"), NONE),
     "batch_size": (Int(1),),
     "seed": (Int(0),),
@@ -203,7 +216,7 @@ TRAINER: dict[str, tuple[Constraint | None, ...]] = {
 }
 
 FIT: dict[str, tuple[Constraint | None, ...]] = {
-    "x": (Delegated("the backend: arrays, tensors or a Dataset"),),
+    "x": (Delegated("the backend: arrays, tensors, structures of them or a Dataset"),),
     "y": (Delegated("the backend: arrays or tensors"), NONE),
     "epochs": (Int(1), NONE),
     "until_epoch": (Int(1), NONE),

@@ -15,7 +15,8 @@ on ``sys.path`` first, so a module next to the spec is found). Nothing is ``exec
     data = "digits:data"              # zero-argument factory -> (x, y), (x, y, x_val, y_val)
                                       #   or {"x":, "y":, "x_val":, "y_val":}
     optimizer = "digits:adam"         # params -> torch.optim.Optimizer
-    loss = "cross_entropy"            # a loss name, or "module:function"
+    loss = "cross_entropy"            # a loss name, or "module:function"; without it the
+                                      #   model's output .loss is the loss (Hugging Face)
     schedule = "digits:schedule"      # optional
     batch_size = 64
     seed = 0
@@ -25,6 +26,15 @@ on ``sys.path`` first, so a module next to the spec is found). Nothing is ``exec
     checkpoint_every = 50
     keep_last = 3
     callbacks = [{ name = "EarlyStopping", patience = 3 }]
+
+The torch training step's options (``examples/charlm.toml`` uses them all)::
+
+    step = "charlm:step"              # optional: (model, batch) -> loss, your forward
+    precision = "bf16"                # "32" (default), "bf16" or "fp16"
+    accumulate = 4                    # micro-batches per global batch
+    clip_grad_norm = 1.0
+    ema = 0.99                        # an EMA of the weights; validation uses it
+    ema_warmup = true
 
 ``loss`` and ``schedule`` given as ``"module:function"``: an object that takes no
 argument (a class such as ``torch.nn:CrossEntropyLoss``, or a function without
@@ -61,7 +71,8 @@ KEYS: dict[str, tuple[bool, str]] = {
     "model": (True, "'module:function'"),
     "data": (True, "'module:function'"),
     "optimizer": (True, "'module:function'"),
-    "loss": (True, "a loss name such as 'cross_entropy' or 'module:function'"),
+    "loss": (False, "a loss name such as 'cross_entropy' or 'module:function'"),
+    "step": (False, "'module:function' (model, batch) -> loss"),
     "schedule": (False, "'module:function'"),
     "batch_size": (False, "an int >= 1"),
     "seed": (False, "an int >= 0"),
@@ -77,6 +88,11 @@ KEYS: dict[str, tuple[bool, str]] = {
     "monitor": (False, "a history key such as 'val_loss'"),
     "monitor_mode": (False, "'min' or 'max'"),
     "verbose": (False, "an int >= 0"),
+    "precision": (False, "'32', 'bf16' or 'fp16'"),
+    "accumulate": (False, "an int >= 1"),
+    "clip_grad_norm": (False, "a number > 0"),
+    "ema": (False, "a decay in (0, 1)"),
+    "ema_warmup": (False, "true or false"),
 }
 BUILTIN_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau", "OverfittingMonitor")
 
@@ -150,13 +166,15 @@ class Spec:
 
         kwargs: dict[str, Any] = {
             "optimizer": self.resolve("optimizer"),
-            "loss": self._loss(),
+            "loss": self._loss() if "loss" in self.raw else None,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "callbacks": self._callbacks(),
         }
         if "schedule" in self.raw:
             kwargs["schedule"] = _build_if_factory(self.resolve("schedule"))
+        if "step" in self.raw:
+            kwargs["step"] = self.resolve("step")
         for key in (
             "metrics",
             "checkpoint_every",
@@ -166,6 +184,11 @@ class Spec:
             "monitor",
             "monitor_mode",
             "verbose",
+            "precision",
+            "accumulate",
+            "clip_grad_norm",
+            "ema",
+            "ema_warmup",
         ):
             if key in self.raw:
                 kwargs[key] = self.raw[key]
@@ -179,16 +202,16 @@ class Spec:
         got = self.resolve("data")()
         split = self.raw.get("validation_split")
         if isinstance(got, Mapping):
-            missing = [k for k in ("x", "y") if k not in got]
             unknown = sorted(set(got) - {"x", "y", "x_val", "y_val"})
-            if missing or unknown or (("x_val" in got) != ("y_val" in got)):
+            if "x" not in got or unknown or ("y_val" in got and "x_val" not in got):
                 raise self.error(
                     "data",
                     "returned a dict with keys "
-                    f"{sorted(got)}; expected 'x' and 'y', optionally 'x_val' with 'y_val'",
+                    f"{sorted(got)}; expected 'x' (and 'y' unless the model computes its own "
+                    "loss), optionally 'x_val' (with 'y_val')",
                 )
-            x, y = got["x"], got["y"]
-            val = (got["x_val"], got["y_val"]) if "x_val" in got else None
+            x, y = got["x"], got.get("y")
+            val = (got["x_val"], got.get("y_val")) if "x_val" in got else None
         elif isinstance(got, (tuple, list)) and len(got) in (2, 4):
             x, y = got[0], got[1]
             val = (got[2], got[3]) if len(got) == 4 else None
@@ -274,11 +297,11 @@ def _check(spec: Spec) -> None:
                 raise spec.error(key, f"is missing; add {key} = {expected}")
             continue
         value = raw[key]
-        if key in ("model", "data", "optimizer", "schedule"):
+        if key in ("model", "data", "optimizer", "schedule", "step"):
             ok = isinstance(value, str) and _is_reference(value)
         elif key == "loss":
             ok = isinstance(value, str) and (":" not in value or _is_reference(value))
-        elif key in ("batch_size", "epochs", "checkpoint_every", "keep_last"):
+        elif key in ("batch_size", "epochs", "checkpoint_every", "keep_last", "accumulate"):
             ok = _is_int(value) and value >= 1
         elif key in ("seed", "verbose"):
             ok = _is_int(value) and value >= 0
@@ -290,8 +313,14 @@ def _check(spec: Spec) -> None:
             )
         elif key == "validation_split":
             ok = isinstance(value, float) and 0.0 < value < 1.0
-        elif key == "deterministic":
+        elif key in ("deterministic", "ema_warmup"):
             ok = isinstance(value, bool)
+        elif key == "precision":
+            ok = value in ("32", "bf16", "fp16")
+        elif key == "clip_grad_norm":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        elif key == "ema":
+            ok = isinstance(value, float) and 0.0 < value < 1.0
         elif key == "monitor_mode":
             ok = value in ("min", "max")
         else:  # run_dir, device, monitor

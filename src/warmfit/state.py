@@ -44,6 +44,10 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "history": ("state.history", "per-epoch records of the current run"),
     "ledger": ("state.ledger", "one record per fit call, all runs"),
     "call": ("state.call", "the fit call in progress or interrupted: its arguments and end"),
+    "step": (
+        "state.backend.step + tensors ema/*",
+        "torch step options: fp16 scaler, EMA shadow and count, epoch gradient-norm sums",
+    ),
     "version": ("state.version", "warmfit version and schema"),
 }
 

@@ -39,17 +39,12 @@ from .control import Control, check_callbacks, check_plateau
 from .data import Cursor
 from .errors import TrainingInterrupted, WarmfitError, check_int
 from .history import History, Ledger, epoch_table
-from .loop import FitCall, run_epochs
+from .loop import run_epochs
 from .progress import Progress
 from .runtime import StopSignals
 from .schedules import as_schedule
 from .state import Counters
-from .training_state import (
-    TrainingState,
-    final_metrics,
-    setting_diffs,
-    settings_warning,
-)
+from .training_state import TrainingState, final_metrics, setting_diffs, settings_warning
 
 MODES = modes.MODES
 
@@ -65,10 +60,20 @@ class Trainer:
         models and scikit-learn estimators are accepted too (their backends).
     optimizer:
         A factory ``params -> torch.optim.Optimizer``; ``warm`` and ``restart`` call it
-        again for a fresh optimizer.
+        again for a fresh optimizer. A first parameter named ``model`` gets the module,
+        ``named_parameters`` its ``(name, parameter)`` pairs (groups by name).
     loss:
-        A callable ``(prediction, target) -> scalar tensor`` or one of
-        ``"cross_entropy"``, ``"mse"``, ``"l1"``, ``"bce_with_logits"``, ``"nll"``.
+        A callable ``(prediction, target) -> scalar tensor``, one of ``"cross_entropy"``,
+        ``"mse"``, ``"l1"``, ``"bce_with_logits"``, ``"nll"``, or None (torch): the
+        model's output's ``.loss`` or ``["loss"]`` (the Hugging Face convention).
+    step:
+        ``fn(model, batch) -> loss`` (torch): your forward and loss (a scalar tensor) on
+        the batch as the data yields it, on the device; warmfit does the rest.
+    precision, accumulate, clip_grad_norm, ema, ema_warmup, use_ema:
+        The torch step: autocast in ``"bf16"`` or ``"fp16"`` (with a gradient scaler),
+        ``accumulate`` micro-batches per global batch, clipping of the gradients' norm,
+        an EMA of the weights (its decay; ``ema_warmup`` ramps it up) that validation,
+        evaluate and predict use unless ``use_ema=False``; all in the checkpoint.
     schedule:
         ``global step -> learning rate`` (see :mod:`warmfit.schedules`), a factory for a
         torch LR scheduler, or None to keep the optimizer's learning rate.
@@ -115,6 +120,13 @@ class Trainer:
         *,
         optimizer: Callable[..., Any] | None = None,
         loss: Callable[..., Any] | str | None = None,
+        step: Callable[[Any, Any], Any] | None = None,
+        precision: str = "32",
+        accumulate: int = 1,
+        clip_grad_norm: float | None = None,
+        ema: float | None = None,
+        ema_warmup: bool = False,
+        use_ema: bool | None = None,
         schedule: Any = None,
         batch_size: int = 32,
         seed: int = 0,
@@ -134,9 +146,10 @@ class Trainer:
         framework: str | type[Backend] | None = None,
     ) -> None:
         p = plan.validate("Trainer", plan.TRAINER, plan.arguments(locals()))
-        given = {"optimizer": optimizer, "loss": loss, "metrics": metrics or None,
+        given = {"optimizer": optimizer, "loss": loss, "step": step, "metrics": metrics or None,
                  "num_workers": num_workers or None}  # fmt: skip
         kwargs = {"device": device, **{k: v for k, v in given.items() if v is not None}}
+        kwargs.update({k: p[k] for k, v in plan.STEP_DEFAULTS.items() if p[k] != v})
         kwargs.update(backend_options or {})
         self._backend: Backend = select(model, framework=framework, **kwargs)
         if deterministic:
@@ -162,20 +175,16 @@ class Trainer:
         self.state = TrainingState(self._backend, self.callbacks, schedule, seed=self.seed,
                                    rank=self.rank, world_size=self.world_size)  # fmt: skip
         check_plateau(self.callbacks, schedule, self._backend)
-        self.checkpointer = Checkpointer(
-            run_dir, self._backend, keep_last=keep_last, monitor=monitor, monitor_mode=monitor_mode
-        )
+        self.checkpointer = Checkpointer(run_dir, self._backend, keep_last=keep_last,
+                                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
         found = self.checkpointer.latest()
         if found is not None:
             path, tensors, state = found
             self._load_compared(tensors, state, stacklevel=3)
             c = self.counters
             if self.rank == 0:
-                print(
-                    f"warmfit: resumed from {path} (run {c.run}, epoch {c.epoch}, "
-                    f"offset {c.offset}, step {c.global_step})",
-                    flush=True,
-                )
+                print(f"warmfit: resumed from {path} (run {c.run}, epoch {c.epoch}, offset "
+                      f"{c.offset}, step {c.global_step})", flush=True)  # fmt: skip
 
     # -- public state ------------------------------------------------------------------
     @property
@@ -279,11 +288,7 @@ class Trainer:
         self._backend.check_mode(mode)  # a backend that cannot honour a mode says so first
         # Plan: every check, nothing changes. Apply: the modes table, the ledger row.
         planned = calls.plan_call(self, p, x, y, validation_data, schedule)
-        record = calls.start_call(self, planned)
-        call = FitCall(
-            planned.target, planned.step_target, record["segment"], mode,
-            planned.request["shuffle"], planned.verbose,
-        )  # fmt: skip
+        record, call = calls.start_call(self, planned)
         # Run, from the cursor to the call's end; record it in the ledger and save.
         started = time.perf_counter()
         stopped_by = interrupted = None
@@ -321,11 +326,9 @@ class Trainer:
             if late is not None:
                 self._interrupt(late, saved=path)
         if call.verbose and self.rank == 0:
-            print(
-                f"fit call {record['call']} ({mode}): {record['epochs_done']} epochs, steps "
-                f"{record['step_start']}-{record['step_end']}, {record['wall_s']:.2f}s",
-                flush=True,
-            )
+            print(f"fit call {record['call']} ({mode}): {record['epochs_done']} epochs, steps "
+                  f"{record['step_start']}-{record['step_end']}, {record['wall_s']:.2f}s",
+                  flush=True)  # fmt: skip
         return self.history
 
     # -- evaluate / predict ------------------------------------------------------------
@@ -433,21 +436,19 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc is None:
-            self.close()
-            return
-        # Leaving on an error: that error is the one the caller sees. A failed last
-        # save is reported beside it, not raised over it.
         try:
             self.close()
         except SaveFailedError as failed:
+            if exc is None:
+                raise
+            # Leaving on an error: that error is the one the caller sees; a failed last
+            # save is reported beside it, not raised over it.
             warnings.warn(f"{failed} (while leaving on {type(exc).__name__})", stacklevel=2)
 
     def __repr__(self) -> str:
-        return (
-            f"Trainer({self._backend.framework}, epoch={self.epoch}, step={self.global_step}, "
-            f"run={self.counters.run}, fit_calls={self.counters.fit_calls})"
-        )
+        c, name = self.counters, self._backend.framework
+        return f"Trainer({name}, epoch={c.epoch}, step={c.global_step}, run={c.run}, " \
+            f"fit_calls={c.fit_calls})"  # fmt: skip
 
     # -- internals -----------------------------------------------------------------------
     def start_run(self, *, first: bool) -> None:
@@ -460,8 +461,7 @@ class Trainer:
 
     def _settings(self) -> dict[str, Any]:
         """The settings a checkpoint records and a resume compares."""
-        return {"batch_size": self.batch_size, "seed": self.seed,
-                "deterministic": self.deterministic}  # fmt: skip
+        return dict(batch_size=self.batch_size, seed=self.seed, deterministic=self.deterministic)
 
     def _load_compared(
         self, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any], *, stacklevel: int

@@ -48,10 +48,10 @@ def select(model: Any, framework: str | type[Backend] | None = None, **kwargs: A
             f"The 'framework' parameter of Trainer must be {FRAMEWORK_TEXT}. "
             f"Got {framework!r} instead."
         )
-    if framework == "keras":
+    if framework == "keras" or (framework is None and "keras" in sys.modules and _is_keras(model)):
         from .keras import KerasBackend
 
-        return KerasBackend(model, **kwargs)
+        return KerasBackend(model, **_not_torch_only(kwargs, "Keras"))
     if framework == "torch":
         from .torch import TorchBackend
 
@@ -59,14 +59,25 @@ def select(model: Any, framework: str | type[Backend] | None = None, **kwargs: A
     if framework == "sklearn" or ("sklearn" in sys.modules and _is_sklearn(model)):
         from .sklearn import SklearnBackend
 
-        return SklearnBackend(model, **kwargs)
-    if "keras" in sys.modules and _is_keras(model):
-        from .keras import KerasBackend
-
-        return KerasBackend(model, **kwargs)
+        return SklearnBackend(model, **_not_torch_only(kwargs, "scikit-learn"))
     from .torch import TorchBackend
 
     return TorchBackend(model, **kwargs)
+
+
+#: The training step's options, for PyTorch models only (for now).
+TORCH_STEP_OPTIONS = ("precision", "accumulate", "clip_grad_norm", "ema", "ema_warmup", "use_ema")
+
+
+def _not_torch_only(kwargs: dict[str, Any], framework: str) -> dict[str, Any]:
+    """Refuse the torch step's options for another framework's model."""
+    given = [k for k in TORCH_STEP_OPTIONS if k in kwargs]
+    if given:
+        raise ValueError(
+            f"{given[0]}= is an option of the PyTorch training step; warmfit does not offer "
+            f"it for {framework} models yet. Remove it."
+        )
+    return kwargs
 
 
 def _is_sklearn(model: Any) -> bool:

@@ -111,6 +111,11 @@ class Backend(abc.ABC):
     def end_epoch(self) -> None:
         """Called after every completed epoch (epoch-interval framework schedulers)."""
 
+    def epoch_logs(self) -> dict[str, float]:
+        """Figures of the epoch just completed for its history record, besides the loss
+        (the torch step's gradient norms and skipped fp16 steps); by default none."""
+        return {}
+
     @abc.abstractmethod
     def read_losses(self, handles: list[Any]) -> np.ndarray | None:
         """Float64 values of the loss handles (the only host sync of the loop); None if

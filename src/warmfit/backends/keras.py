@@ -1,7 +1,10 @@
 """Keras 3 backend: a ``keras.Model`` (or a factory of one), an optimizer and a loss.
 
 Owns, for a Keras model: building and re-initialising it from the seed, its optimizer
-(a fresh one of the same config on ``warm``/``restart``), the probe that refuses data the
+(a fresh one of the same config on ``warm``/``restart``), the data as ``model.fit`` takes
+it — one array, or a dict, list or tuple of arrays (nested as the model's inputs and
+outputs), each leaf cut by the same row indices — and the refusal of a structure that is
+not the model's inputs (:func:`_inputs_problem`), the probe that refuses data the
 model or the loss cannot take before anything changes (:meth:`KerasBackend.check_data`),
 deterministic algorithms on the torch backend (``deterministic=True``), one optimizer
 step, evaluation and prediction loops that draw no random number, and the Keras state
@@ -66,16 +69,24 @@ from .base import Backend, NonFiniteLoss, check_keys, check_samples
 _GLOBAL_SEED_GENERATOR = "global_seed_generator"  # keras.src.random.seed_generator
 
 
-class ArrayData:
-    """Training arrays: the source NumPy arrays and their backend tensors."""
+#: A NumPy array or backend tensor (a leaf), or a dict, tuple or list of trees.
+Tree = Any
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None) -> None:
+
+class ArrayData:
+    """Training arrays: ``x`` and ``y`` as NumPy arrays (``x_np``, ``y_np``) and as
+    backend tensors (``x``, ``y``). Each is one array or a structure of them (a dict,
+    tuple or list, nested: the model's inputs), with as many rows in every leaf; ``y``
+    may be None."""
+
+    def __init__(self, x: Tree, y: Tree | None) -> None:
         self.x_np, self.y_np = x, y
-        self.x = keras.ops.convert_to_tensor(x)
-        self.y = None if y is None else keras.ops.convert_to_tensor(y)
+        self.x = _tree_map(keras.ops.convert_to_tensor, x)
+        self.y = None if y is None else _tree_map(keras.ops.convert_to_tensor, y)
+        self.n = len(_leaves(x, "x")[0][1])
 
     def __len__(self) -> int:
-        return len(self.x_np)
+        return self.n
 
 
 class KerasBackend(Backend):
@@ -90,7 +101,14 @@ class KerasBackend(Backend):
         metrics: Any = (),
         device: str = "cpu",
         num_workers: int = 0,
+        step: Any = None,
     ) -> None:
+        if step is not None:
+            raise ValueError(
+                "The 'step' parameter of Trainer is for torch models only (for now). A Keras "
+                "model takes its own step: override train_step (and test_step) in a "
+                f"keras.Model subclass, and warmfit runs it. Got step={step!r}."
+            )
         if isinstance(model, keras.Model):
             self.model_factory: Callable[[], keras.Model] | None = None
             self.model: keras.Model = model
@@ -306,25 +324,49 @@ class KerasBackend(Backend):
 
     # -- data ------------------------------------------------------------------------
     def prepare(self, x: Any, y: Any) -> ArrayData:
-        xa, ya = _as_array(x, "x"), None if y is None else _as_array(y, "y")
-        check_samples(x, len(xa) if xa.ndim else None, None if ya is None else len(ya))
+        """``x`` as ``model.fit`` takes it — one array, or a dict ``{input name: array}``
+        or a list or tuple of arrays (nested as the model's inputs) — and ``y`` (one array
+        or a structure, or None). Refused, naming what is wrong, before anything changes:
+        a leaf that is not numeric, a structure that is not the model's inputs
+        (:func:`_inputs_problem`), leaves with different numbers of rows."""
+        xa = _as_tree(x, "x")
+        ya = None if y is None else _as_tree(y, "y")
+        struct = _input_struct(self.model)
+        problem = None if struct is None else _inputs_problem(xa, struct, "x")
+        if problem is not None:
+            raise ValueError(problem)
+        y_rows = None if ya is None else _rows(ya, "y")
+        if ya is not None and y_rows is None:
+            raise ValueError(f"y must have at least one dimension (samples first). Got {y!r}.")
+        check_samples(x, _rows(xa, "x"), y_rows)
         return ArrayData(xa, ya)
 
     def subset(self, data: ArrayData, rows: np.ndarray) -> ArrayData:
-        return ArrayData(data.x_np[rows], None if data.y_np is None else data.y_np[rows])
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a[rows]
+
+        y = None if data.y_np is None else _tree_map(pick, data.y_np)
+        return ArrayData(_tree_map(pick, data.x_np), y)
 
     def fingerprint(self, data: ArrayData) -> tuple[str, list[int]]:
-        return fingerprint(data.x_np, data.y_np), list(data.x_np.shape)
+        """One array for x and y: the hash of the arrays, as always. A structure: its
+        leaves in sorted key order with their paths (renaming an input changes it), and
+        the shape ``[n, *the first leaf's other dimensions]``."""
+        x, y = data.x_np, data.y_np
+        if not (_is_tree(x) or _is_tree(y)):
+            return fingerprint(x, y), list(x.shape)
+        named = _leaves(x, "x") + ([("y", None)] if y is None else _leaves(y, "y"))
+        first = named[0][1]
+        names = [p for p, _ in named]
+        return fingerprint(*[a for _, a in named], names=names), [len(data), *first.shape[1:]]
 
     def batches(
         self, data: ArrayData, order: np.ndarray, offset: int, batch_size: int, epoch: int
     ) -> Iterator[Any]:
         order_t = keras.ops.convert_to_tensor(order)
-        take = keras.ops.take
         for start in range(offset, len(order), batch_size):
             idx = order_t[start : start + batch_size]
-            yield (take(data.x, idx, axis=0), None if data.y is None else take(data.y, idx, axis=0))
-
+            yield (_take(data.x, idx), None if data.y is None else _take(data.y, idx))
 
     def check_data(self, data: ArrayData, *, with_target: bool, what: str) -> None:
         """Run the model (and the loss) on the first two rows in inference mode: a
@@ -347,8 +389,8 @@ class KerasBackend(Backend):
         variable too, and the gradients are cleared.
         """
         model = self.model
-        xb = data.x[:2]
-        yb = None if data.y is None else data.y[:2]
+        xb = _head(data.x, 0, 2)
+        yb = None if data.y is None else _head(data.y, 0, 2)
         step = None
         if with_target and self.torch:
             step = "train_step" if what == "fit:" else "test_step"
@@ -383,12 +425,11 @@ class KerasBackend(Backend):
                             if loss is None or math.prod(loss.shape) != 1:
                                 raise ValueError(f"the loss returned {loss!r}, not a scalar")
         except Exception as err:  # any failure here is the data's or the model's
-            x_desc = f"x {tuple(data.x_np.shape)} {data.x_np.dtype}"
-            y_desc = "None" if data.y_np is None else f"{tuple(data.y_np.shape)} {data.y_np.dtype}"
-            got = f"{x_desc}, y {y_desc}"
+            y_desc = "None" if data.y_np is None else _describe(data.y_np)
+            got = f"x {_describe(data.x_np)}, y {y_desc}"
             spec = _input_spec(model)
             if spec is not None:
-                got = f"expected x {spec} (the model's input), got {got}"
+                got = f"expected x {spec}, got {got}"
             raise ValueError(
                 f"The data does not fit the model or the loss: {what} {got}. On its first "
                 f"rows {type(err).__name__}: {_first_line(err)}. Check the number of "
@@ -411,8 +452,8 @@ class KerasBackend(Backend):
         if created:  # a layer built itself on this call: the optimizer does not know it
             raise ValueError(
                 "The Keras model is not fully built: expected no new variables when it is "
-                f"called, got {created} on {what} x {tuple(data.x_np.shape)} "
-                f"{data.x_np.dtype}. Build every layer before handing the model to warmfit: "
+                f"called, got {created} on {what} x {_describe(data.x_np)}. Build every "
+                "layer before handing the model to warmfit: "
                 "give it a keras.Input, or call it once on a batch (model(x[:1]))."
             )
         if problem is not None:
@@ -605,14 +646,15 @@ class KerasBackend(Backend):
         model.reset_metrics()
         total, n, logs = 0.0, len(data), {}
         for start in range(0, n, batch_size):
-            xb = data.x[start : start + batch_size]
-            yb = None if data.y is None else data.y[start : start + batch_size]
+            stop = min(start + batch_size, n)
+            xb = _head(data.x, start, stop)
+            yb = None if data.y is None else _head(data.y, start, stop)
             if custom:
                 logs = model.test_step(_pack(xb, yb))
                 continue
             y_pred = model(xb, training=False)
             loss = _compute_loss(model, xb, yb, y_pred, training=False)
-            total += float(loss) * int(xb.shape[0])
+            total += float(loss) * (stop - start)
             logs = model.compute_metrics(xb, yb, y_pred, sample_weight=None)
         if not custom and not isinstance(logs, Mapping):  # an override returning nothing
             logs = model.get_metrics_result()
@@ -623,23 +665,26 @@ class KerasBackend(Backend):
         model.reset_metrics()
         return out
 
-    def predict(self, x: Any, batch_size: int) -> np.ndarray:
+    def predict(self, x: Any, batch_size: int) -> Any:
+        """The model's outputs on ``x``, joined over the batches: one array, or for a
+        model with several outputs their structure (a dict or list of arrays), as
+        ``model.predict`` returns them. An own ``predict_step`` must return one tensor."""
         data = self.prepare(x, None)
         self.check_data(data, with_target=False, what="predict:")
         model, outs = self.model, []
         custom = self._custom["predict_step"] and self.torch
         with _no_grad():
             for s in range(0, len(data), batch_size):
-                xb = data.x[s : s + batch_size]
+                xb = _head(data.x, s, s + batch_size)
                 out = model.predict_step(xb) if custom else model(xb, training=False)
-                if not keras.ops.is_tensor(out):
+                if custom and not keras.ops.is_tensor(out):
                     raise TypeError(
                         f"The Keras model's own predict_step ({type(model).__name__}."
                         f"predict_step) returned {type(out).__name__}; warmfit's predict "
                         "returns one array: return a tensor, or call model.predict."
                     )
-                outs.append(keras.ops.convert_to_numpy(out))
-        return np.concatenate(outs)
+                outs.append(_tree_map(keras.ops.convert_to_numpy, out))
+        return _join(outs)
 
     # -- state -----------------------------------------------------------------------
     def _model_arrays(self) -> dict[str, np.ndarray]:
@@ -941,15 +986,21 @@ def _torch_value(v: Any) -> Any:
 
 
 def _input_spec(model: keras.Model) -> str | None:
-    """The model's one input as ``(None, 8) float32``; None if it has no input spec (a
-    subclassed model) or several."""
+    """What the model takes, for a message: its one input as ``(None, 8) float32 (the
+    model's input)``, several as ``{'a': (None, 8) float32, ...} (the model's inputs)``;
+    None if it has no symbolic inputs (a subclassed model)."""
     try:
         inputs = model.inputs
     except Exception:  # subclassed models have no symbolic inputs
         return None
-    if not isinstance(inputs, (list, tuple)) or len(inputs) != 1:
+    if not isinstance(inputs, (list, tuple)) or not inputs:
         return None
-    return f"{tuple(inputs[0].shape)} {inputs[0].dtype}"
+    if len(inputs) == 1:
+        return f"{tuple(inputs[0].shape)} {inputs[0].dtype} (the model's input)"
+    struct = _input_struct(model)
+    if isinstance(struct, (list, tuple)) and all(isinstance(t, keras.KerasTensor) for t in struct):
+        struct = {t.name: t for t in struct}  # what a dict of them is keyed by
+    return None if struct is None else f"{_describe(struct)} (the model's inputs)"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -958,7 +1009,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _first_line(err: Exception) -> str:
     """The line of a Keras error that says what is wrong (Keras wraps it in a header and
     a list of the call's arguments, with terminal colour codes)."""
-    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines()]
+    text = str(err)
+    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
+        text = err.args[0]  # str() of a KeyError is the repr of its message
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Exception encountered when")]
     return lines[0] if lines else repr(err)
 
@@ -974,6 +1028,210 @@ def _as_array(a: Any, name: str) -> np.ndarray:
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     return arr
+
+
+# -- structures of arrays (several inputs) ---------------------------------------------------
+def _is_tree(x: Any) -> bool:
+    """Whether ``x`` (or ``y``) is a structure of arrays rather than one array-like, as
+    ``model.fit`` reads it: a dict, or a tuple or list whose first element is an array, a
+    tensor or a structure (nested lists of numbers are one array, as for NumPy)."""
+    if isinstance(x, Mapping):
+        return True
+    if isinstance(x, (tuple, list)) and len(x):
+        head = x[0]
+        return isinstance(head, np.ndarray) or keras.ops.is_tensor(head) or _is_tree(head)
+    return False
+
+
+def _tree_map(fn: Callable[[Any], Any], tree: Tree) -> Tree:
+    """``tree`` with ``fn`` applied to every leaf; a dict stays a dict (its order kept), a
+    named tuple its type."""
+    if isinstance(tree, Mapping):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        parts = [_tree_map(fn, v) for v in tree]
+        if isinstance(tree, list):
+            return parts
+        return type(tree)(*parts) if hasattr(tree, "_fields") else tuple(parts)
+    return fn(tree)
+
+
+def _leaves(tree: Tree, root: str) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` of every leaf, a dict's keys in sorted order: ``x['ids']``,
+    ``x[0][1]`` (the torch backend's paths and order, so a fingerprint is the same)."""
+    if isinstance(tree, Mapping):
+        return [leaf for k in sorted(tree, key=str) for leaf in _leaves(tree[k], f"{root}[{k!r}]")]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{root}[{i}]")]
+    return [(root, tree)]
+
+
+def _as_tree(x: Any, name: str) -> Tree:
+    """``x`` with every leaf a numeric NumPy array (:func:`_as_array`, named by its path);
+    one array-like stays one array."""
+    if isinstance(x, Mapping):
+        return {k: _as_tree(v, f"{name}[{k!r}]") for k, v in x.items()}
+    if isinstance(x, (tuple, list)) and _is_tree(x):
+        parts = [_as_tree(v, f"{name}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, list):
+            return parts
+        return type(x)(*parts) if hasattr(x, "_fields") else tuple(parts)
+    return _as_array(x, name)
+
+
+def _rows(tree: Tree, name: str) -> int | None:
+    """The number of rows of one array (None for a scalar: :func:`check_samples` says
+    so), or of every leaf of a structure: a ``ValueError`` naming each leaf and its length
+    if they differ, a leaf without a first dimension, or a structure without leaves."""
+    if not isinstance(tree, (Mapping, tuple, list)):
+        return len(tree) if tree.ndim else None
+    found = _leaves(tree, name)
+    if not found:
+        raise ValueError(
+            f"{name} is an empty {type(tree).__name__}: it holds no arrays. Expected one "
+            "array per input of the model."
+        )
+    for path, a in found:
+        if a.ndim == 0:
+            raise ValueError(
+                f"{path} must have at least one dimension (samples first). Got a scalar "
+                f"{a.item()!r}."
+            )
+    lengths = {path: len(a) for path, a in found}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{p} has {n}" for p, n in lengths.items())
+        raise ValueError(
+            f"Every array of {name} must have the same number of samples (its first "
+            f"dimension): {listed}. Pass one row per sample in each."
+        )
+    return found[0][1].shape[0]
+
+
+def _take(tree: Tree, idx: Any) -> Tree:
+    """The rows ``idx`` of every leaf: one ``keras.ops.take`` per leaf."""
+    if isinstance(tree, (Mapping, tuple, list)):
+        return _tree_map(lambda t: keras.ops.take(t, idx, axis=0), tree)
+    return keras.ops.take(tree, idx, axis=0)
+
+
+def _head(tree: Tree, start: int, stop: int) -> Tree:
+    """The rows ``start:stop`` of every leaf (a view)."""
+    if isinstance(tree, (Mapping, tuple, list)):
+        return _tree_map(lambda t: t[start:stop], tree)
+    return tree[start:stop]
+
+
+def _join(parts: list[Tree]) -> Tree:
+    """The batches' outputs joined along the first axis, leaf by leaf (in the structure
+    of the first batch's)."""
+    head = parts[0]
+    if isinstance(head, Mapping):
+        return {k: _join([p[k] for p in parts]) for k in head}
+    if isinstance(head, (tuple, list)):
+        joined = [_join([p[i] for p in parts]) for i in range(len(head))]
+        return joined if isinstance(head, list) else tuple(joined)
+    return np.concatenate(parts)
+
+
+def _describe(tree: Tree) -> str:
+    """Shapes and dtypes, for a message: ``(64, 8) float32``, ``{'a': (64, 8) float32,
+    'b': (64, 4) int64}``, ``[(64, 8) float32, ...]``; a model input as Keras shows it,
+    ``(None, 8) float32``."""
+    if isinstance(tree, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in tree.items()) + "}"
+    if isinstance(tree, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in tree)
+        return f"({inner})" if isinstance(tree, tuple) else f"[{inner}]"
+    return f"{tuple(tree.shape)} {tree.dtype}"
+
+
+def _input_struct(model: keras.Model) -> Any:
+    """The structure of the model's inputs as its graph was built — a functional model's
+    ``model.input`` (symbolic tensors in dicts, lists and tuples), a Sequential's one
+    input — or None where there is none to compare with (a subclassed model)."""
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, Functional):
+        return model.input
+    if isinstance(model, keras.Sequential):
+        try:
+            inputs = model.inputs
+        except Exception:  # built with model.build(shape): no symbolic input to name
+            return None
+        return inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else None
+    return None
+
+
+def _inputs_problem(x: Tree, struct: Any, path: str) -> str | None:
+    """What keeps ``x`` (at ``path``) from being the model's inputs ``struct``, level by
+    level, as ``model.fit`` would pair them: a dict whose keys are not the input names
+    (Keras's rule: a functional model built from a list of inputs takes a dict keyed by
+    their ``keras.Input(name=...)``; one built from a dict, that dict's keys), a list or
+    tuple of another length than the inputs there, one array for several inputs. None
+    when they match; Keras's own errors beyond that are the probe's."""
+    if isinstance(struct, Mapping):
+        by_name = dict(struct)
+        order = [struct[k] for k in sorted(struct)]  # a list pairs with the sorted keys
+    elif isinstance(struct, (list, tuple)):
+        order = list(struct)
+        named = all(isinstance(t, keras.KerasTensor) for t in struct)
+        by_name = {t.name: t for t in struct} if named else {}
+    else:  # one input, named as its keras.Input
+        order, by_name = [struct], {struct.name: struct}
+    names = list(by_name)
+    if isinstance(x, Mapping):
+        if not by_name:  # a nested list of inputs: Keras pairs no dict with it
+            return None
+        got = list(x)
+        if set(got) != set(names):
+            missing = [k for k in names if k not in got]
+            extra = [k for k in got if k not in by_name]
+            why = "; ".join(
+                f"{w} {v}" for w, v in (("missing", missing), ("not inputs", extra)) if v
+            )
+            return (
+                f"The keys of {path} are not the model's input names: expected "
+                f"{sorted(names, key=str)}, got {sorted(got, key=str)} ({why}). Pass {path} as "
+                "a dict with exactly these keys, one array per input (the names given to "
+                "keras.Input(name=...), or the keys of the dict the model was built with)."
+            )
+        pairs = [(x[k], by_name[k], f"{path}[{k!r}]") for k in names]
+    elif isinstance(x, (tuple, list)):
+        if len(x) != len(order):
+            stack = " (a list of rows of one input? Stack them: np.stack(x).)"
+            return (
+                f"{path} is a {type(x).__name__} of {_count(len(x), 'array')}, but "
+                f"{_takes(path)} {_count(len(order), 'input')}{_named(names)}: expected one "
+                f"array per input, in the model's order. Pass {_count(len(order), 'array')}, "
+                "or a dict keyed by the input names." + (stack if len(order) == 1 else "")
+            )
+        pairs = [(v, s, f"{path}[{i}]") for i, (v, s) in enumerate(zip(x, order, strict=True))]
+    else:
+        if len(order) == 1:
+            return None
+        return (
+            f"{path} is one array {_describe(x)}, but {_takes(path)} "
+            f"{_count(len(order), 'input')}{_named(names)}: pass a dict keyed by the input "
+            f"names, or a list of {len(order)} arrays in the model's order."
+        )
+    for v, s, p in pairs:
+        if not isinstance(s, keras.KerasTensor) or isinstance(v, (Mapping, tuple, list)):
+            problem = _inputs_problem(v, s, p)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _takes(path: str) -> str:
+    return "the model has" if path == "x" else f"the model takes at {path}"
+
+
+def _named(names: list[str]) -> str:
+    return f" {names}" if names else ""
 
 
 def _name(obj: object) -> str:

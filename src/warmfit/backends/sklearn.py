@@ -235,8 +235,15 @@ class SklearnBackend(Backend):
         metrics: Any = (),
         num_workers: int = 0,
         estimators_per_round: int = 1,
+        step: Any = None,
     ) -> None:
         name = type(model).__name__
+        if step is not None:
+            raise ValueError(
+                "The 'step' parameter of Trainer is for torch models only: a scikit-learn "
+                f"estimator trains with its own partial_fit or fit (set {name}'s parameters "
+                f"instead). Got step={step!r}."
+            )
         if optimizer is not None or loss is not None:
             given = [n for n, v in (("optimizer", optimizer), ("loss", loss)) if v is not None]
             raise TypeError(

@@ -1,11 +1,16 @@
-"""PyTorch backend: an ``nn.Module``, an optimizer factory and a loss.
+"""PyTorch backend: an ``nn.Module``, an optimizer factory, and a loss or a step.
 
-In-memory arrays and tensors are moved to the device once per fit call and batched by
-indexing with the epoch's permutation (one index tensor per epoch, sliced per step);
-map-style ``Dataset``s go through a ``DataLoader`` driven by warmfit's batch sampler,
-starting at the cursor's offset. Losses stay on the device and are read once per epoch,
-except on the CPU, where reading one is free and lets a NaN be caught before the
-optimizer step.
+In-memory arrays, tensors and structures of them are moved to the device once per fit
+call and batched by indexing with the epoch's permutation (one index tensor per epoch,
+sliced per step); map-style ``Dataset``s go through a ``DataLoader`` driven by warmfit's
+batch sampler, starting at the cursor's offset (the data side: :mod:`.torch_data`).
+Losses stay on the device and are read once per epoch, except on the CPU, where reading
+one is free and lets a NaN be caught before the optimizer step.
+
+The step: ``loss(model(x), y)`` by default (``model(**x)`` for a dict x, ``model(*x)``
+for a tuple); with ``loss=None`` the output's ``.loss`` (the Hugging Face convention);
+with ``step=fn`` the user's ``fn(model, batch) -> loss``. Either way warmfit does the
+rest: ``zero_grad``, ``backward``, the optimizer and scheduler steps.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import atexit
 import contextlib
 import copy
 import gc
+import inspect
 import math
 import numbers
-import random
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, cast
@@ -26,12 +31,43 @@ import torch
 from torch import nn
 
 from .. import jsonstate
-from ..data import epoch_batches, fingerprint, shard
+from ..data import epoch_batches, shard
 from ..distributed import DistContext
 from ..errors import StateMismatchError, invalid_param
 from ..schedules import TorchScheduler
 from ..state import derive_seed
 from .base import Backend, NonFiniteLoss, check_keys, check_samples
+from .torch_data import (
+    DatasetData,
+    OrderSampler,
+    SeededSamples,
+    TensorData,
+    Tree,
+    as_tree,
+    call_model,
+    check_item,
+    compose,
+    count_rows,
+    dataset_fingerprint,
+    describe,
+    forward_problem,
+    isolated_streams,
+    item_error,
+    join_outputs,
+    kind_of,
+    pick,
+    refuse_stream,
+    rows_of,
+    split,
+    take,
+    tensor_fingerprint,
+    to_device,
+    tree_rows,
+)
+from .torch_step import EMA, EpochStats, Precision, StepOptions, micro_batches
+
+#: Read by tests/test_dataset_workers.py under its former name.
+_SeededSamples = SeededSamples
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -55,99 +91,6 @@ _METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ac
 
 # What a torch scheduler factory must build: the methods warmfit calls.
 _SCHEDULER_METHODS = ("step", "state_dict", "load_state_dict")
-
-_ITEMS = (
-    "A Dataset given to warmfit must yield (x, y) pairs or x alone, each a tensor, a NumPy "
-    "array or a number"
-)
-
-
-class TensorData:
-    """Training arrays placed on the device: ``x`` and optional ``y``."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, source: tuple[Any, Any]) -> None:
-        self.x, self.y, self.source = x, y, source
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-
-class DatasetData:
-    """A map-style ``torch.utils.data.Dataset`` read through a DataLoader."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-
-class _OrderSampler(torch.utils.data.Sampler):
-    """Yields this rank's part of the epoch's global batches from the offset on:
-    warmfit's order, O(1) start."""
-
-    def __init__(
-        self, order: np.ndarray, offset: int, batch_size: int, rank: int = 0, world: int = 1
-    ) -> None:
-        self.order, self.offset, self.batch_size = order, offset, batch_size
-        self.rank, self.world = rank, world
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _, rows in self.shards():
-            if len(rows):  # an empty shard is not loaded: see TorchBackend._loader_batches
-                yield rows.tolist()
-
-    def shards(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(global batch size, this rank's shard)`` of each global batch, empty shards
-        included."""
-        for idx in epoch_batches(self.order, self.batch_size, self.offset):
-            yield len(idx), shard(idx, self.rank, self.world)
-
-    def __len__(self) -> int:
-        return sum(1 for _, rows in self.shards() if len(rows))
-
-
-class _SeededSamples(torch.utils.data.Dataset):
-    """A map-style Dataset read so that each sample's randomness is a function of
-    (seed, epoch, sample index): Python's, NumPy's and torch's global streams are seeded
-    from it right before the sample is read. So a random augmentation draws the same
-    numbers whichever process reads the sample — the main process or any DataLoader
-    worker, after any resume — and however the epoch is cut into batches or ranks.
-
-    In the main process (``num_workers=0``) the streams are put back after each batch,
-    so reading data never moves the trainer's streams. A Dataset with its own
-    ``__getitems__`` (it reads a batch at once) is seeded once per batch, from its first
-    index: exact for the same batch size and world size.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-        self.batched = callable(getattr(dataset, "__getitems__", None))
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        in_worker = torch.utils.data.get_worker_info() is not None
-        with contextlib.nullcontext() if in_worker else _isolated_streams([]):
-            if self.batched:
-                self._seed(indices[0])
-                return list(self.dataset.__getitems__(indices))  # type: ignore[attr-defined]
-            items = []
-            for i in indices:
-                self._seed(i)
-                items.append(self.dataset[i])
-            return items
-
-    def _seed(self, index: int) -> None:
-        s = derive_seed(self.seed, "sample", self.epoch, index)
-        random.seed(s)
-        np.random.seed(s & 0xFFFF_FFFF)
-        torch.default_generator.manual_seed(s)
-
 
 class HostSnapshot:
     """Reused host buffers for background saving, filled from torch tensors.
@@ -205,17 +148,24 @@ class TorchBackend(Backend):
     framework = "torch"
     _last_loss: torch.Tensor | None = None  # the previous step's loss (see train_step)
     _snapshot: HostSnapshot | None = None  # made by the first snapshot_tensors()
-    _no_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see _zero_rows
+    _no_rows: tuple[Tree, Tree | None] | None = None  # see _zero_rows
 
     def __init__(
         self,
         model: nn.Module | Callable[[], nn.Module],
         *,
         optimizer: Callable[[Any], torch.optim.Optimizer],
-        loss: Callable[..., torch.Tensor] | str,
+        loss: Callable[..., torch.Tensor] | str | None = None,
+        step: Callable[[Any, Any], torch.Tensor] | None = None,
         metrics: Any = (),
         device: str | torch.device = "cpu",
         num_workers: int = 0,
+        precision: str = "32",
+        accumulate: int = 1,
+        clip_grad_norm: float | None = None,
+        ema: float | None = None,
+        ema_warmup: bool = False,
+        use_ema: bool | None = None,
     ) -> None:
         if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -223,13 +173,26 @@ class TorchBackend(Backend):
                 "torch.optim.Optimizer, e.g. lambda params: torch.optim.Adam(params, lr=1e-3), "
                 f"so that 'warm' and 'restart' can build a fresh one. Got {optimizer!r} instead."
             )
+        _check_step(step, loss, metrics)
+        options = StepOptions.checked(precision, accumulate, clip_grad_norm, ema, ema_warmup)
+        if use_ema and options.ema is None:
+            raise ValueError("use_ema=True needs an EMA of the weights: pass ema=<decay> too.")
         self.device = _check_device(device)
         self.dist = DistContext.from_env(self.device)
         self.device = self.dist.device
+        # The training step's options (torch_step): the plain step when all are default.
+        self.step_options, self._plain = options, options == StepOptions()
+        self.use_ema = options.ema is not None and use_ema is not False
+        self.precision = Precision(options.precision, self.device)
+        self.ema: EMA | None = None  # built with the model (init_model)
+        self.stats = EpochStats(self.device)
+        self.last_grad_norm: torch.Tensor | None = None
         self.ddp: nn.Module | None = None
         self.optimizer_factory = optimizer
+        self.factory_takes = factory_takes(optimizer)
+        self.step = step
         self.loss_fn = _resolve_loss(loss)
-        self.loss_name = loss if isinstance(loss, str) else _name(loss)
+        self.loss_name = None if loss is None else loss if isinstance(loss, str) else _name(loss)
         self.metrics = _resolve_metrics(metrics)
         self.num_workers = num_workers
         self.model_factory = None if isinstance(model, nn.Module) else model
@@ -311,6 +274,11 @@ class TorchBackend(Backend):
                 self.model.load_state_dict(self.initial)
         # A tensor no checkpoint can hold exactly is refused now, not at the first save.
         _storable({f"model/{k}": v for k, v in self.model.state_dict().items()})
+        if self.step_options.ema is not None:  # a new run's average starts at its weights
+            if self.ema is None:
+                self.ema = EMA(self.model, self.step_options.ema, self.step_options.ema_warmup)
+            else:
+                self.ema.reset(self.model)
         if self.dist.active and self.ddp is None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -374,7 +342,7 @@ class TorchBackend(Backend):
             initial = self.initial or {}
             what = "the initial weights the Trainer kept"
         else:
-            with _isolated_streams([], seed=0):  # its values do not matter here
+            with isolated_streams([], seed=0):  # its values do not matter here
                 initial = self.model_factory().state_dict()
             what = "the model the factory builds now"
         diffs = sorted(set(own) ^ set(initial)) + [
@@ -407,9 +375,20 @@ class TorchBackend(Backend):
         self._built = built[0]
         self._set_factory_lr(built[1])
         self.scheduler_interval = getattr(schedule, "interval", "step")
+        # The gradient scaler belongs to the optimizer it scales for: fresh with it
+        # (warm, restart); the epoch's statistics start again with the new regime.
+        self.precision = Precision(self.step_options.precision, self.device)
+        self.stats.reset()
 
     def _fresh_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = self.optimizer_factory(self.model.parameters())
+        """The factory's optimizer, over what the factory asks for (:func:`factory_takes`):
+        the module, its named parameters, or its parameters."""
+        given: Any = self.model.parameters()
+        if self.factory_takes == "model":
+            given = self.model
+        elif self.factory_takes == "named_parameters":
+            given = list(self.model.named_parameters())
+        optimizer = self.optimizer_factory(given)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "The optimizer factory must return a torch.optim.Optimizer. "
@@ -499,6 +478,7 @@ class TorchBackend(Backend):
 
     # -- data ------------------------------------------------------------------------
     def prepare(self, x: Any, y: Any) -> TensorData | DatasetData:
+        refuse_stream(x)
         if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
             if y is not None:
                 raise ValueError(
@@ -515,40 +495,27 @@ class TorchBackend(Backend):
                     f"a Dataset with at least one item ({type(x).__name__} has none)."
                 )
             return DatasetData(x)
-        xt = _as_tensor(x, "x", self.device)
-        yt = None if y is None else _as_tensor(y, "y", self.device)
-        check_samples(x, len(xt) if xt.ndim else None, None if yt is None else len(yt))
-        return TensorData(xt, yt, (x, y))
+        xt = as_tree(x, "x", self.device)
+        yt = None if y is None else as_tree(y, "y", self.device)
+        if torch.is_tensor(xt) and (yt is None or torch.is_tensor(yt)):
+            check_samples(x, len(xt) if xt.ndim else None, None if yt is None else len(yt))
+        else:  # a structure: every leaf has the same rows
+            try:
+                check_samples(x, tree_rows(xt, "x"), None if yt is None else tree_rows(yt, "y"))
+            except ValueError as err:
+                raise ValueError(f"{err}{_rows_hint(x)}") from None
+        return TensorData(xt, yt)
 
     def subset(self, data: Any, rows: np.ndarray) -> Any:
         if isinstance(data, DatasetData):
-            return DatasetData(torch.utils.data.Subset(data.dataset, rows.tolist()))
-        idx = torch.from_numpy(rows).to(data.x.device)
-        return TensorData(data.x[idx], None if data.y is None else data.y[idx], (None, None))
+            return DatasetData(torch.utils.data.Subset(data.dataset, rows.tolist()), data.probe)
+        idx = torch.from_numpy(rows).to(self.device)
+        return TensorData(pick(data.x, idx), None if data.y is None else pick(data.y, idx))
 
     def fingerprint(self, data: Any) -> tuple[str, list[int]]:
-        if isinstance(data, DatasetData):
-            ds, n = data.dataset, len(data)
-            probes = []
-            # Read with every stream forked and fixed: an augmenting Dataset then gives the
-            # same fingerprint on every call, and the caller's streams do not move.
-            with _isolated_streams(self._cuda_devices(), seed=0):
-                for i in sorted({0, n // 2, n - 1}):  # prepare refused len 0
-                    probes.append(ds[i])
-                    if not _trainable(probes[-1]):  # refused now, before the call starts
-                        raise _item_error(probes[-1], f"Item {i}")
-            arrays = [
-                np.asarray(t.cpu() if torch.is_tensor(t) else t) for p in probes for t in _flat(p)
-            ]
-            first = arrays[0] if arrays else np.zeros(0)
-            return fingerprint(np.asarray(n), *arrays), [n, *first.shape]
-        x = (
-            data.x.detach().cpu().numpy()
-            if data.x.dtype != torch.bfloat16
-            else data.x.float().cpu().numpy()
-        )
-        y = None if data.y is None else data.y.detach().cpu().numpy()
-        return fingerprint(x, y), list(data.x.shape)
+        if isinstance(data, DatasetData):  # its items' structure is checked here
+            return dataset_fingerprint(data, self._cuda_devices(), split_it=self.step is None)
+        return tensor_fingerprint(data)
 
     def batches(
         self, data: Any, order: np.ndarray, offset: int, batch_size: int, epoch: int
@@ -561,7 +528,7 @@ class TorchBackend(Backend):
             for idx in epoch_batches(order, batch_size, offset):
                 local = torch.from_numpy(shard(idx, self.dist.rank, self.dist.world_size))
                 local = local.to(self.device)
-                yield (x[local], None if y is None else y[local], len(idx))
+                yield (pick(x, local), None if y is None else pick(y, local), len(idx))
             return
         if offset >= len(order):
             return
@@ -569,8 +536,12 @@ class TorchBackend(Backend):
         # index_select is x[idx] without the advanced-indexing machinery (the same rows,
         # the same bits: ~6 µs a step on a small MLP, 45 on a wide one). Only for
         # contiguous data: x[idx] keeps a channels-last layout, index_select does not.
+        # A structure's leaves are cut the same way, each by the same index tensor.
         steps = torch.from_numpy(order[offset:]).to(self.device).split(batch_size)
-        if x.is_contiguous() and (y is None or y.is_contiguous()):
+        if not data.plain:
+            for idx in steps:
+                yield (take(x, idx), None if y is None else take(y, idx))
+        elif x.is_contiguous() and (y is None or y.is_contiguous()):
             for idx in steps:
                 yield (x.index_select(0, idx), None if y is None else y.index_select(0, idx))
         else:
@@ -580,13 +551,13 @@ class TorchBackend(Backend):
     def _loader_batches(
         self, data: DatasetData, order: np.ndarray, offset: int, batch_size: int, epoch: int
     ) -> Iterator[Any]:
-        # Each sample's randomness comes from (seed, epoch, index) (_SeededSamples); the
+        # Each sample's randomness comes from (seed, epoch, index) (SeededSamples); the
         # loader's own generator, which seeds its workers, keeps it off the trainer's
         # global torch stream.
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch, offset))
-        sampler = _OrderSampler(order, offset, batch_size, self.dist.rank, self.dist.world_size)
+        sampler = OrderSampler(order, offset, batch_size, self.dist.rank, self.dist.world_size)
         loader = torch.utils.data.DataLoader(
-            _SeededSamples(data.dataset, self.seed, epoch),
+            SeededSamples(data.dataset, self.seed, epoch),
             batch_sampler=sampler,
             num_workers=self.num_workers,
             generator=gen,
@@ -602,25 +573,28 @@ class TorchBackend(Backend):
         for global_n, rows in sampler.shards():
             if len(rows):
                 xb, yb = self._to_device(next(loaded))
-                self._no_rows = (xb[:0], None if yb is None else yb[:0])
+                self._no_rows = (rows_of(xb, 0, 0), None if yb is None else rows_of(yb, 0, 0))
             else:
                 xb, yb = self._zero_rows(data)
             yield xb, yb, global_n
 
-    def _to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        xb, yb = _split_batch(batch)
-        xb = xb.to(self.device, non_blocking=True)
-        return xb, None if yb is None else yb.to(self.device, non_blocking=True)
+    def _to_device(self, batch: Any) -> tuple[Tree, Tree | None]:
+        """A collated batch on the device as (x, y-or-None): split by the default step's
+        rule (:func:`~.torch_data.split`); whole, as x, for a ``step=``."""
+        xb, yb = (batch, None) if self.step is not None else split(batch)
+        return to_device(xb, self.device, True), None if yb is None else to_device(
+            yb, self.device, True
+        )
 
-    def _zero_rows(self, data: DatasetData) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _zero_rows(self, data: DatasetData) -> tuple[Tree, Tree | None]:
         """A batch of zero rows shaped like the Dataset's: the last loaded batch's, or,
         before any (a global batch smaller than the world, a resume at an epoch's short
         last batch), sample 0's, read with every stream forked and fixed."""
         if self._no_rows is None:
-            with _isolated_streams(self._cuda_devices(), seed=0):
+            with isolated_streams(self._cuda_devices(), seed=0):
                 item = torch.utils.data.default_collate([data.dataset[0]])
             xb, yb = self._to_device(item)
-            self._no_rows = (xb[:0], None if yb is None else yb[:0])
+            self._no_rows = (rows_of(xb, 0, 0), None if yb is None else rows_of(yb, 0, 0))
         return self._no_rows
 
     _numerics: dict[str, str] | None = None  # torch's global numerics at the last fit call
@@ -670,11 +644,23 @@ class TorchBackend(Backend):
         return _lr_value(self.optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
 
     def train_step(self, batch: Any) -> Any:
+        if not self._plain:  # precision, accumulation, clipping or EMA: torch_step
+            if self.dist.active:
+                xs, ys, global_n = batch
+                return self._full_step(xs, ys, global_n)
+            return self._full_step(batch[0], batch[1], None)
         if self.dist.active:
             return self._ddp_step(*batch)
         xb, yb = batch
-        out = self.model(xb)
-        loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+        if self.step is not None:  # the user's forward and loss, checked before any change
+            loss = self._step_loss(self.step(self.model, xb if yb is None else (xb, yb)))
+        else:  # model(x), model(**x) for a dict, model(*x) for a tuple or list
+            out = (
+                self.model(xb) if torch.is_tensor(xb)
+                else self.model(**xb) if isinstance(xb, Mapping)
+                else self.model(*xb)
+            )  # fmt: skip
+            loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
         value: float | torch.Tensor
         if self.check_each_step:
             value = loss.item()
@@ -693,21 +679,128 @@ class TorchBackend(Backend):
         self._last_loss = loss
         return value
 
-    def _ddp_step(self, xb: torch.Tensor, yb: torch.Tensor | None, global_n: int) -> Any:
+    def _full_step(self, xb: Tree, yb: Tree | None, global_n: int | None) -> Any:
+        """One optimizer step with the step options (:mod:`.torch_step`): ``accumulate``
+        micro-batches, each forward under autocast and its loss weighted by its share
+        of the global batch (so the update is the gradient of the global batch's mean
+        loss whatever ``accumulate`` and the world size, up to summation order), the
+        scaler, clipping of the unscaled gradients, the optimizer step (skipped by the
+        fp16 scaler on inf/NaN gradients), the EMA update. Under DDP the gradients are
+        all-reduced once, at the last micro-batch (``no_sync`` on the others)."""
+        opts, dist, scaler = self.step_options, self.dist, self.precision.scaler
+        model = self.ddp if dist.active else self.model
+        n = count_rows(xb)
+        total = n if global_n is None else global_n
+        self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        micro = micro_batches(n, opts.accumulate, keep_empty=dist.active)
+        loss: torch.Tensor | None = None
+        for i, (a, b) in enumerate(micro):
+            xm, ym = rows_of(xb, a, b), None if yb is None else rows_of(yb, a, b)
+            last = i == len(micro) - 1
+            ddp: Any = self.ddp
+            sync = ddp.no_sync() if dist.active and not last else contextlib.nullcontext()
+            with sync:
+                with self.precision.autocast():
+                    mean = self._batch_loss(model, xm, ym, b - a)
+                part = self._no_rows_part() if mean is None else mean * ((b - a) / total)
+                scaled = part * dist.world_size if dist.active else part
+                (scaled if scaler is None else scaler.scale(scaled)).backward()
+            loss = part.detach() if loss is None else loss + part.detach()
+        assert loss is not None
+        value: float | torch.Tensor = loss
+        if self.check_each_step:  # before the optimizer step: the last good step's state
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(value)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # type: ignore[arg-type]
+        norm = None
+        if opts.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.clip_grad_norm)
+        skipped = False
+        if scaler is not None:
+            scale = scaler.get_scale()  # a host sync, as the scaler's own inf check is
+            scaler.step(self.optimizer)  # type: ignore[arg-type]
+            scaler.update()
+            skipped = scaler.get_scale() < scale  # the scale backs off only on inf/NaN
+        else:
+            self.optimizer.step()  # type: ignore[union-attr]
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.stats.add(None if skipped else norm, skipped)
+        self.last_grad_norm = norm
+        return value
+
+    def _batch_loss(self, model: Any, xb: Tree, yb: Tree | None, rows: int) -> Any:
+        """The mean loss of a (micro-)batch through ``model`` (the DDP wrapper under
+        torchrun, whose forward runs even with no rows: it may be a collective); None
+        for no rows."""
+        if self.step is not None:
+            returned = self.step(model, compose(xb, yb))
+            return self._step_loss(returned) if rows else None
+        out = call_model(model, xb)
+        if not rows:
+            return None
+        return self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+
+    def _no_rows_part(self) -> torch.Tensor:
+        """A rank's share when a short global batch left it no rows: zero, through every
+        parameter (each times 0 before the sum: a float16 sum could overflow to inf), so
+        that the all-reduce finds a gradient for each."""
+        return cast(torch.Tensor, sum((p * 0.0).sum() for p in self.model.parameters()))
+
+    def epoch_logs(self) -> dict[str, float]:
+        """The epoch's pre-clip gradient norms (mean, max) and fp16 steps skipped."""
+        logs = self.stats.logs(
+            self.step_options.clip_grad_norm is not None, self.precision.scaler is not None
+        )
+        self.stats.reset()
+        return logs
+
+    def _step_loss(self, value: Any, *, training: bool = True) -> torch.Tensor:
+        """What a ``step=`` returned, if it is a loss warmfit can train on: a 0-dim
+        floating tensor (which, ``training``, requires grad); else :class:`StepError`
+        naming what it returned, before the optimizer step."""
+        if not (torch.is_tensor(value) and value.ndim == 0 and value.is_floating_point()):
+            raise StepError(
+                f"The step {_name(self.step)} returned {_returned(value)}; it must return "
+                "the loss as a scalar tensor (0-dim, floating point), e.g. `return "
+                "F.cross_entropy(model(x), y)` or `loss.mean()`. Nothing was trained on it."
+            )
+        if training and not value.requires_grad:
+            raise StepError(
+                f"The step {_name(self.step)} returned a loss that does not require grad "
+                "(computed under torch.no_grad(), .detach()ed, or from no parameter), so "
+                "no gradient can be computed from it. Return the loss computed from the "
+                "model's output. Nothing was trained on it."
+            )
+        return value
+
+    def _ddp_step(self, xb: Tree, yb: Tree | None, global_n: int) -> Any:
         """One step on this rank's shard of a global batch.
 
         DDP averages gradients over ranks; weighting each rank's mean loss by
         ``world * local_n / global_n`` makes that average the gradient of the mean loss
         over the whole global batch, whatever the split — so the batch composition and
-        the update do not depend on the world size (up to float summation order).
+        the update do not depend on the world size (up to float summation order). A
+        ``step=`` gets the DDP wrapper as its model (call it as the model).
         """
         assert self.ddp is not None
-        local_n = len(xb)
+        local_n = count_rows(xb)
         # Through DDP's forward even with no rows: it runs collectives of its own (the
         # buffers' broadcast), which every rank must join.
-        out = self.ddp(xb)
-        if local_n:
-            mean = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+        mean = None
+        if self.step is not None:
+            returned = self.step(self.ddp, compose(xb, yb))
+            if local_n:
+                mean = self._step_loss(returned)
+        else:
+            out = call_model(self.ddp, xb)
+            if local_n:
+                mean = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+        if mean is not None:
             part = mean * (local_n / global_n)
         else:  # a short global batch left this rank nothing: join the all-reduce with zeros
             # (each parameter times 0 before the sum: a float16 sum could overflow to inf)
@@ -734,8 +827,13 @@ class TorchBackend(Backend):
             stacked = self.dist.all_sum(stacked)
         return stacked.cpu().numpy()
 
-    def _all_rows(self, data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        """Every row in order, unsharded: evaluation and prediction run whole on each rank."""
+    def _all_rows(
+        self, data: Any, batch_size: int, *, split_it: bool
+    ) -> Iterator[tuple[Tree, Tree | None]]:
+        """Every row in order, unsharded: evaluation and prediction run whole on each
+        rank. A Dataset's batches are split into (x, y) (``split_it``) or kept whole, as
+        x (a ``step=`` evaluating); its first batch is checked as the fingerprint checks
+        a training Dataset's items."""
         if isinstance(data, DatasetData):
             loader = torch.utils.data.DataLoader(
                 data.dataset,
@@ -743,42 +841,61 @@ class TorchBackend(Backend):
                 num_workers=self.num_workers,
                 generator=torch.Generator().manual_seed(0),  # keeps off the global stream
             )
-            for batch in loader:
-                xb, yb = _split_batch(batch)
-                yield xb.to(self.device), None if yb is None else yb.to(self.device)
+            for i, batch in enumerate(loader):
+                if i == 0:
+                    self._check_item(batch, "A batch of its items", split_it=split_it)
+                xb, yb = split(batch) if split_it else (batch, None)
+                yield to_device(xb, self.device), None if yb is None else to_device(yb, self.device)
             return
         for start in range(0, len(data), batch_size):
-            xb = data.x[start : start + batch_size]
-            yield xb, None if data.y is None else data.y[start : start + batch_size]
+            xb = rows_of(data.x, start, start + batch_size)
+            yield xb, None if data.y is None else rows_of(data.y, start, start + batch_size)
+
+    def _eval_weights(self) -> contextlib.AbstractContextManager[Any]:
+        """The weights evaluation uses: the EMA's (``ema=``, unless ``use_ema=False``),
+        swapped in for the block and the trained ones put back bit for bit."""
+        if self.ema is not None and self.use_ema:
+            return self.ema.swapped_in(self.model)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def evaluate(self, data: Any, batch_size: int) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
         try:
-            n = len(data)
-            totals: dict[str, torch.Tensor] = {}
-            for xb, yb in self._all_rows(data, batch_size):
-                out = self.model(xb)
-                w = len(xb)
-                vals = {"loss": self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)}
-                for name, fn in self.metrics.items():
-                    vals[name] = fn(out, yb)
-                for k, v in vals.items():
-                    totals[k] = totals.get(k, 0) + v.detach().double() * w
-            return {k: float(v.item()) / n for k, v in totals.items()}
+            with self._eval_weights():
+                n = len(data)
+                totals: dict[str, torch.Tensor] = {}
+                for xb, yb in self._all_rows(data, batch_size, split_it=self.step is None):
+                    w = count_rows(xb)
+                    if self.step is not None:  # the step's loss (metrics are refused with it)
+                        returned = self.step(self.model, compose(xb, yb))
+                        vals = {"loss": self._step_loss(returned, training=False)}
+                    else:
+                        out = call_model(self.model, xb)
+                        loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
+                        vals = {"loss": loss}
+                        for name, fn in self.metrics.items():
+                            vals[name] = fn(out, yb)
+                    for k, v in vals.items():
+                        totals[k] = totals.get(k, 0) + v.detach().double() * w
+                return {k: float(v.item()) / n for k, v in totals.items()}
         finally:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def predict(self, x: Any, batch_size: int) -> torch.Tensor:
+    def predict(self, x: Any, batch_size: int) -> Any:
+        """The model's outputs, ``model(x)`` (``model(**x)``, ``model(*x)``), joined over
+        the batches (:func:`~.torch_data.join_outputs`); a step's or not."""
         data = self.prepare(x, None)
         self.check_data(data, with_target=False, what="predict:")
         was_training = self.model.training
         self.model.eval()
         try:
-            outs = [self.model(xb) for xb, _ in self._all_rows(data, batch_size)]
-            return torch.cat(outs) if outs else torch.empty(0)
+            rows = self._all_rows(data, batch_size, split_it=True)
+            with self._eval_weights():
+                outs = [call_model(self.model, xb) for xb, _ in rows]
+            return join_outputs(outs) if outs else torch.empty(0)
         finally:
             self.model.train(was_training)
 
@@ -805,6 +922,8 @@ class TorchBackend(Backend):
             for slot, v in slots.items():
                 if torch.is_tensor(v):
                     out[f"optim/{idx}/{slot}"] = v
+        if self.ema is not None:
+            out.update(self.ema.state_tensors())
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -835,7 +954,67 @@ class TorchBackend(Backend):
             else jsonstate.encode(self.scheduler.state_dict(), "scheduler"),
             "dtypes": dtypes,
             "tensor_dtypes": tensor_dtypes,
+            **({} if self._plain else {"step": self._step_meta()}),
         }
+
+    def _step_meta(self) -> dict[str, Any]:
+        """What the step options carry from one step to the next: the fp16 scaler's
+        state, the EMA's update count (its shadow weights are ``ema/*`` tensors) and the
+        epoch's gradient-norm and skipped-step statistics."""
+        return {
+            "options": self.step_options.describe(),
+            "scaler": self.precision.state_meta(),
+            "ema_updates": None if self.ema is None else self.ema.updates,
+            "stats": self.stats.state_meta(),
+        }
+
+    def _stage_step(
+        self, meta: Any, tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str]
+    ) -> dict[str, Any] | None:
+        """A checkpoint's step state, checked (nothing changes): what of it this
+        trainer's options can take. A checkpoint written with other options (a setting
+        the resume names, refused on 'continue') leaves the parts it lacks fresh."""
+        if self._plain:
+            return None
+        if meta is None:
+            return {}
+        if not isinstance(meta, Mapping):
+            raise StateMismatchError(f"step is malformed: {meta!r}")
+        staged: dict[str, Any] = {}
+        if self.precision.scaler is not None and meta.get("scaler") is not None:
+            self.precision.check_state(meta["scaler"])
+            staged["scaler"] = meta["scaler"]
+        if self.ema is not None and isinstance(meta.get("ema_updates"), int):
+            own = self.ema.shadow
+            saved = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
+            check_keys("ema", _encoded(own), saved)
+            shadow = {k: _decode(f"ema/{k}", v, dtypes.get(f"ema/{k}")) for k, v in saved.items()}
+            for k, t in shadow.items():
+                if t.dtype != own[k].dtype:
+                    raise StateMismatchError(
+                        f"ema/{k} has dtype {t.dtype} in the checkpoint, {own[k].dtype} here."
+                    )
+            staged["ema"] = (shadow, meta["ema_updates"])
+        if meta.get("stats") is not None:
+            EpochStats.check_state(meta["stats"])
+            staged["stats"] = meta["stats"]
+        return staged
+
+    def _apply_step(self, staged: dict[str, Any] | None) -> None:
+        if staged is None:
+            return
+        if "scaler" in staged:
+            self.precision.load_state(staged["scaler"])
+        if self.ema is not None:
+            if "ema" in staged:
+                shadow, updates = staged["ema"]
+                for k, t in shadow.items():
+                    self.ema.shadow[k].copy_(t)
+                self.ema.updates = updates
+            else:  # written without an EMA: it starts at the loaded weights
+                self.ema.reset(self.model)
+        if "stats" in staged:
+            self.stats.load_state(staged["stats"])
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Restore weights, initial weights, optimizer and scheduler. Everything is checked
@@ -960,6 +1139,7 @@ class TorchBackend(Backend):
         scheduler_state = meta.get("scheduler")
         if scheduler_state is not None:
             scheduler_state = jsonstate.decode(scheduler_state)
+        step_state = self._stage_step(meta.get("step"), tensors, dtypes)
         # Apply: nothing below is expected to fail on data that passed the checks above;
         # the optimizer first, as torch checks more there (and changes nothing on a refusal).
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})  # type: ignore[union-attr]
@@ -970,6 +1150,7 @@ class TorchBackend(Backend):
         self._set_factory_lr([float(v) for v in factory_lr])
         if self.scheduler is not None and scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
+        self._apply_step(step_state)
 
     def check_rng(self, state: Mapping[str, np.ndarray]) -> None:
         """Refuse random-stream entries that torch would reject, before anything changes."""
@@ -982,30 +1163,70 @@ class TorchBackend(Backend):
             )
 
     def check_data(self, data: Any, *, with_target: bool, what: str) -> None:
-        """Run the model (and the loss) on the first two rows, in eval mode, with the
-        random streams put back afterwards: a mismatch of features, dtypes or targets is
-        a ValueError naming the data before anything changes, not a torch error deep
-        inside training. Map-style Datasets are not probed (reading samples has effects
-        a user may count)."""
-        if not isinstance(data, TensorData):
-            return
-        xb = data.x[:2]
-        yb = None if data.y is None else data.y[:2]
+        """Run the model (and the loss, or the ``step=``) on the first two rows, in eval
+        mode, with the random streams put back afterwards: a mismatch of features, dtypes
+        or targets is a ValueError naming the data before anything changes, not a torch
+        error deep inside training. A structure the model's ``forward`` cannot take is
+        refused first, naming its keys and the forward's parameters.
+
+        A map-style Dataset is probed on its item 0 as the fingerprint read it (never a
+        sample more: reading samples has effects a user may count), and only where the
+        loss is the step's or the model's own (``step=``, ``loss=None``); a Dataset no
+        fingerprint has read (evaluate, predict) is checked at its first batch."""
+        if isinstance(data, DatasetData):
+            if data.probe is None:
+                return
+            self._check_item(data.probe, "Item 0", split_it=self.step is None)
+            if not with_target or (self.step is None and self.loss_fn is not output_loss):
+                return
+            xb, yb = self._to_device(torch.utils.data.default_collate([data.probe]))
+            x_all, y_all, where = xb, yb, "item 0"
+        else:
+            if self.step is None or not with_target:
+                problem = forward_problem(self.model, data.x)
+                if problem is not None:
+                    call = "model(**x)" if isinstance(data.x, Mapping) else "model(*x)"
+                    raise ValueError(
+                        f"The data does not fit the model's forward: {what} x is a "
+                        f"{kind_of(data.x)}, passed to it as {call}, and {problem}. Name the "
+                        "keys (or order the parts) as the forward's parameters, or pass "
+                        "step=fn(model, batch) -> loss, which calls the model as it wants."
+                        + _rows_hint(data.x)
+                    )
+            xb, yb = rows_of(data.x, 0, 2), None if data.y is None else rows_of(data.y, 0, 2)
+            x_all, y_all, where = data.x, data.y, "first rows"
+        stepped = with_target and self.step is not None
         try:
-            with self._trial():
-                out = self.model(xb)
-                if with_target:
+            # A step's loss is checked with autograd on (a graph is built, never used):
+            # one that cannot train (detached) is refused here too.
+            with self._trial(grad=stepped):
+                if not with_target:
+                    call_model(self.model, xb)
+                elif self.step is not None:
+                    self._step_loss(self.step(self.model, compose(xb, yb)))
+                else:
+                    out = call_model(self.model, xb)
                     loss = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
                     if not torch.is_tensor(loss) or loss.numel() != 1:
                         raise ValueError(f"the loss returned {loss!r}, not a scalar tensor")
-        except Exception as err:  # any failure here is the data's or the model's
-            y_desc = "None" if data.y is None else f"{tuple(data.y.shape)} {data.y.dtype}"
+        except StepError:
+            raise
+        except Exception as err:  # any other failure here is the data's or the model's
+            y_desc = "None" if y_all is None else describe(y_all)
             raise ValueError(
-                f"The data does not fit the model or the loss: {what} x "
-                f"{tuple(data.x.shape)} {data.x.dtype}, y {y_desc}. On its first rows "
-                f"{type(err).__name__}: {err}. Check the number of features, the dtypes, "
-                "and that y matches the loss."
+                f"The data does not fit the model or the loss: {what} x {describe(x_all)}, "
+                f"y {y_desc}. On its {where} {type(err).__name__}: {err}. Check the number "
+                "of features, the dtypes, and that y matches the loss."
             ) from None
+
+    def _check_item(self, item: Any, which: str, *, split_it: bool) -> None:
+        """A Dataset's item (or collated batch) that training cannot batch or the model's
+        forward cannot take (:func:`~.torch_data.item_error`), refused."""
+        check_item(item, which, split_it=split_it)
+        if split_it and self.step is None:
+            problem = forward_problem(self.model, split(item)[0])
+            if problem is not None:
+                raise item_error(item, which, forward=problem)
 
     def check_zero_rows(self, data: Any, batch_size: int) -> None:
         """Under DDP, if a global batch of this data leaves a rank no rows (``batch_size``
@@ -1018,9 +1239,16 @@ class TorchBackend(Backend):
             return
         problem = None
         try:
-            xb = data.x[:0] if isinstance(data, TensorData) else self._zero_rows(data)[0]
+            if isinstance(data, TensorData):
+                xb = rows_of(data.x, 0, 0)
+                yb = None if data.y is None else rows_of(data.y, 0, 0)
+            else:
+                xb, yb = self._zero_rows(data)
             with self._trial():
-                self.model(xb)
+                if self.step is not None:
+                    self.step(self.model, compose(xb, yb))
+                else:
+                    call_model(self.model, xb)
         except Exception as err:
             problem = f"{type(err).__name__}: {err}"
         if self.dist.any_rank(problem is not None):
@@ -1036,12 +1264,13 @@ class TorchBackend(Backend):
             )
 
     @contextlib.contextmanager
-    def _trial(self) -> Iterator[None]:
-        """A forward pass that changes nothing: the model in eval mode, no gradients,
-        every random stream forked; the model's mode is put back afterwards."""
+    def _trial(self, *, grad: bool = False) -> Iterator[None]:
+        """A forward pass that changes nothing: the model in eval mode, no gradients
+        (unless ``grad``: a graph, never used for a backward pass), every random stream
+        forked; the model's mode is put back afterwards."""
         was_training = self.model.training
         try:
-            with _isolated_streams(self._cuda_devices()), torch.no_grad():
+            with isolated_streams(self._cuda_devices()), torch.set_grad_enabled(grad):
                 self.model.eval()
                 yield
         finally:
@@ -1077,27 +1306,9 @@ class TorchBackend(Backend):
             "memory_format": _memory_formats(self.model),
             "numerics": _numerics(),
             "threads": torch.get_num_threads(),
+            **({"step": _name(self.step)} if self.step is not None else {}),
+            **({} if self._plain else {"step_options": self.step_options.describe()}),
         }
-
-
-@contextlib.contextmanager
-def _isolated_streams(devices: list[torch.device], seed: int | None = None) -> Iterator[None]:
-    """Run a block with Python's, NumPy's and torch's global streams (CPU and ``devices``)
-    forked: put back as they were afterwards; with ``seed``, seeded to it inside."""
-    host = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                random.seed(seed)
-                np.random.seed(seed)
-                torch.default_generator.manual_seed(seed)
-                for device in devices:
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(host[0])
-        np.random.set_state(host[1])
 
 
 _MISSING = object()
@@ -1203,7 +1414,110 @@ def _name(obj: object) -> str:
     return type(obj).__name__ if isinstance(obj, nn.Module) else getattr(obj, "__name__", repr(obj))
 
 
+class StepError(ValueError):
+    """A loss warmfit cannot train on: what a ``step=`` returned, or a model's own
+    ``.loss`` that is not there. Its message is whole: the data probe raises it as it is."""
+
+
+def output_loss(out: Any, target: Any = None) -> torch.Tensor:
+    """The loss of ``loss=None``: the one the model computed itself, its output's
+    ``.loss`` attribute or ``"loss"`` key (the Hugging Face convention)."""
+    if target is not None:
+        raise StepError(
+            "loss=None takes the loss the model computes itself (its output's .loss, the "
+            "Hugging Face convention), which never sees a separate target y, and this data "
+            "has one. Pass loss= (a callable (output, target) -> loss, or a name) to "
+            "compare the output with y, put the target among the model's inputs (x={..., "
+            "'labels': y}), or pass step=fn(model, batch) -> loss."
+        )
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        has = (isinstance(out, Mapping) and "loss" in out) or hasattr(out, "loss")
+        raise StepError(
+            "The Trainer has no loss=, and the model's output, "
+            + (
+                f"{_returned(out)}, has loss None (a Hugging Face model computes it only when "
+                "given labels: put them among the model's inputs, e.g. x['labels']). "
+                if has
+                else f"{_returned(out)}, has no .loss attribute or 'loss' key (the Hugging "
+                "Face convention). "
+            )
+            + f"Pass loss= (a callable (output, target) -> loss, or one of {sorted(_LOSSES)}) "
+            "or step=fn(model, batch) -> loss."
+        )
+    return cast(torch.Tensor, loss)
+
+
+def _returned(value: Any) -> str:
+    """What a function returned, for a message: "a Tensor of shape (16,) and dtype
+    torch.float32", "a float (0.5)", "a dict with keys ['loss']", "None"."""
+    if value is None:
+        return "None"
+    if torch.is_tensor(value):
+        return f"a Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (numbers.Number, str)):
+        return f"a {type(value).__name__} ({value!r})"
+    return f"a {kind_of(value)}"
+
+
+def _rows_hint(x: Any) -> str:
+    """For a list of more than two arrays of one shape, taken as a structure (an input
+    of the model per array), the other reading it may have been meant."""
+    if not isinstance(x, list) or len(x) <= 2:
+        return ""
+    shapes = {tuple(np.shape(v)) for v in x if torch.is_tensor(v) or isinstance(v, np.ndarray)}
+    if len(shapes) != 1:
+        return ""
+    return (
+        f" (x is a list of {len(x)} arrays of one shape, taken as {len(x)} inputs of the "
+        "model; if it holds one array per sample, pass np.stack(x).)"
+    )
+
+
+def _check_step(step: Any, loss: Any, metrics: Any) -> None:
+    """Refuse a ``step=`` that is not a function, or that comes with a ``loss=`` or
+    ``metrics=`` it leaves without a meaning."""
+    if step is None:
+        return
+    if not callable(step):
+        raise TypeError(
+            "The 'step' parameter of Trainer must be a function (model, batch) -> loss, a "
+            f"scalar tensor. Got {step!r} instead."
+        )
+    if loss is not None:
+        raise ValueError(
+            "Pass either 'loss' or 'step', not both: a step computes the loss itself "
+            f"(step={_name(step)}, loss={loss!r})."
+        )
+    if metrics:
+        raise ValueError(
+            "metrics= are computed as metric(model(x), y), and with step= warmfit does not "
+            "know how your step calls the model or which part of the batch is the target. "
+            "Compute them in a callback (on_epoch_end, with trainer.model), or use loss= "
+            "(any callable (output, target) -> loss) instead of step=."
+        )
+
+
+def factory_takes(factory: Callable[..., Any]) -> str:
+    """What an optimizer factory is called with, by the name of its first parameter:
+    ``model`` -> the module (``"model"``); ``named_parameters`` or ``named_params`` ->
+    the list of ``(name, parameter)`` pairs, for groups by name (``"named_parameters"``);
+    any other name, or a signature that cannot be read -> ``model.parameters()``
+    (``"parameters"``)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return "parameters"
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    first = params[0].name if params and params[0].kind in kinds else ""
+    if first == "model":
+        return "model"
+    return "named_parameters" if first in ("named_parameters", "named_params") else "parameters"
+
+
 def _resolve_loss(loss: Any) -> Callable[..., torch.Tensor]:
+    if loss is None:
+        return output_loss
     if isinstance(loss, str):
         if loss not in _LOSSES:
             raise ValueError(
@@ -1230,22 +1544,6 @@ def _resolve_metrics(metrics: Any) -> dict[str, Callable]:
         else:
             out[_name(m)] = m
     return out
-
-
-def _as_tensor(a: Any, name: str, device: torch.device) -> torch.Tensor:
-    if torch.is_tensor(a):
-        t = a
-    else:
-        arr = np.asarray(a)
-        if arr.dtype == object or arr.dtype.kind in "USV":
-            raise TypeError(
-                f"{name} must be numeric (a numpy array or torch tensor). Got dtype {arr.dtype}."
-            )
-        if arr.dtype == np.float64:
-            arr = arr.astype(np.float32)
-        # np.ascontiguousarray would turn a 0-d array into shape (1,): keep scalars 0-d.
-        t = torch.from_numpy(np.ascontiguousarray(arr) if arr.ndim else arr.copy())
-    return t.to(device)
 
 
 def _encodable(t: torch.Tensor) -> str | None:
@@ -1390,30 +1688,6 @@ def _lr_value(lr: Any) -> float:
     return float(lr.item() if torch.is_tensor(lr) else lr)
 
 
-def _is_leaf(obj: Any) -> bool:
-    """A tensor, a numeric NumPy array or scalar, or a number: what collates to a tensor."""
-    if torch.is_tensor(obj):
-        return True
-    if isinstance(obj, (np.ndarray, np.generic)):
-        return obj.dtype.kind in "biufc"
-    return isinstance(obj, numbers.Number)
-
-
-def _trainable(item: Any) -> bool:
-    """Whether a Dataset item is one training can batch: (x, y) or x alone, of leaves
-    (not a dict, nested tuples or strings)."""
-    if isinstance(item, (tuple, list)):
-        return len(item) == 2 and all(map(_is_leaf, item))
-    return _is_leaf(item)
-
-
-def _item_error(item: Any, which: str) -> ValueError:
-    return ValueError(
-        f"{_ITEMS}. {which} is a {_kind(item)}. Wrap the Dataset so that __getitem__ "
-        "returns (x, y), e.g. `return item['x'], item['y']` for dict items."
-    )
-
-
 def _check_device(device: Any) -> torch.device:
     """``device`` as a ``torch.device`` this process can use; a ``ValueError`` that says
     what to pass instead of torch's errors for a bad name or a device not here."""
@@ -1436,36 +1710,6 @@ def _check_device(device: Any) -> torch.device:
             f"cuda:{torch.cuda.device_count() - 1}."
         )
     return dev
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A collated batch as (x, y-or-None); refuses what :func:`_trainable` refuses (for a
-    Dataset no fingerprint has read: evaluate, predict)."""
-    if torch.is_tensor(batch):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(map(torch.is_tensor, batch)):
-        return batch[0], batch[1]
-    raise _item_error(batch, "A batch of its items")
-
-
-def _kind(obj: Any) -> str:
-    """What ``obj`` is, for an error message: "dict with keys ['x', 'y']", "tuple of 3
-    (Tensor of dtype torch.float32, int, float)"."""
-    name = type(obj).__name__
-    if isinstance(obj, Mapping):
-        return f"{name} with keys {list(obj)[:8]}"
-    if isinstance(obj, (tuple, list)):
-        inner = ", ".join(_kind(o) for o in obj[:4]) + (", ..." if len(obj) > 4 else "")
-        return f"{name} of {len(obj)} ({inner})"
-    if isinstance(obj, (np.ndarray, np.generic)) or torch.is_tensor(obj):
-        return f"{name} of dtype {obj.dtype}"
-    return name
-
-
-def _flat(obj: Any) -> list[Any]:
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _flat(o)]
-    return [obj]
 
 
 def _jsonable(obj: Any) -> Any:
