@@ -26,6 +26,7 @@ import bench_data_path
 import bench_memory
 import bench_resume
 import bench_step_overhead
+import bench_training_step
 from _report import REPORT
 
 DEVICES = [
@@ -126,6 +127,11 @@ def test_memory_benchmark_runs(device):
     )
     assert r["ratio_fit"] > 0 and r["snapshot_bytes"] > 0
     assert ("cuda_peak_warmfit fit" in r) == (device == "cuda")
+
+
+def test_training_step_benchmark_runs():
+    r = bench_training_step.run(repeats=1, scale=1 / 16, write=False)
+    assert r["ratio"] > 0 and r["hand"] > 0 and r["steps"] == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

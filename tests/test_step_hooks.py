@@ -117,6 +117,29 @@ def test_warm_and_restart_reset_a_per_step_callback():
     assert counter.steps == 8
 
 
+def test_the_pre_clip_gradient_norm_of_each_step_is_seen():
+    norms: list[float | None] = []
+
+    class Norms(warmfit.Callback):
+        def on_step_end(self, trainer, step):  # type: ignore[no-untyped-def]
+            norms.append(step.grad_norm)
+
+    x, y = make_data(64)
+    t = make_trainer(callbacks=[Norms()], clip_grad_norm=0.5)
+    t.fit(x, y, epochs=1)
+    assert len(norms) == 4 and all(isinstance(n, float) and n > 0 for n in norms)
+    assert t.history[-1]["grad_norm"] == sum(norms) / 4  # float64 sums of float32 norms
+    assert t.history[-1]["grad_norm_max"] == max(norms)
+    plain: list[float | None] = []
+
+    class Plain(warmfit.Callback):
+        def on_step_end(self, trainer, step):  # type: ignore[no-untyped-def]
+            plain.append(step.grad_norm)
+
+    make_trainer(callbacks=[Plain()]).fit(x, y, epochs=1)
+    assert plain == [None] * 4
+
+
 def test_step_logs_repr_and_the_public_name():
     logs = StepLogs(3, 0, 48, 0.01, 0.5, lambda handles: np.asarray(handles))
     assert repr(logs) == "StepLogs(step=3, epoch=0, lr=0.01)"

@@ -34,18 +34,31 @@ if TYPE_CHECKING:
 class StepLogs:
     """The optimizer step just taken, as ``on_step_end`` sees it: ``step`` (global
     step, counted from 1), ``epoch`` (the epoch it belongs to, from 0), ``offset``
-    (samples of that epoch trained on after it), ``lr`` (the step's learning rate) and
-    :attr:`loss`, read when asked: on a GPU that is a host sync, so a callback that
-    never asks adds none. Under torchrun reading :attr:`loss` is a collective (the
-    global batch's mean is summed over the ranks): ask on every rank or on none."""
+    (samples of that epoch trained on after it), ``lr`` (the step's learning rate),
+    :attr:`loss` and :attr:`grad_norm`, read when asked: on a GPU that is a host sync,
+    so a callback that never asks adds none. Under torchrun reading :attr:`loss` is a
+    collective (the global batch's mean is summed over the ranks): ask on every rank or
+    on none."""
 
-    __slots__ = ("_handle", "_read", "epoch", "lr", "offset", "step")
+    __slots__ = ("_handle", "_norm", "_read", "epoch", "lr", "offset", "step")
 
     def __init__(
-        self, step: int, epoch: int, offset: int, lr: float, handle: Any, read: Any
+        self,
+        step: int,
+        epoch: int,
+        offset: int,
+        lr: float,
+        handle: Any,
+        read: Any,
+        norm: Any = None,
     ) -> None:
         self.step, self.epoch, self.offset, self.lr = step, epoch, offset, lr
-        self._handle, self._read = handle, read
+        self._handle, self._read, self._norm = handle, read, norm
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The step's gradient norm before clipping (``clip_grad_norm=``), else None."""
+        return None if self._norm is None else float(self._norm)
 
     @property
     def loss(self) -> float:

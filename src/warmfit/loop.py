@@ -93,7 +93,8 @@ def run_epochs(
                 last = losses[-1]  # a float only where reading it was free (CPU)
                 progress.advance(c.global_step, last if type(last) is float else None)
                 if stepwise:
-                    taken = StepLogs(c.global_step, c.epoch, c.offset, lr, last, read)
+                    norm = backend.last_grad_norm
+                    taken = StepLogs(c.global_step, c.epoch, c.offset, lr, last, read, norm)
                     for cb in stepwise:
                         cb.on_step_end(trainer, taken)
                 if (

@@ -168,6 +168,9 @@ class Backend(abc.ABC):
         return 0
 
     optimizer: Any = None
+    #: The last step's gradient norm before clipping (a handle: read when asked), or
+    #: None where the step does not clip (``StepLogs.grad_norm``).
+    last_grad_norm: Any = None
     #: The Trainer's seed, set by :meth:`init_model` (data-reading streams use it).
     seed: int = 0
     _snapshot_buffers: Any = None
