@@ -216,13 +216,16 @@ def test_the_options_are_refused_for_a_scikit_learn_model():
     )
 
 
-def test_a_continue_with_other_step_options_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("before", "after"), [({"accumulate": 2}, {}), ({}, {"accumulate": 2}), ({"ema": 0.9}, {})]
+)
+def test_a_continue_with_other_step_options_is_refused(tmp_path, before, after):
     x, y = make_data(64)
-    t = make_trainer(accumulate=2, run_dir=tmp_path / "run")
+    t = make_trainer(run_dir=tmp_path / "run", **before)
     t.fit(x, y, epochs=1)
     t.close()
     with pytest.warns(UserWarning, match="step_options"):
-        other = make_trainer(run_dir=tmp_path / "run")
+        other = make_trainer(run_dir=tmp_path / "run", **after)
     with pytest.raises(warmfit.StateMismatchError, match="step_options"):
         other.fit(x, y, epochs=1)
     assert other.epoch == 1

@@ -39,7 +39,9 @@ from .schedules import Schedule, TorchScheduler, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
 #: Settings whose change breaks exactness of a ``continue`` after a resume.
-EXACTNESS_SETTINGS = ("batch_size", "seed", "memory_format", "numerics", "step_options")
+EXACTNESS_SETTINGS = (
+    "batch_size", "seed", "memory_format", "numerics", "step_options", "attn_implementation",
+)  # fmt: skip
 
 #: The arguments of a fit call that make it "the same call" (a requeue finishes it).
 REQUEST_KEYS = (

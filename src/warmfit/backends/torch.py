@@ -1307,11 +1307,21 @@ class TorchBackend(Backend):
             "numerics": _numerics(),
             "threads": torch.get_num_threads(),
             **({"step": _name(self.step)} if self.step is not None else {}),
-            **({} if self._plain else {"step_options": self.step_options.describe()}),
+            # Recorded for plain steps too: a resume with other options is then named.
+            "step_options": self.step_options.describe(),
+            # A Hugging Face model's attention kernel (sdpa, eager...): each is exact,
+            # but they compute other bits, so a resume must build the same one.
+            **_attention(self.model),
         }
 
 
 _MISSING = object()
+
+
+def _attention(model: nn.Module) -> dict[str, Any]:
+    """``{"attn_implementation": ...}`` for a model with a Hugging Face config, else {}."""
+    name = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return {"attn_implementation": name} if isinstance(name, str) else {}
 
 
 def _same_kind(saved: Any, own: Any) -> bool:
