@@ -18,8 +18,8 @@ AUTOCAST = (
     "Trainer.fit was called inside torch.autocast (enabled for 'cpu', dtype torch.bfloat16). "
     "autocast keeps its casts of the weights for the whole block, so every step after the "
     "first would train against stale low-precision copies of the weights: a silently "
-    "different result. Call fit outside autocast; for mixed precision, enter torch.autocast "
-    "inside the model's forward (its casts then last one step)."
+    "different result. Call fit outside autocast; for mixed precision, pass "
+    "Trainer(precision='bf16') (or 'fp16'), which enters autocast around each step."
 )
 
 

@@ -529,4 +529,8 @@ def test_fit_of_a_keras_model_under_torch_autocast_is_refused():
         "Trainer.fit was called inside torch.autocast (enabled for 'cpu', dtype "
         "torch.bfloat16). autocast keeps its casts of the weights for the whole block"
     )
+    assert str(err.value).endswith(
+        "for mixed precision, build the model under a Keras dtype policy "
+        "(keras.mixed_precision), which casts at each layer call."
+    )
     assert trainer.epoch == 0 and len(trainer.ledger) == 0

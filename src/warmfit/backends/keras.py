@@ -500,7 +500,11 @@ class KerasBackend(Backend):
         if self.torch:
             from .torch import check_global_modes
 
-            check_global_modes(_torch_device_type())
+            check_global_modes(
+                _torch_device_type(),
+                "build the model under a Keras dtype policy (keras.mixed_precision), which "
+                "casts at each layer call",
+            )
 
     def check_deterministic(self) -> None:
         """``Trainer(deterministic=True)``, checked at construction: honoured on the torch

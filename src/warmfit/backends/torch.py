@@ -1345,7 +1345,11 @@ def _same_kind(saved: Any, own: Any) -> bool:
     return type(saved) is type(own)
 
 
-def check_global_modes(device_type: str) -> None:
+def check_global_modes(
+    device_type: str,
+    precision: str = "pass Trainer(precision='bf16') (or 'fp16'), which enters autocast "
+    "around each step",
+) -> None:
     """Raise ``RuntimeError`` if training is asked for inside a global torch mode that
     would change it silently or break it deep inside the first step:
 
@@ -1362,8 +1366,7 @@ def check_global_modes(device_type: str) -> None:
                 f"{torch.get_autocast_dtype(kind)}). autocast keeps its casts of the weights "
                 "for the whole block, so every step after the first would train against "
                 "stale low-precision copies of the weights: a silently different result. "
-                "Call fit outside autocast; for mixed precision, enter torch.autocast inside "
-                "the model's forward (its casts then last one step)."
+                f"Call fit outside autocast; for mixed precision, {precision}."
             )
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         which = "torch.inference_mode()" if torch.is_inference_mode_enabled() else (
