@@ -17,7 +17,7 @@ what these two declare.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -330,3 +330,23 @@ def check_keys(what: str, own: Mapping[str, Any], saved: Mapping[str, Any]) -> N
             + " | ".join(parts)
             + f". Build the {what} the same way as the run that wrote the checkpoint."
         )
+
+
+def leaf_rows(found: Sequence[tuple[str, Any]], name: str) -> int:
+    """The number of rows (first dimension) every leaf of a structure ``name`` has:
+    ``found`` holds its (path, array) pairs, at least one. A ``ValueError`` names a leaf
+    without a first dimension, or each leaf and its length if they differ."""
+    for path, a in found:
+        if a.ndim == 0:
+            raise ValueError(
+                f"{path} must have at least one dimension (samples first). Got a scalar "
+                f"{a.item()!r}."
+            )
+    lengths = {path: len(a) for path, a in found}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{p} has {n}" for p, n in lengths.items())
+        raise ValueError(
+            f"Every array of {name} must have the same number of samples (its first "
+            f"dimension): {listed}. Pass one row per sample in each."
+        )
+    return len(found[0][1])

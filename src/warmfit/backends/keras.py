@@ -64,7 +64,7 @@ from ..background import SnapshotBuffers
 from ..data import fingerprint
 from ..errors import StateMismatchError
 from ..state import derive_seed
-from .base import Backend, NonFiniteLoss, check_keys, check_samples
+from .base import Backend, NonFiniteLoss, check_keys, check_samples, leaf_rows
 
 _GLOBAL_SEED_GENERATOR = "global_seed_generator"  # keras.src.random.seed_generator
 
@@ -1095,20 +1095,7 @@ def _rows(tree: Tree, name: str) -> int | None:
             f"{name} is an empty {type(tree).__name__}: it holds no arrays. Expected one "
             "array per input of the model."
         )
-    for path, a in found:
-        if a.ndim == 0:
-            raise ValueError(
-                f"{path} must have at least one dimension (samples first). Got a scalar "
-                f"{a.item()!r}."
-            )
-    lengths = {path: len(a) for path, a in found}
-    if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"{p} has {n}" for p, n in lengths.items())
-        raise ValueError(
-            f"Every array of {name} must have the same number of samples (its first "
-            f"dimension): {listed}. Pass one row per sample in each."
-        )
-    return found[0][1].shape[0]
+    return leaf_rows(found, name)
 
 
 def _take(tree: Tree, idx: Any) -> Tree:

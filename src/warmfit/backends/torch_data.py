@@ -37,6 +37,7 @@ from torch import nn
 
 from ..data import epoch_batches, fingerprint, shard
 from ..state import derive_seed
+from .base import leaf_rows
 
 #: A tensor (a leaf), or a dict, tuple or list of trees.
 Tree = Any
@@ -235,20 +236,7 @@ def tree_rows(tree: Tree, name: str) -> int:
             f"{name} is an empty {type(tree).__name__}: it holds no arrays to train on. "
             f"Pass {SUPPORTED}."
         )
-    for path, t in found:
-        if t.ndim == 0:
-            raise ValueError(
-                f"{path} must have at least one dimension (samples first). Got a scalar "
-                f"{t.item()!r}."
-            )
-    lengths = {path: len(t) for path, t in found}
-    if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"{p} has {n}" for p, n in lengths.items())
-        raise ValueError(
-            f"Every array of {name} must have the same number of samples (its first "
-            f"dimension): {listed}. Pass one row per sample in each."
-        )
-    return len(found[0][1])
+    return leaf_rows(found, name)
 
 
 def tensor_fingerprint(data: TensorData) -> tuple[str, list[int]]:
