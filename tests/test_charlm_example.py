@@ -20,11 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "examples" / "charlm.toml"
 
 
-def train(run: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    [str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+
+
+def train(run: Path, *args: str, spec: Path = SPEC) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "warmfit", "train", str(SPEC), "--run-dir", str(run), *args],
-        capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, "-m", "warmfit", "train", str(spec), "--run-dir", str(run), *args],
+        capture_output=True, text=True, env=ENV, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -50,13 +53,16 @@ def test_a_cut_inside_an_epoch_and_a_kill_9_resume_to_the_same_state(tmp_path):
     train(tmp_path / "cut", "--steps", "13")
     train(tmp_path / "cut", "--until-epoch", "2")
     assert_same_state(final(tmp_path / "straight"), final(tmp_path / "cut"), ledger=False)
-    # kill -9 at a random moment after the first checkpoint; the same command again
-    # (a requeue) finishes the call where the uninterrupted one ended.
+    # kill -9 at a random moment after the first checkpoint, with a checkpoint at every
+    # step (the example's modules found on PYTHONPATH); the same command again (a
+    # requeue) finishes the call where the uninterrupted one ended.
+    every = tmp_path / "charlm_every_step.toml"
+    every.write_text(SPEC.read_text().replace("checkpoint_every = 8", "checkpoint_every = 1"))
+    assert "checkpoint_every = 1\n" in every.read_text()
     run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "warmfit", "train", str(SPEC), "--run-dir", str(run),
+    argv = [sys.executable, "-m", "warmfit", "train", str(every), "--run-dir", str(run),
             "--epochs", "2"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "LATEST").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
@@ -65,5 +71,5 @@ def test_a_cut_inside_an_epoch_and_a_kill_9_resume_to_the_same_state(tmp_path):
     assert proc.poll() is None, "the run ended before its kill: nothing would be tested"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    train(run, "--epochs", "2")  # the same command: it finishes the interrupted call
+    train(run, "--epochs", "2", spec=every)  # the same command: it finishes the call
     assert_same_state(final(tmp_path / "straight"), final(run), ledger=False)
