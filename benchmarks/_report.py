@@ -143,6 +143,17 @@ def interleaved(
     return times
 
 
+def paired_verdict(r: dict[str, float], target: float) -> str:
+    """Whether the paired ratios (``r["ratio_q1"]``, ``r["ratio_q3"]``: their quartiles)
+    meet ``target``: all of their middle half below it, all above it, or straddling it
+    (too close to call on these cores)."""
+    if r["ratio_q3"] <= target:
+        return f"≤ {target:.2f}×: met"
+    if r["ratio_q1"] > target:
+        return f"≤ {target:.2f}×: missed"
+    return f"≤ {target:.2f}×: within the noise"
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -55,6 +55,7 @@ from _report import (
     interleaved,
     median,
     paired,
+    paired_verdict,
     quartiles,
     section,
     write_section,
@@ -194,16 +195,6 @@ def case(
     return r
 
 
-def verdict(r: dict[str, float], target: float) -> str:
-    """Whether the paired ratios meet ``target``: all of their middle half below it,
-    all above it, or straddling it (too close to call on these cores)."""
-    if r["ratio_q3"] <= target:
-        return f"≤ {target:.2f}×: met"
-    if r["ratio_q1"] > target:
-        return f"≤ {target:.2f}×: missed"
-    return f"≤ {target:.2f}×: within the noise"
-
-
 def run(
     repeats: int = 21,
     device: torch.device | str = "cpu",
@@ -223,7 +214,7 @@ def run(
         r = case(repeats=repeats, epochs=epochs_gpu if cuda else epochs_cpu, device=device, **cfg)
         label = f"{base}, {r['steps']:.0f} steps" if cuda else f"{base} ({note})"
         results[label] = r
-        target = verdict(r, 1.03 if cuda else target_cpu)
+        target = paired_verdict(r, 1.03 if cuda else target_cpu)
         print(
             f"{label}: median times: hand {r['hand']:.3f}s, hand (index_select) "
             f"{r['hand_select']:.3f}s, warmfit {r['warmfit']:.3f}s\n"

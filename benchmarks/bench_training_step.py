@@ -37,6 +37,7 @@ from _report import (
     interleaved,
     median,
     paired,
+    paired_verdict,
     quartiles,
     section,
     write_section,
@@ -125,14 +126,6 @@ def case(n: int, epochs: int, repeats: int, device: torch.device) -> dict[str, f
     return r
 
 
-def verdict(r: dict[str, float], target: float = 1.03) -> str:
-    if r["ratio_q3"] <= target:
-        return f"≤ {target:.2f}×: met"
-    if r["ratio_q1"] > target:
-        return f"≤ {target:.2f}×: missed"
-    return f"≤ {target:.2f}×: within the noise"
-
-
 def run(
     repeats: int = 11, device: torch.device | str = "cpu", *, scale: float = 1.0, write: bool = True
 ) -> dict[str, float]:
@@ -140,7 +133,7 @@ def run(
     torch.set_num_threads(1)
     n = max(BATCH, int(512 * scale))
     r = case(n, epochs=1, repeats=repeats, device=device)
-    target = verdict(r)
+    target = paired_verdict(r, 1.03)
     print(
         f"char LM, bf16 + accumulate={ACCUMULATE} + clip + EMA, {r['steps']:.0f} steps: hand "
         f"{r['hand']:.3f}s, warmfit {r['warmfit']:.3f}s; warmfit / hand, median of paired "

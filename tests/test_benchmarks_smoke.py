@@ -193,9 +193,9 @@ def test_cpu_report_text_renders():
     assert "median of paired ratios" in step and "quartiles" in step
     assert "~16" not in data and "1× faster than the DataLoader's" in data
     fig = {"ratio": 1.0, "ratio_q1": 0.99, "ratio_q3": 1.02}
-    assert bench_step_overhead.verdict(fig, 1.03).endswith("met")
-    assert bench_step_overhead.verdict(fig, 1.01).endswith("within the noise")
-    assert bench_step_overhead.verdict(fig, 0.98).endswith("missed")
+    assert _report.paired_verdict(fig, 1.03).endswith("met")
+    assert _report.paired_verdict(fig, 1.01).endswith("within the noise")
+    assert _report.paired_verdict(fig, 0.98).endswith("missed")
 
 
 def test_report_sections(monkeypatch, tmp_path):

@@ -748,7 +748,8 @@ class TorchBackend(Backend):
     def _no_rows_part(self) -> torch.Tensor:
         """A rank's share when a short global batch left it no rows: zero, through every
         parameter (each times 0 before the sum: a float16 sum could overflow to inf), so
-        that the all-reduce finds a gradient for each."""
+        that the all-reduce finds a gradient for each (a tensor, not sum's start 0: the
+        optimizer refused a model without parameters)."""
         return cast(torch.Tensor, sum((p * 0.0).sum() for p in self.model.parameters()))
 
     def epoch_logs(self) -> dict[str, float]:
@@ -789,23 +790,8 @@ class TorchBackend(Backend):
         """
         assert self.ddp is not None
         local_n = count_rows(xb)
-        # Through DDP's forward even with no rows: it runs collectives of its own (the
-        # buffers' broadcast), which every rank must join.
-        mean = None
-        if self.step is not None:
-            returned = self.step(self.ddp, compose(xb, yb))
-            if local_n:
-                mean = self._step_loss(returned)
-        else:
-            out = call_model(self.ddp, xb)
-            if local_n:
-                mean = self.loss_fn(out, yb) if yb is not None else self.loss_fn(out)
-        if mean is not None:
-            part = mean * (local_n / global_n)
-        else:  # a short global batch left this rank nothing: join the all-reduce with zeros
-            # (each parameter times 0 before the sum: a float16 sum could overflow to inf)
-            # (a tensor, not sum's start 0: the optimizer refused a model without parameters)
-            part = cast(torch.Tensor, sum((p * 0.0).sum() for p in self.model.parameters()))
+        mean = self._batch_loss(self.ddp, xb, yb, local_n)  # DDP's forward even with no rows
+        part = self._no_rows_part() if mean is None else mean * (local_n / global_n)
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         (part * self.dist.world_size).backward()
         self.optimizer.step()  # type: ignore[union-attr]

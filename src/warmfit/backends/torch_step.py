@@ -53,9 +53,6 @@ class StepOptions:
         ema: Any = None,
         ema_warmup: Any = False,
     ) -> StepOptions:
-        precision = str(precision) if precision in (32, 16) else precision
-        if precision == "16":
-            precision = "fp16"
         if precision not in PRECISIONS:
             raise invalid_param("precision", "Trainer", f"one of {PRECISIONS}", precision)
         accumulate = check_int("accumulate", accumulate, "Trainer", minimum=1)
@@ -114,14 +111,9 @@ class Precision:
         return {k: (float(v) if isinstance(v, float) else int(v))
                 for k, v in self.scaler.state_dict().items()}  # fmt: skip
 
-    def check_state(self, meta: Any) -> None:
-        if self.scaler is None:
-            if meta is not None:
-                raise StateMismatchError(
-                    "the checkpoint has an fp16 gradient scaler's state, this Trainer trains "
-                    f"in precision={self.name!r}. Pass precision='fp16' to continue it."
-                )
-            return
+    @staticmethod
+    def check_state(meta: Any) -> None:
+        """Refuse a checkpoint's scaler state that is not a whole GradScaler state."""
         keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
         if not isinstance(meta, dict) or set(meta) != keys:
             raise StateMismatchError(
