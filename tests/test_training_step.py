@@ -205,6 +205,44 @@ def test_bad_options_are_refused_with_a_message(kwargs, message):
     assert str(err.value) == message
 
 
+def test_fp16_scaling_of_float16_weights_is_refused_before_anything_changes():
+    """torch's GradScaler refuses float16 gradients in the middle of the first step
+    (after the call was counted); warmfit refuses the call first."""
+    x, y = make_data(64)
+    t = make_trainer(model=lambda: MLP().half(), precision="fp16", metrics=[])
+    before = t.state_dict()
+    with pytest.raises(ValueError) as err:
+        t.fit(torch.from_numpy(x).half(), y, epochs=1)
+    assert str(err.value) == (
+        "precision='fp16' scales the gradients of weights kept in float32 (mixed precision), "
+        "but this model's weights are float16 (net.0.weight, ...), whose gradients torch's "
+        "scaler cannot unscale. Keep the weights in float32 (autocast computes in float16), "
+        "or train the float16 model with precision='32'."
+    )
+    assert_same_state(before, t)
+    assert len(t.ledger) == 0 and t.global_step == 0
+
+
+def test_bf16_weights_with_every_option_resume_exactly():
+    """A model converted to bfloat16 (data too), bf16 autocast, accumulation, clipping,
+    EMA: a cut resumed in a fresh Trainer == straight."""
+    x, y = make_data(64)
+    xb = torch.from_numpy(x).bfloat16()
+
+    def build() -> warmfit.Trainer:
+        return make_trainer(model=lambda: MLP().bfloat16(), metrics=[], precision="bf16",
+                            accumulate=2, clip_grad_norm=1.0, ema=0.9)  # fmt: skip
+
+    straight = build()
+    straight.fit(xb, y, epochs=2)
+    first = build()
+    first.fit(xb, y, steps=5)
+    resumed = build()
+    resumed.load_state_dict(first.state_dict())
+    resumed.fit(xb, y, until_epoch=2)
+    assert_same_state(straight, resumed, ledger=False)
+
+
 def test_the_options_are_refused_for_a_scikit_learn_model():
     from sklearn.linear_model import SGDClassifier
 

@@ -301,8 +301,19 @@ class TorchBackend(Backend):
         says without a word: one made under a global torch mode
         (:func:`check_global_modes`); a ``continue`` on a model whose parameters are not
         those the optimizer was built over (a module added since would never train); a
-        ``restart`` that cannot rebuild the model as it is now."""
+        ``restart`` that cannot rebuild the model as it is now; fp16 gradient scaling of
+        float16 weights (torch's scaler refuses them in the middle of the first step)."""
         check_global_modes(self.device.type)
+        if self.precision.scaler is not None:
+            half = [n for n, p in self.model.named_parameters() if p.dtype == torch.float16]
+            if half:
+                raise ValueError(
+                    f"precision='fp16' scales the gradients of weights kept in float32 (mixed "
+                    f"precision), but this model's weights are float16 ({half[0]}"
+                    f"{', ...' if len(half) > 1 else ''}), whose gradients torch's scaler "
+                    "cannot unscale. Keep the weights in float32 (autocast computes in "
+                    "float16), or train the float16 model with precision='32'."
+                )
         names = [name for name, _ in self.model.named_parameters()]
         if mode == "continue" and names != self._optimized:
             added = [n for n in names if n not in self._optimized]
