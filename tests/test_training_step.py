@@ -243,6 +243,32 @@ def test_bf16_weights_with_every_option_resume_exactly():
     assert_same_state(straight, resumed, ledger=False)
 
 
+def test_float32_data_into_bf16_weights_runs_under_the_precision_everywhere():
+    """The probe, evaluation and prediction run under the precision's autocast, as the
+    step's forward does: float32 data into a bfloat16 model trains (the probe does not
+    refuse it), resumes exactly, and evaluates as a hand-written autocast loop does."""
+    x, y = make_data(64)
+
+    def build() -> warmfit.Trainer:
+        return make_trainer(model=lambda: MLP().bfloat16(), metrics=[], precision="bf16")
+
+    straight = build()
+    straight.fit(x, y, epochs=2, validation_data=(x[:16], y[:16]))
+    split = build()
+    split.fit(x, y, epochs=1, validation_data=(x[:16], y[:16]))
+    split.fit(x, y, epochs=1, validation_data=(x[:16], y[:16]))
+    assert_same_state(straight, split, ledger=False)
+    model = straight.model
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.from_numpy(x))
+        by_hand = F.cross_entropy(out, torch.from_numpy(y)).double().item()
+    assert straight.evaluate(x, y, batch_size=len(x))["loss"] == by_hand
+    pred = straight.predict(x, batch_size=len(x))
+    assert pred.dtype == torch.bfloat16 and torch.equal(pred, out)
+    assert straight.history[-1]["val_loss"] == straight.evaluate(x[:16], y[:16])["loss"]
+
+
 def test_the_options_are_refused_for_a_scikit_learn_model():
     from sklearn.linear_model import SGDClassifier
 

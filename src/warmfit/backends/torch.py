@@ -860,7 +860,7 @@ class TorchBackend(Backend):
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._eval_weights():
+            with self._eval_weights(), self.precision.autocast():
                 n = len(data)
                 totals: dict[str, torch.Tensor] = {}
                 for xb, yb in self._all_rows(data, batch_size, split_it=self.step is None):
@@ -890,7 +890,7 @@ class TorchBackend(Backend):
         self.model.eval()
         try:
             rows = self._all_rows(data, batch_size, split_it=True)
-            with self._eval_weights():
+            with self._eval_weights(), self.precision.autocast():
                 outs = [call_model(self.model, xb) for xb, _ in rows]
             return join_outputs(outs) if outs else torch.empty(0)
         finally:
@@ -1264,10 +1264,12 @@ class TorchBackend(Backend):
     def _trial(self, *, grad: bool = False) -> Iterator[None]:
         """A forward pass that changes nothing: the model in eval mode, no gradients
         (unless ``grad``: a graph, never used for a backward pass), every random stream
-        forked; the model's mode is put back afterwards."""
+        forked; the model's mode is put back afterwards. It runs under the precision's
+        autocast, as the training step's forward does."""
         was_training = self.model.training
         try:
-            with isolated_streams(self._cuda_devices()), torch.set_grad_enabled(grad):
+            with isolated_streams(self._cuda_devices()), torch.set_grad_enabled(grad), \
+                    self.precision.autocast():
                 self.model.eval()
                 yield
         finally:
