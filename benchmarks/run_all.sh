@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python
-BENCHES=(bench_step_overhead bench_training_step bench_data_path bench_checkpoint bench_resume bench_memory)
+BENCHES=(bench_step_overhead bench_training_step bench_data_path bench_checkpoint bench_resume bench_memory bench_boosting)
 
 cpu=1
 args=()

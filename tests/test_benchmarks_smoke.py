@@ -227,3 +227,12 @@ def test_report_sections(monkeypatch, tmp_path):
     _report.write_section("checkpoint-cuda", "new gpu rows", "cmd")  # replaced in place
     text = report.read_text()
     assert text.count("checkpoint-cuda:start") == 1 and "new gpu rows" in text
+
+
+def test_boosting_benchmark_runs():
+    import bench_boosting
+
+    r = bench_boosting.run(repeats=1, n=1000, rounds=3, write=False)
+    for name in ("XGBoost", "LightGBM"):
+        assert r[name]["own"] > 0 and r[name]["warmfit"] > 0 and r[name]["ratio"] > 0
+        assert r[name]["ck_bytes"] > 0 and r[name]["ck_round_ms"] > 0

@@ -129,10 +129,10 @@ GOOD = 'model = "digits:model"\ndata = "digits:data"\noptimizer = "digits:adam"\
          "'model' is missing; add model = 'module:function'"),
         (GOOD + "batch_size = 0\n", "'batch_size' must be an int >= 1, got 0"),
         (GOOD + "epoch = 3\n",
-         "unknown key 'epoch'. The keys are: model, data, optimizer, loss, step, schedule, "
-         "batch_size, seed, epochs, metrics, callbacks, checkpoint_every, keep_last, "
+         "unknown key 'epoch'. The keys are: model, framework, data, optimizer, loss, step, "
+         "schedule, batch_size, seed, epochs, metrics, callbacks, checkpoint_every, keep_last, "
          "validation_split, run_dir, device, deterministic, monitor, monitor_mode, verbose, "
-         "precision, accumulate, clip_grad_norm, ema, ema_warmup."),
+         "precision, accumulate, clip_grad_norm, ema, ema_warmup, estimators_per_round."),
         (GOOD + "validation_split = 1\n", "'validation_split' must be a float in (0, 1), got 1"),
         ("model = \n", None),
     ],

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import warmfit.spec as spec_mod
 from conftest import LONG, make_data, make_trainer, require
+from warmfit.backends import FRAMEWORKS
 from warmfit.checkpoint import (
     SCHEMA_VERSION,
     STATE_FILE,
@@ -760,6 +761,8 @@ VALID_SPEC_VALUES = {
     "monitor_mode": st.sampled_from(["min", "max"]),
     "verbose": st.integers(0, 2**40),
     "step": _refs,
+    "framework": st.sampled_from(FRAMEWORKS),
+    "estimators_per_round": st.integers(1, 2**40),
     "precision": st.sampled_from(["32", "bf16", "fp16"]),
     "accumulate": st.integers(1, 2**40),
     "clip_grad_norm": st.one_of(

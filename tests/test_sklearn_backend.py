@@ -261,8 +261,8 @@ def test_rounds_grow_estimators_and_restart_from_scratch():
     assert len(est.estimators_) == 5
     t.fit(x, y, rounds=1, mode="restart")
     assert len(est.estimators_) == 1
-    with pytest.raises(ValueError, match="validation_split=0.2 of 1 samples"):
-        t.fit(x, y, rounds=1, validation_split=0.2)  # one round is one indivisible sample
+    with pytest.raises(ValueError, match="validation_split is not available for "):
+        t.fit(x, y, rounds=1, validation_split=0.2)  # a round fits on all rows at once
     t.fit(x, y, rounds=1, validation_data=(x[:50], y[:50]))
     assert set(t.history[-1]) >= {"val_loss", "val_accuracy"}
 
@@ -526,3 +526,27 @@ def test_a_changed_estimator_parameter_says_which_value_is_kept(tmp_path):
         resumed.model.set_params(alpha=0.5)  # what the message says
         resumed.fit(x, y, epochs=1, mode="warm")
         assert resumed.model.alpha == 0.5
+
+
+def test_estimators_per_round_on_a_partial_fit_estimator_is_refused():
+    with pytest.raises(ValueError) as err:
+        warmfit.Trainer(SGDClassifier(), backend_options={"estimators_per_round": 3})
+    assert str(err.value) == (
+        "estimators_per_round=3 is for estimators that grow by rounds (forests, boosting, "
+        "bagging); SGDClassifier trains with partial_fit, one call per batch. Remove "
+        "estimators_per_round."
+    )
+
+
+def test_validation_split_on_a_round_estimator_is_refused_by_name():
+    from sklearn.ensemble import RandomForestClassifier
+
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    t = warmfit.Trainer(RandomForestClassifier(n_estimators=1), verbose=0)
+    with pytest.raises(ValueError) as err:
+        t.fit(x, (x[:, 0] > 0).astype(int), rounds=1, validation_split=0.25)
+    assert str(err.value) == (
+        "validation_split is not available for RandomForestClassifier: a round fits on the "
+        "whole data at once. Pass validation_data=(x_val, y_val)."
+    )
+    assert len(t.ledger) == 0 and t.global_step == 0

@@ -109,7 +109,7 @@ def test_a_framework_neither_named_nor_a_backend_class_is_refused(framework):
     with pytest.raises(ValueError) as err:
         warmfit.Trainer(MLP, **trainer_settings(), framework=framework)
     assert str(err.value) == (
-        "The 'framework' parameter of Trainer must be one of {'torch', 'keras', 'sklearn'}, a "
-        "subclass of warmfit.backends.Backend or None (inferred from the model). Got "
+        "The 'framework' parameter of Trainer must be one of {'torch', 'keras', 'sklearn', "
+        "'xgboost', 'lightgbm'}, a subclass of warmfit.backends.Backend or None (inferred from the model). Got "
         f"{framework!r} instead."
     )

@@ -7,6 +7,7 @@ crashes; the whole training state in one safe checkpoint. See ``docs/design.md``
 
 __version__ = "0.1.0"
 
+from . import boosting as boosting  # warmfit.boosting.XGBoost / LightGBM
 from .callbacks import Callback, EarlyStopping, ReduceLROnPlateau, StepLogs
 from .errors import (
     CheckpointError,

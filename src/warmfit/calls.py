@@ -125,6 +125,8 @@ def plan_call(
         check_plateau(trainer.callbacks, new_schedule, trainer.backend)
     state, c = trainer.state, trainer.state.counters
     data = trainer.backend.prepare(x, y)
+    if split is not None:
+        trainer.backend.check_validation_split(data)
     fp, shape = trainer.backend.fingerprint(data)
     request = request_of(
         mode, epochs, until_epoch, steps, new_data=p["new_data"], shuffle=p["shuffle"],

@@ -27,9 +27,12 @@ from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import main
     from .errors import StateMismatchError, TrainingInterrupted, WarmfitError
 
+    if args.tabular:
+        from .demo_tabular import main
+    else:
+        from .demo import main
     try:
         if args.run_dir is not None:
             _check_run_dir(Path(args.run_dir), "--run-dir")
@@ -128,6 +131,7 @@ def _train(args: argparse.Namespace) -> int:
             overrides["verbose"] = args.verbose
         if args.override:
             overrides["override"] = tuple(args.override)
+        spec.resolve_framework()  # a key the framework cannot use: refused before the data
         data = spec.load_data()
         with spec.build_trainer(run_dir=run_dir, **overrides) as trainer:
             trainer.fit(data.x, data.y, mode=args.mode, **how, **data.fit_kwargs())
@@ -358,16 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train from a TOML spec; run it again to continue the run",
-        description="Train the model a TOML spec describes. The run directory keeps the "
-        "checkpoints, the ledger and the history: running the same command again resumes "
-        "from the newest checkpoint and trains more (--epochs are always additional). A "
-        "spec's keys: model, data, optimizer, loss (optional for a model whose output has "
-        ".loss), step, schedule, batch_size, seed, epochs, metrics, callbacks, validation_split, "
-        "checkpoint_every, keep_last, run_dir, device, deterministic, monitor, monitor_mode, "
-        "verbose, and the torch step's precision ('32', 'bf16', 'fp16'), accumulate, "
-        "clip_grad_norm, ema, ema_warmup (see examples/charlm.toml).",
+        description="Train the model a TOML spec describes (PyTorch, Keras or "
+        "scikit-learn). The run directory keeps the checkpoints, the ledger and the "
+        "history: running the same command again resumes from the newest checkpoint and "
+        "trains more (--epochs are always additional). A spec's keys: model, framework "
+        "('torch', 'keras' or 'sklearn'; left out, inferred from what the model factory "
+        "returns), data, optimizer, loss, step, schedule, batch_size, seed, epochs, metrics, "
+        "callbacks, validation_split, checkpoint_every, keep_last, run_dir, device, "
+        "deterministic, monitor, monitor_mode, verbose, the torch step's precision ('32', "
+        "'bf16', 'fp16'), accumulate, clip_grad_norm, ema, ema_warmup (see "
+        "examples/charlm.toml), and estimators_per_round. Per framework: torch needs "
+        "optimizer (params -> torch.optim.Optimizer) and takes loss (optional for a model "
+        "whose output has .loss), step and the step's options; keras takes optimizer (() -> "
+        "keras.optimizers.Optimizer; optional for a compiled model) and loss "
+        "(examples/keras_mlp.toml); sklearn takes neither (an estimator has its own) but "
+        "takes estimators_per_round, for ensembles that grow by rounds "
+        "(examples/sklearn_sgd.toml). A key the framework cannot use is refused by name, "
+        "with what to do instead.",
     )
-    p.add_argument("spec", help="the TOML spec (see examples/digits.toml, examples/charlm.toml)")
+    p.add_argument(
+        "spec", help="the TOML spec (see examples/digits.toml, keras_mlp.toml, sklearn_sgd.toml)"
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--epochs", type=_positive_int, help="additional epochs (default: the spec's)")
     how.add_argument("--until-epoch", type=_positive_int, help="train until this global epoch")
@@ -429,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train an MLP on scikit-learn's digits in several fit calls")
     p.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary dir)")
+    p.add_argument(
+        "--tabular",
+        action="store_true",
+        help="instead: XGBoost on scikit-learn's breast-cancer data in several calls, a "
+        "schedule over the global round, early stopping, a kill -9 and an exact resume "
+        "(needs the xgboost extra)",
+    )
     p.set_defaults(func=_demo)
     p = sub.add_parser(
         "inspect",

@@ -1,17 +1,20 @@
 """The training SPEC: a TOML file that names everything ``warmfit train`` needs.
 
 Owns: reading and checking a spec (:func:`load_spec`), importing the Python factories
-it names, building a :class:`~warmfit.trainer.Trainer` from it
-(:meth:`Spec.build_trainer`) and loading its data (:meth:`Spec.load_data`).
+it names, the spec's framework (named, or inferred from what the model factory returns)
+and which keys that framework can use (:meth:`Spec.resolve_framework`), building a
+:class:`~warmfit.trainer.Trainer` from it (:meth:`Spec.build_trainer`) and loading its
+data (:meth:`Spec.load_data`).
 
-Does not own: training (the Trainer) or the command line (:mod:`warmfit.cli`).
+Does not own: training (the Trainer), the frameworks' own checks (their backends, picked
+by :func:`warmfit.backends.select`) or the command line (:mod:`warmfit.cli`).
 
 A spec names code, it never contains code: every Python object is given as
 ``"module:function"`` and imported with :mod:`importlib` (the spec file's folder is put
 on ``sys.path`` first, so a module next to the spec is found). Nothing is ``exec``'d or
 ``eval``'d. Example (``examples/digits.toml``)::
 
-    model = "digits:model"            # zero-argument factory -> torch.nn.Module
+    model = "digits:model"            # zero-argument factory -> the model
     data = "digits:data"              # zero-argument factory -> (x, y), (x, y, x_val, y_val)
                                       #   or {"x":, "y":, "x_val":, "y_val":}
     optimizer = "digits:adam"         # params -> torch.optim.Optimizer
@@ -27,14 +30,26 @@ on ``sys.path`` first, so a module next to the spec is found). Nothing is ``exec
     keep_last = 3
     callbacks = [{ name = "EarlyStopping", patience = 3 }]
 
-The torch training step's options (``examples/charlm.toml`` uses them all)::
+``framework`` is ``"torch"``, ``"keras"`` or ``"sklearn"``; left out, it is inferred
+from what the model factory returns (which calls the factory once more: name the
+framework of a model that is slow to build). A framework that does not match the model
+is refused. The Trainer builds a PyTorch or Keras model from the factory, under the
+seed; an estimator is the factory's return value, a new one per Trainer. A key the
+framework cannot use (:data:`FRAMEWORK_KEYS`) is refused by name before anything is
+built:
 
-    step = "charlm:step"              # optional: (model, batch) -> loss, your forward
-    precision = "bf16"                # "32" (default), "bf16" or "fp16"
-    accumulate = 4                    # micro-batches per global batch
-    clip_grad_norm = 1.0
-    ema = 0.99                        # an EMA of the weights; validation uses it
-    ema_warmup = true
+- ``torch``: ``optimizer`` is required (``params -> torch.optim.Optimizer``); ``loss``,
+  ``step`` and the training step's options below are PyTorch's alone.
+- ``keras`` (``examples/keras_mlp.toml``): ``optimizer`` is optional, a zero-argument
+  factory ``() -> keras.optimizers.Optimizer`` (without it the model must come
+  compiled); ``loss`` is a Keras loss name or ``"module:function"``.
+- ``sklearn`` (``examples/sklearn_sgd.toml``): no ``optimizer`` or ``loss`` (set them in
+  the estimator); ``estimators_per_round = N`` grows an ensemble (RandomForest,
+  GradientBoosting, ...) by N estimators a round.
+
+The torch training step's options (``examples/charlm.toml`` uses them all): ``step``
+(``(model, batch) -> loss``, your forward), ``precision`` (``"32"``, ``"bf16"`` or
+``"fp16"``), ``accumulate``, ``clip_grad_norm``, ``ema`` and ``ema_warmup``.
 
 ``loss`` and ``schedule`` given as ``"module:function"``: an object that takes no
 argument (a class such as ``torch.nn:CrossEntropyLoss``, or a function without
@@ -54,11 +69,12 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends import FRAMEWORKS
 from .errors import WarmfitError
 
 try:  # Python >= 3.11
@@ -69,8 +85,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 #: key -> (required, what it must be). The order is the order of the docs.
 KEYS: dict[str, tuple[bool, str]] = {
     "model": (True, "'module:function'"),
+    "framework": (False, f"one of {{{', '.join(map(repr, FRAMEWORKS))}}} or left out"),
     "data": (True, "'module:function'"),
-    "optimizer": (True, "'module:function'"),
+    "optimizer": (False, "'module:function'"),
     "loss": (False, "a loss name such as 'cross_entropy' or 'module:function'"),
     "step": (False, "'module:function' (model, batch) -> loss"),
     "schedule": (False, "'module:function'"),
@@ -93,8 +110,79 @@ KEYS: dict[str, tuple[bool, str]] = {
     "clip_grad_norm": (False, "a number > 0"),
     "ema": (False, "a decay in (0, 1)"),
     "ema_warmup": (False, "true or false"),
+    "estimators_per_round": (False, "an int >= 1"),
 }
 BUILTIN_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau", "OverfittingMonitor")
+TORCH_STEP_KEYS = ("precision", "accumulate", "clip_grad_norm", "ema", "ema_warmup")
+#: The keys passed to the Trainer as they are.
+_AS_THEY_ARE = ("metrics", "checkpoint_every", "keep_last", "device", "deterministic", "monitor",
+                "monitor_mode", "verbose", *TORCH_STEP_KEYS)  # fmt: skip
+_COUNTS = ("batch_size", "epochs", "checkpoint_every", "keep_last", "accumulate",
+           "estimators_per_round")  # fmt: skip
+
+#: The optimizer factory each framework takes: (whether it takes the parameters, whether
+#: the framework needs one, what it is, an example). Another framework takes none.
+OPTIMIZERS: dict[str, tuple[bool, bool, str, str]] = {
+    "torch": (True, True, "params -> torch.optim.Optimizer",
+              "def adam(params): return torch.optim.Adam(params, lr=1e-3)"),
+    "keras": (False, False, "() -> keras.optimizers.Optimizer",
+              "def adam(): return keras.optimizers.Adam(1e-3)"),
+}  # fmt: skip
+#: The keys only some frameworks can use: key -> (those frameworks, what the key is for).
+#: Every other key means the same for every framework, a framework added later included.
+FRAMEWORK_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "optimizer": (tuple(OPTIMIZERS), "for PyTorch and Keras models"),
+    "loss": (("torch", "keras"), "for PyTorch and Keras models"),
+    "step": (("torch",), "for PyTorch models"),
+    **dict.fromkeys(TORCH_STEP_KEYS, (("torch",), "an option of the PyTorch training step")),
+    "estimators_per_round": (
+        ("sklearn",),
+        "for scikit-learn estimators that grow by rounds (RandomForest*, ExtraTrees*, "
+        "GradientBoosting*, HistGradientBoosting*, Bagging*)",
+    ),
+}
+#: What to do instead of a key a framework cannot use, beyond removing it.
+_INSTEAD: dict[tuple[str, str], str] = {
+    ("optimizer", "sklearn"): "A scikit-learn estimator has its own optimizer: set it "
+    "through the estimator's parameters in the model factory, e.g. "
+    "SGDClassifier(learning_rate='constant', eta0=0.01).",
+    ("loss", "sklearn"): "A scikit-learn estimator has its own loss: set it through the "
+    "estimator's parameters in the model factory, e.g. SGDClassifier(loss='log_loss').",
+    ("step", "keras"): "A Keras model takes its own step: override train_step in a "
+    "keras.Model subclass, and warmfit runs it.",
+    ("step", "sklearn"): "A scikit-learn estimator trains with its own partial_fit or fit.",
+}
+#: How a message names each framework's models (another's: "a model of the 'x' framework").
+MODEL_WORDS = {"torch": "a PyTorch model", "keras": "a Keras model", "sklearn": "a scikit-learn "
+               "estimator", "xgboost": "an XGBoost model", "lightgbm": "a LightGBM model"}
+#: The frameworks whose Trainer builds the model from the factory, under the seed; any
+#: other framework's Trainer takes the model the factory returns.
+BUILT_FROM_FACTORY = ("torch", "keras")
+
+
+#: What each framework's models are instances of, in the order of
+#: :func:`warmfit.backends.select` (a Keras model on the torch backend is a torch
+#: ``nn.Module`` too): (framework, module, class). ``sklearn``: any estimator with
+#: scikit-learn's API, whose backend select picks.
+MODEL_CLASSES = (
+    ("xgboost", "warmfit.boosting", "XGBoost"), ("lightgbm", "warmfit.boosting", "LightGBM"),
+    ("xgboost", "xgboost", "XGBModel"), ("lightgbm", "lightgbm", "LGBMModel"),
+    ("keras", "keras", "Model"), ("torch", "torch.nn", "Module"),
+    ("sklearn", "sklearn.base", "BaseEstimator"))  # fmt: skip
+
+
+def model_framework(model: Any) -> str | None:
+    """The framework ``model`` belongs to (:data:`MODEL_CLASSES`), or None. A framework
+    that is not imported yet (the factory did not import it) is not looked at."""
+    for framework, module, name in MODEL_CLASSES:
+        imported = module.partition(".")[0] in sys.modules
+        if imported and isinstance(model, getattr(importlib.import_module(module), name)):
+            return framework
+    return None
+
+
+def _words(framework: str) -> str:
+    return MODEL_WORDS.get(framework, f"a model of the {framework!r} framework")
 
 
 class SpecError(WarmfitError, ValueError):
@@ -125,6 +213,10 @@ class Spec:
 
     path: Path
     raw: dict[str, Any] = field(default_factory=dict)
+    # The framework once resolved; inferred: the model's type, and the estimator returned.
+    _framework: str | None = field(default=None, init=False, repr=False, compare=False)
+    _returned: str = field(default="", init=False, repr=False, compare=False)
+    _spare: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- the values, with their defaults --------------------------------------------------
     @property
@@ -149,13 +241,122 @@ class Spec:
             return self.path.parent / self.raw["run_dir"]
         return Path("runs") / self.path.stem
 
+    # -- the framework --------------------------------------------------------------------
+    def resolve_framework(self) -> str:
+        """The spec's ``framework``, or the one of the model the factory returns (called
+        once per Spec for that; a named PyTorch or Keras model is checked as the Trainer
+        builds it). Every key is checked against it (:data:`FRAMEWORK_KEYS`, the optimizer
+        factory's parameters): :class:`SpecError` before a Trainer is built."""
+        if self._framework is not None:
+            return self._framework
+        framework = self.raw.get("framework")
+        if framework not in BUILT_FROM_FACTORY:  # inferred, or an estimator: built here
+            model = self.resolve("model")()
+            if framework is None:
+                framework = model_framework(model)
+                if framework is None:
+                    raise self.error(
+                        "model",
+                        f"names {self.raw['model']!r}, which returned a "
+                        f"{type(model).__name__}: warmfit cannot tell its framework. Return a "
+                        "torch.nn.Module, a keras.Model or a scikit-learn estimator from it, "
+                        "or name its framework: framework = one of "
+                        f"{', '.join(map(repr, FRAMEWORKS))}.",
+                    )
+                self._returned = type(model).__name__
+            else:
+                self._check_returned(model, framework)
+            if framework not in BUILT_FROM_FACTORY:
+                self._spare = model
+        self._check_keys(framework)
+        self._framework = framework
+        return framework
+
+    def _check_keys(self, framework: str) -> None:
+        how = (
+            f"framework = {framework!r}"
+            if "framework" in self.raw
+            else f"inferred from what the model factory returned: {self._returned}"
+        )
+        model = _words(framework)
+        for key, (frameworks, what) in FRAMEWORK_KEYS.items():
+            if key in self.raw and framework not in frameworks:
+                instead = _INSTEAD.get((key, framework))
+                raise self.error(
+                    key,
+                    f"is {what}; this spec's model is {model} ({how}). Remove {key!r}."
+                    + (f" {instead}" if instead else ""),
+                )
+        if framework not in OPTIMIZERS:
+            return
+        takes_params, required, what, example = OPTIMIZERS[framework]
+        if "optimizer" not in self.raw:
+            if required:
+                raise self.error(
+                    "optimizer",
+                    f"is missing; add optimizer = 'module:function', a factory {what}: "
+                    f"{model} needs one ({how}), e.g. {example}",
+                )
+            return
+        factory = self.resolve("optimizer")
+        takes = _takes(factory, 1 if takes_params else 0)
+        if takes is not None:
+            raise self.error(
+                "optimizer",
+                f"names {self.raw['optimizer']!r}, which takes {takes}: for {model} ({how}) "
+                f"it must be a factory {what}, e.g. {example}",
+            )
+
+    def _model(self, framework: str) -> tuple[Any, str | None]:
+        """The Trainer's ``model`` and ``framework`` arguments. A PyTorch or Keras model:
+        the factory (named: checked when the Trainer calls it). An estimator: what the
+        factory returns, a new one per Trainer; ``framework`` None where it was inferred,
+        so that :func:`~warmfit.backends.select` picks the backend of its type."""
+        factory: Callable[[], Any] = self.resolve("model")
+        named = self.raw.get("framework")
+        if framework in BUILT_FROM_FACTORY:
+            if named is None:
+                return factory, framework
+
+            def checked() -> Any:
+                model = factory()
+                self._check_returned(model, framework)
+                return model
+
+            return checked, framework
+        model, self._spare = self._spare, None  # checked when made
+        if model is None:
+            model = factory()
+            if named is not None:
+                self._check_returned(model, named)
+        return model, named
+
+    def _check_returned(self, model: Any, framework: str) -> None:
+        """Refuse a model of another framework than the one the spec names. Between
+        frameworks whose models are estimators, the named one's backend judges."""
+        found = model_framework(model)
+        if found == framework or (
+            found not in BUILT_FROM_FACTORY and framework not in BUILT_FROM_FACTORY
+        ):
+            return
+        returned = f"the model factory {self.raw['model']!r} returned a {type(model).__name__}"
+        raise self.error(
+            "framework",
+            f"is {framework!r}, but {returned}, which is not {_words(framework)}. Return "
+            "one from the factory, or set 'framework' to the model's framework."
+            if found is None
+            else f"is {framework!r}, but {returned}, {_words(found)}. Set framework = "
+            f"{found!r}, or remove 'framework' to infer it from the model.",
+        )
+
     # -- building -------------------------------------------------------------------------
     def resolve(self, key: str) -> Any:
         """Import the object the spec names under ``key`` (``"module:function"``)."""
         return _import_object(self, key, self.raw[key])
 
     def build_trainer(self, run_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> Any:
-        """A new :class:`~warmfit.trainer.Trainer` as the spec describes it.
+        """A new :class:`~warmfit.trainer.Trainer` as the spec describes it, for the
+        spec's framework (:meth:`resolve_framework`).
 
         ``run_dir=None`` keeps the Trainer in memory (no checkpoints); pass
         :meth:`default_run_dir` (or any folder) to checkpoint there — a Trainer built on
@@ -164,38 +365,25 @@ class Spec:
         """
         from .trainer import Trainer
 
-        kwargs: dict[str, Any] = {
-            "optimizer": self.resolve("optimizer"),
-            "loss": self._loss() if "loss" in self.raw else None,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "callbacks": self._callbacks(),
-        }
+        framework = self.resolve_framework()
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "seed": self.seed,
+                                  "callbacks": self._callbacks()}  # fmt: skip
+        if "optimizer" in self.raw:
+            kwargs["optimizer"] = self.resolve("optimizer")
+        if "loss" in self.raw:
+            kwargs["loss"] = self._loss()
         if "schedule" in self.raw:
             kwargs["schedule"] = _build_if_factory(self.resolve("schedule"))
         if "step" in self.raw:
             kwargs["step"] = self.resolve("step")
-        for key in (
-            "metrics",
-            "checkpoint_every",
-            "keep_last",
-            "device",
-            "deterministic",
-            "monitor",
-            "monitor_mode",
-            "verbose",
-            "precision",
-            "accumulate",
-            "clip_grad_norm",
-            "ema",
-            "ema_warmup",
-        ):
-            if key in self.raw:
-                kwargs[key] = self.raw[key]
+        if "estimators_per_round" in self.raw:
+            kwargs["backend_options"] = {"estimators_per_round": self.raw["estimators_per_round"]}
+        kwargs.update((key, self.raw[key]) for key in _AS_THEY_ARE if key in self.raw)
         if run_dir is not None:
             kwargs["run_dir"] = run_dir
         kwargs.update(overrides)
-        return Trainer(self.resolve("model"), **kwargs)
+        model, named = self._model(framework)
+        return Trainer(model, framework=named, **kwargs)
 
     def load_data(self) -> TrainData:
         """Call the ``data`` factory and check what it returned."""
@@ -301,7 +489,9 @@ def _check(spec: Spec) -> None:
             ok = isinstance(value, str) and _is_reference(value)
         elif key == "loss":
             ok = isinstance(value, str) and (":" not in value or _is_reference(value))
-        elif key in ("batch_size", "epochs", "checkpoint_every", "keep_last", "accumulate"):
+        elif key == "framework":
+            ok = isinstance(value, str) and value in FRAMEWORKS
+        elif key in _COUNTS:
             ok = _is_int(value) and value >= 1
         elif key in ("seed", "verbose"):
             ok = _is_int(value) and value >= 0
@@ -390,3 +580,21 @@ def _build_if_factory(obj: Any) -> Any:
 
 def _kwargs(kwargs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _takes(fn: Any, n: int) -> str | None:
+    """None if ``fn`` can be called with ``n`` positional arguments (or has no signature),
+    else what it takes: ``"(params)"``, ``"no argument"``."""
+    try:
+        inspect.signature(fn).bind(*([None] * n))
+    except ValueError:  # no signature
+        return None
+    except TypeError:
+        params = inspect.signature(fn).parameters.values()
+        names = [
+            p.name
+            for p in params
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        return f"({', '.join(names)})" if names else "no argument"
+    return None

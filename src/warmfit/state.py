@@ -24,7 +24,7 @@ import numpy as np
 #: Stream identifiers mixed into the seed; changing one changes results, so never do.
 STREAM_IDS = {
     "python": 1, "numpy": 2, "torch": 3, "cuda": 4, "init": 5, "keras": 6, "loader": 7,
-    "sample": 8,
+    "sample": 8, "boost": 9,
 }  # fmt: skip
 
 #: What a checkpoint holds, by entry: (where, what). Kept in sync with the tests.

@@ -17,7 +17,7 @@ from .base import Backend, NonFiniteLoss
 __all__ = ["Backend", "NonFiniteLoss", "select"]
 
 
-FRAMEWORKS = ("torch", "keras", "sklearn")
+FRAMEWORKS = ("torch", "keras", "sklearn", "xgboost", "lightgbm")
 #: What the ``framework`` parameter of Trainer accepts, in the one message template (the
 #: names in a fixed order: a set's order changes from one process to the next).
 FRAMEWORK_TEXT = (
@@ -48,6 +48,16 @@ def select(model: Any, framework: str | type[Backend] | None = None, **kwargs: A
             f"The 'framework' parameter of Trainer must be {FRAMEWORK_TEXT}. "
             f"Got {framework!r} instead."
         )
+    booster = _boosting_library(model)
+    if framework in ("xgboost", "lightgbm") or (framework is None and booster is not None):
+        if booster is None or (framework is not None and framework != booster):
+            raise TypeError(
+                f"framework={framework!r} trains an {framework} scikit-learn wrapper "
+                f"(e.g. {'XGBClassifier' if framework == 'xgboost' else 'LGBMClassifier'}) or "
+                f"a warmfit.boosting.{'XGBoost' if framework == 'xgboost' else 'LightGBM'}"
+                f"(params) holder; got {type(model).__name__}."
+            )
+        return _boosting_backend(model, booster, kwargs)
     if framework == "keras" or (framework is None and "keras" in sys.modules and _is_keras(model)):
         from .keras import KerasBackend
 
@@ -78,6 +88,42 @@ def _not_torch_only(kwargs: dict[str, Any], framework: str) -> dict[str, Any]:
             f"it for {framework} models yet. Remove it."
         )
     return kwargs
+
+
+def _boosting_library(model: Any) -> str | None:
+    """"xgboost"/"lightgbm" for a model of theirs (a scikit-learn wrapper or a
+    :mod:`warmfit.boosting` holder), else None. A library is imported only if the
+    program already did."""
+    from ..boosting import LightGBM, XGBoost
+
+    if isinstance(model, XGBoost):
+        return "xgboost"
+    if isinstance(model, LightGBM):
+        return "lightgbm"
+    if "xgboost" in sys.modules:
+        import xgboost
+
+        if isinstance(model, xgboost.XGBModel):
+            return "xgboost"
+    if "lightgbm" in sys.modules:
+        import lightgbm
+
+        if isinstance(model, lightgbm.LGBMModel):
+            return "lightgbm"
+    return None
+
+
+def _boosting_backend(model: Any, library: str, kwargs: dict[str, Any]) -> Backend:
+    from .boosting import BoostingBackend
+
+    if library == "xgboost":
+        from .xgboost_rounds import from_model
+    else:
+        from .lightgbm_rounds import from_model  # type: ignore[assignment]
+    engine, classifier, random_state = from_model(model)
+    options = _not_torch_only(kwargs, "XGBoost" if library == "xgboost" else "LightGBM")
+    return BoostingBackend(model, engine, classifier=classifier, random_state=random_state,
+                           **options)  # fmt: skip
 
 
 def _is_sklearn(model: Any) -> bool:

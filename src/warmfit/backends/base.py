@@ -234,6 +234,11 @@ class Backend(abc.ABC):
         """Refuse data the model or the loss cannot take, naming it (default: nothing)."""
         return None  # the default: nothing to do
 
+    def check_validation_split(self, data: Any) -> None:
+        """Refuse ``validation_split`` on data this backend cannot split by rows, before
+        anything changes (default: it can)."""
+        return None  # the default: nothing to do
+
     def check_zero_rows(self, data: Any, batch_size: int) -> None:
         """Under DDP: refuse a model that cannot run on a rank's empty share of a global
         batch (default: nothing)."""
@@ -350,3 +355,41 @@ def leaf_rows(found: Sequence[tuple[str, Any]], name: str) -> int:
             f"dimension): {listed}. Pass one row per sample in each."
         )
     return len(found[0][1])
+
+
+def named_metrics(
+    metrics: Any, named: Mapping[str, Callable[..., float]]
+) -> dict[str, Callable[..., float]]:
+    """The metrics of a backend whose metrics are ``fn(y_true, y_pred) -> float``:
+    ``metrics`` a mapping (taken as it is) or names from ``named`` and callables, by
+    their ``__name__``. An unknown name is a ``ValueError`` listing the known ones."""
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    out: dict[str, Callable[..., float]] = {}
+    for m in metrics or ():
+        if isinstance(m, str):
+            if m not in named:
+                raise ValueError(
+                    f"Unknown metric {m!r}. Expected one of {sorted(named)} or a callable "
+                    "(y_true, y_pred) -> float."
+                )
+            out[m] = named[m]
+        else:
+            out[getattr(m, "__name__", repr(m))] = m
+    return out
+
+
+def jsonable(v: Any) -> Any:
+    """A model parameter as JSON data for :meth:`Backend.describe` (NumPy scalars as
+    numbers, containers recursively, anything else by its ``repr``)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [jsonable(i) for i in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(i) for k, i in v.items()}
+    if isinstance(v, np.random.RandomState):
+        return "RandomState"
+    return repr(v)

@@ -24,6 +24,14 @@ and its state, which travels as one array: the estimator in skops' secure format
 identity for immutable values, padding bytes zeroed, fixed zip timestamps), so equal
 estimators give identical bytes.
 
+Pipelines (``sklearn_pipeline.py``): a ``Pipeline`` trains its final step as above, on
+the rows its transformers (every other step) give; they are fitted on the training rows
+at the start of a run (the first call, every ``restart``) and kept by ``continue`` and
+``warm``, unless ``refit_transformers='new_data'``. Everything said here of "the
+estimator" (modes, stopping rules, rounds) is said of the final step; the state is the
+whole Pipeline, one skops entry, and ``model/transformers_data`` (the fingerprint of the
+rows its transformers were fitted on).
+
 Randomness: an estimator draws from its ``random_state``. An int or a RandomState
 instance is part of the estimator (and of its skops state); ``None`` means NumPy's global
 generator, which the Trainer swaps for its own seeded stream during fit. Forests and
@@ -48,7 +56,24 @@ import numpy as np
 from ..data import fingerprint
 from ..errors import CheckpointError, StateMismatchError
 from ..state import derive_seed
-from .base import Backend
+from .base import Backend, jsonable, named_metrics
+from .sklearn_pipeline import (
+    REFIT_CHOICES,
+    adopt,
+    check_pipeline,
+    dataframe_refusal,
+    describe_params,
+    final_step,
+    fit_transformers,
+    head,
+    install,
+    is_dataframe,
+    is_pipeline,
+    n_features_in,
+    seeded_global_stream,
+    signature,
+    transform,
+)
 
 #: Types beyond skops' defaults that a checkpoint may contain. Anything else is refused.
 TRUSTED_TYPES = [
@@ -62,10 +87,17 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 class ArrayData:
-    """Training rows as numpy arrays; ``len`` is the number of rows."""
+    """Training rows as numpy arrays; ``len`` is the number of rows. ``xt``: for a
+    Pipeline, the rows its transformers give (set by the call's preflight)."""
 
     def __init__(self, x: Any, y: np.ndarray | None) -> None:
         self.x, self.y = x, y
+        self.xt: Any = None
+
+    @property
+    def rows(self) -> Any:
+        """What the estimator that trains (a Pipeline's final step) is fitted on."""
+        return self.x if self.xt is None else self.xt
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -104,10 +136,12 @@ _INSTEAD_LR = (
 )
 
 
-def _stopping_rule(est: Any, kind: str, n_rows: int) -> str | None:
+def _stopping_rule(est: Any, kind: str, n_rows: int, step: str = "") -> str | None:
     """Why warmfit would silently change ``est``'s own stopping rule (the refusal message),
     or ``None`` when there is none to change. ``kind`` is how warmfit drives it
-    (``"rounds"`` or ``"partial_fit"``), ``n_rows`` the training rows a round fits on.
+    (``"rounds"`` or ``"partial_fit"``), ``n_rows`` the training rows a round fits on,
+    ``step`` the name of the Pipeline step ``est`` is (its parameters are then named
+    ``<step>__...``, and the message names the step), or ``""`` for a bare estimator.
 
     - Round estimators grow by one warm-start ``fit`` a round; a stop inside one round
       does not stop the next. Refused: ``HistGradientBoosting*`` with early stopping on
@@ -124,12 +158,14 @@ def _stopping_rule(est: Any, kind: str, n_rows: int) -> str | None:
       meta-estimator drives through its ``partial_fit`` (``MultiOutput*``,
       ``OneVsRest``/``OneVsOne``, ``SelectFromModel``) are judged the same way.
     """
+    path, owner = (f"{step}__", f"the final step {step!r} of the Pipeline") if step else ("", "")
+    where = f", {owner}," if step else ""
     if kind == "rounds":
-        return _round_rule(est, n_rows)
-    return _partial_fit_rule(est, "", type(est).__name__)
+        return _round_rule(est, n_rows, path, where)
+    return _partial_fit_rule(est, path, owner or type(est).__name__, where)
 
 
-def _round_rule(est: Any, n_rows: int) -> str | None:
+def _round_rule(est: Any, n_rows: int, path: str, where: str) -> str | None:
     from sklearn.ensemble._gb import BaseGradientBoosting
     from sklearn.ensemble._hist_gradient_boosting.gradient_boosting import (
         BaseHistGradientBoosting,
@@ -152,28 +188,29 @@ def _round_rule(est: Any, n_rows: int) -> str | None:
                 else ""
             )
             return (
-                f"{name}(early_stopping={es!r}) stops early{rows}: it stops adding "
+                f"{name}(early_stopping={es!r}){where} stops early{rows}: it stops adding "
                 f"iterations once its score stops improving, {grows.format(key='max_iter')} "
-                f"Set early_stopping=False and {_INSTEAD}"
+                f"Set {path}early_stopping=False and {_INSTEAD}"
             )
     elif isinstance(est, BaseGradientBoosting) and est.n_iter_no_change is not None:
         return (
-            f"{name}(n_iter_no_change={est.n_iter_no_change!r}) stops early: it stops adding "
-            f"estimators once its validation score stops improving, "
-            f"{grows.format(key='n_estimators')} Set n_iter_no_change=None and {_INSTEAD}"
+            f"{name}(n_iter_no_change={est.n_iter_no_change!r}){where} stops early: it stops "
+            f"adding estimators once its validation score stops improving, "
+            f"{grows.format(key='n_estimators')} Set {path}n_iter_no_change=None and {_INSTEAD}"
         )
     return None
 
 
-def _partial_fit_rule(est: Any, path: str, top: str) -> str | None:
+def _partial_fit_rule(est: Any, path: str, owner: str, where: str) -> str | None:
     """The rule of ``est`` (or of an estimator it drives) that ``partial_fit`` would
-    silently change; ``path`` is its parameter prefix in the estimator ``top``."""
+    silently change; ``path`` is its parameter prefix in the estimator the Trainer trains,
+    ``owner`` names ``est`` (its class, or its place in that estimator) and ``where`` is
+    the phrase the message puts after its class (empty for the estimator itself)."""
     from sklearn.base import BaseEstimator
     from sklearn.linear_model._stochastic_gradient import BaseSGD
     from sklearn.neural_network._multilayer_perceptron import BaseMultilayerPerceptron
 
     name = type(est).__name__
-    where = f", the {path[:-2].replace('__', ' of the ')} of {top}," if path else ""
     how = f"warmfit trains {name} with partial_fit (one call per batch)"
     if isinstance(est, BaseSGD):
         if getattr(est, "early_stopping", False):
@@ -207,7 +244,8 @@ def _partial_fit_rule(est: Any, path: str, top: str) -> str | None:
             )
     for key, value in est.get_params(deep=False).items():
         if isinstance(value, BaseEstimator):  # a meta-estimator's partial_fit drives it
-            found = _partial_fit_rule(value, f"{path}{key}__", top)
+            inner = f"the {key} of {owner}"
+            found = _partial_fit_rule(value, f"{path}{key}__", inner, f", {inner},")
             if found is not None:
                 return found
     return None
@@ -235,6 +273,7 @@ class SklearnBackend(Backend):
         metrics: Any = (),
         num_workers: int = 0,
         estimators_per_round: int = 1,
+        refit_transformers: str | None = None,
         step: Any = None,
     ) -> None:
         name = type(model).__name__
@@ -270,17 +309,41 @@ class SklearnBackend(Backend):
                 "The 'estimators_per_round' parameter of SklearnBackend must be an int >= 1. "
                 f"Got {estimators_per_round!r} instead."
             )
+        self.pipeline = is_pipeline(model)
+        if refit_transformers is not None and not self.pipeline:
+            raise ValueError(
+                "The 'refit_transformers' parameter of SklearnBackend is for a Pipeline's "
+                f"transformers; {name} is not a Pipeline. Remove it."
+            )
+        if refit_transformers is not None and refit_transformers not in REFIT_CHOICES:
+            raise ValueError(
+                "The 'refit_transformers' parameter of SklearnBackend must be one of "
+                f"{{{', '.join(map(repr, REFIT_CHOICES))}}}. Got {refit_transformers!r} "
+                "instead."
+            )
+        if self.pipeline:
+            check_pipeline(model)
         self.model = model
-        self.round_key = _ensemble_key(model)
-        if self.round_key is None and not hasattr(model, "partial_fit"):
+        self.refit_transformers = refit_transformers or "restart"
+        final = self.final
+        self.round_key = _ensemble_key(final)
+        if self.round_key is None and not hasattr(final, "partial_fit"):
+            who = self._who
             raise TypeError(
-                f"{name} has no partial_fit and does not grow with warm_start, so warmfit "
+                f"{who[0].upper()}{who[1:]} has no partial_fit and does not grow with "
+                "warm_start, so warmfit "
                 "cannot give its fit calls a continue/warm/restart meaning. Supported: "
                 "estimators with partial_fit (SGDClassifier, MLPClassifier, GaussianNB, "
                 "MiniBatchKMeans, IncrementalPCA, ...) and RandomForest/ExtraTrees, "
                 "GradientBoosting, HistGradientBoosting and Bagging estimators."
             )
         self.kind = "rounds" if self.round_key is not None else "partial_fit"
+        if self.kind == "partial_fit" and estimators_per_round != 1:
+            raise ValueError(
+                f"estimators_per_round={estimators_per_round!r} is for estimators that grow "
+                f"by rounds (forests, boosting, bagging); {name} trains with partial_fit, "
+                "one call per batch. Remove estimators_per_round."
+            )
         self.estimators_per_round = estimators_per_round
         self.metrics = _resolve_metrics(metrics)
         self.classes: np.ndarray | None = None
@@ -290,7 +353,31 @@ class SklearnBackend(Backend):
         self._pending_warm = False
         self._global_rng_attrs: list[str] = []
         self._global_rng_paths: list[list[list[Any]]] = []
+        # A Pipeline: the fingerprint of the rows its transformers were fitted on (None:
+        # not fitted in this run), and those fitted by a call's preflight, with that
+        # fingerprint, for its first step to install.
+        self._transformers_data: str | None = None
+        self._staged: tuple[list[Any], str] | None = None
 
+    @property
+    def final(self) -> Any:
+        """The estimator that trains: the model, or a Pipeline's final step."""
+        return final_step(self.model)[1] if self.pipeline else self.model
+
+    @property
+    def _pristine_final(self) -> Any:
+        return final_step(self._pristine)[1] if self.pipeline else self._pristine
+
+    @property
+    def _step(self) -> str:
+        """The name of a Pipeline's final step ("" for a bare estimator)."""
+        return final_step(self.model)[0] if self.pipeline else ""
+
+    @property
+    def _who(self) -> str:
+        """The estimator that trains, as messages name it."""
+        name = type(self.final).__name__
+        return f"the Pipeline's final step {self._step!r} ({name})" if self.pipeline else name
 
     # -- modes ---------------------------------------------------------------------
     @property
@@ -304,9 +391,9 @@ class SklearnBackend(Backend):
         from sklearn.linear_model._stochastic_gradient import BaseSGD
         from sklearn.neural_network._multilayer_perceptron import BaseMultilayerPerceptron
 
-        if isinstance(self.model, BaseSGD):
+        if isinstance(self.final, BaseSGD):
             return "sgd"
-        if isinstance(self.model, BaseMultilayerPerceptron):
+        if isinstance(self.final, BaseMultilayerPerceptron):
             return "mlp"
         return None
 
@@ -322,7 +409,7 @@ class SklearnBackend(Backend):
                 else "its partial_fit state is sufficient statistics, not weights plus an optimizer"
             )
             raise ValueError(
-                f"mode={mode!r} is not supported for {type(self.model).__name__}: {why}. "
+                f"mode={mode!r} is not supported for {self._who}: {why}. "
                 f"Supported modes: {self.modes}."
             )
 
@@ -334,10 +421,12 @@ class SklearnBackend(Backend):
         if first:
             self._pristine = clone(self.model)
         else:
-            _become(self.model, clone(self._pristine))
+            adopt(self.model, clone(self._pristine))
         self.classes = None
-        rs: Any = self._pristine.random_state if hasattr(self._pristine, "random_state") else 0
-        if self.kind == "rounds" and _reseeds_each_fit(self.model) and not _is_int(rs):
+        self._transformers_data = None  # a Pipeline's are fitted by the run's first call
+        pristine = self._pristine_final
+        rs: Any = pristine.random_state if hasattr(pristine, "random_state") else 0
+        if self.kind == "rounds" and _reseeds_each_fit(self.final) and not _is_int(rs):
             base = (
                 np.random.RandomState(derive_seed(seed, "init", 1) % (1 << 32))
                 if rs is None
@@ -363,11 +452,11 @@ class SklearnBackend(Backend):
         and ReduceLROnPlateau write the parameter while training), or None."""
         kind = self._optimizer_kind()
         name = "eta0" if kind == "sgd" else "learning_rate_init" if kind == "mlp" else None
-        return None if name is None else (name, getattr(self._pristine, name))
+        return None if name is None else (name, getattr(self._pristine_final, name))
 
     def _reset_optimizer(self) -> None:
         self._pending_warm = False
-        est = self.model
+        est = self.final
         factory = self._factory_lr()
         if factory is not None:
             setattr(est, *factory)  # the rate warmfit wrote is the old optimizer's
@@ -394,6 +483,9 @@ class SklearnBackend(Backend):
     def prepare(self, x: Any, y: Any) -> ArrayData:
         name = type(self.model).__name__
         self._pending_warm = False  # a warm call that failed its data check is over
+        self._staged = None  # so are transformers fitted for a call that was refused
+        if self.pipeline and is_dataframe(x):
+            raise dataframe_refusal("x")
         xa = x if _is_sparse(x) else np.asarray(x)
         if xa.ndim != 2:
             raise ValueError(
@@ -402,7 +494,13 @@ class SklearnBackend(Backend):
         if xa.shape[0] == 0:
             raise ValueError("x has no samples: nothing to train on.")
         if not _is_sparse(xa) and (xa.dtype == object or xa.dtype.kind in "USV"):
-            raise TypeError(f"x must be numeric for {name}. Got dtype {xa.dtype}.")
+            hint = (
+                " Encode string categories as integer codes (np.unique(column, "
+                "return_inverse=True)) and let a OneHotEncoder inside the Pipeline one-hot them."
+                if self.pipeline
+                else ""
+            )
+            raise TypeError(f"x must be numeric for {name}. Got dtype {xa.dtype}.{hint}")
         ya = None if y is None else np.asarray(y)
         if ya is not None and len(ya) != xa.shape[0]:
             raise ValueError(
@@ -411,27 +509,29 @@ class SklearnBackend(Backend):
             )
         from sklearn.base import is_classifier
 
-        if is_classifier(self.model) and self.kind == "partial_fit" and ya is None:
+        if is_classifier(self.final) and self.kind == "partial_fit" and ya is None:
             raise ValueError(f"{name} is a classifier: pass the labels y.")
         cls = RoundData if self.kind == "rounds" else ArrayData
         return cls(xa, ya)
 
     def _check_training_data(self, data: ArrayData) -> None:
         """Before the first step of a call (after the mode is applied): the estimator can
-        go on with these features and classes. Nothing has changed yet when it raises."""
+        go on with these features and classes (:meth:`_known_classes`), which it is
+        given on its first ``partial_fit``. Nothing has changed yet when it raises."""
+        self.classes = self._known_classes(data)
+
+    def _known_classes(self, data: ArrayData) -> np.ndarray | None:
+        """Refuse features and classes the estimator that trains cannot go on with (for a
+        Pipeline also in its preflight, so before anything changes); else its classes
+        (None where it has none), changing nothing."""
         from sklearn.base import is_classifier
 
-        name = type(self.model).__name__
-        n_in = getattr(self.model, "n_features_in_", None)
-        if n_in is not None and data.x.shape[1] != n_in:
-            raise ValueError(
-                f"x has {data.x.shape[1]} features, but {name} was trained on {n_in}. Pass "
-                "data with the same features, or fit with mode='restart'."
-            )
-        if not is_classifier(self.model) or data.y is None:
-            return
+        self._known_features(data)
+        est, name = self.final, self._who
+        if not is_classifier(est) or data.y is None:
+            return self.classes
         seen = np.unique(data.y)
-        known = getattr(self.model, "classes_", None)
+        known = getattr(est, "classes_", None)
         if known is None:
             known = self.classes if self.classes is not None else seen
         new = np.setdiff1d(seen, known)
@@ -441,7 +541,30 @@ class SklearnBackend(Backend):
                 f"are {np.asarray(known).tolist()}). partial_fit cannot add classes; fit with "
                 "mode='restart' on data with every class."
             )
-        self.classes = np.asarray(known)
+        return np.asarray(known)
+
+    def _known_features(self, data: ArrayData) -> None:
+        """Refuse rows whose number of features is not the one the estimator that trains
+        was trained on."""
+        est, name = self.final, self._who
+        n_in, width = getattr(est, "n_features_in_", None), data.rows.shape[1]
+        if n_in is not None and width != n_in and self.pipeline:
+            again = (
+                " again on this call's data (refit_transformers='new_data')"
+                if self.refit_transformers == "new_data"
+                else " on this call's data"
+            )
+            raise ValueError(
+                f"The Pipeline's transformers, fitted{again}, turn x into {width} features, "
+                f"but {name} was trained on {n_in}. Make the transformers give the same "
+                "features (e.g. OneHotEncoder(categories=[...]) listing every category), or "
+                "fit with mode='restart'."
+            )
+        if n_in is not None and width != n_in:
+            raise ValueError(
+                f"x has {width} features, but {name} was trained on {n_in}. Pass "
+                "data with the same features, or fit with mode='restart'."
+            )
 
     def preflight(
         self,
@@ -457,21 +580,77 @@ class SklearnBackend(Backend):
         warmfit's loop would silently change (:func:`_stopping_rule`). The estimator judged
         is the one this call trains: the current one, or for ``mode='restart'`` the fresh
         clone it starts from. The decision depends only on its parameters and the number
-        of training rows, so a resumed run decides as the straight run did."""
+        of training rows, so a resumed run decides as the straight run did.
+
+        A Pipeline's transformers are made ready here (:meth:`_stage_transformers`): the
+        rows the final step trains on are computed once for the call, and every refusal
+        (data they cannot transform, features the final step was not trained on) comes
+        before anything changes."""
         super().preflight(
             mode, data, val_data, batch_size=batch_size, schedule=schedule, sets_lr=sets_lr
         )
         restart = mode == "restart" and self._pristine is not None
-        est = self._pristine if restart else self.model
-        why = _stopping_rule(est, self.kind, data.x.shape[0])
+        est = self._pristine_final if restart else self.final
+        why = _stopping_rule(est, self.kind, data.x.shape[0], self._step)
         if why is not None:
             raise ValueError(why)
+        if self.pipeline:
+            self._stage_transformers(data, val_data, restart=restart)
+            if not restart and self.kind == "partial_fit":  # a restart: a fresh final step
+                self._known_classes(data)
+            elif not restart:  # a round estimator: its features (classes are its own)
+                self._known_features(data)
+
+    def _stage_transformers(self, data: ArrayData, val_data: Any, *, restart: bool) -> None:
+        """The transformers this call trains with, and the rows they give (``data.xt``).
+        Fitted anew (clones, installed by the call's first step) at the start of a run —
+        the first call, or ``restart``, from the Trainer's pristine clone — and, with
+        ``refit_transformers='new_data'``, when this call's training rows are not those
+        they were fitted on; else the fitted ones are kept. Fitting and transforming run
+        under a NumPy stream derived from the seed (the caller's is put back)."""
+        fp = self.fingerprint(data)[0]
+        source = self._pristine if restart else self.model
+        refit = (
+            restart
+            or self._transformers_data is None
+            or (self.refit_transformers == "new_data" and fp != self._transformers_data)
+        )
+        fitted: list[Any] = []
+        with seeded_global_stream(self.seed):
+            if refit:
+                fitted, data.xt = fit_transformers(head(source), data.x, data.y)
+                steps = [(n, s) for (n, _), s in zip(head(source), fitted, strict=True)]
+            else:
+                n_in = n_features_in(self.model)
+                if n_in is not None and data.x.shape[1] != n_in:
+                    raise ValueError(
+                        f"x has {data.x.shape[1]} features, but the Pipeline's transformers "
+                        f"were fitted on {n_in}. Pass data with the same features, or fit "
+                        "with mode='restart'."
+                    )
+                steps = head(self.model)
+                data.xt = transform(steps, data.x, "this call's training data")
+            if val_data is not None:
+                transform(steps, val_data.x, "the validation data")
+        self._staged = (fitted, fp) if refit else None
+
+    def _install_transformers(self) -> None:
+        """Put the transformers a call's preflight fitted into the Pipeline (its first
+        step; after the mode, so after a restart's fresh clone)."""
+        if self._staged is not None:
+            fitted, fp = self._staged
+            install(self.model, fitted)
+            self._transformers_data, self._staged = fp, None
+
+    def check_validation_split(self, data: Any) -> None:
+        if isinstance(data, RoundData):
+            self.subset(data, np.zeros(0, dtype=np.int64))
 
     def subset(self, data: Any, rows: np.ndarray) -> Any:
         if isinstance(data, RoundData):
             raise ValueError(
-                f"validation_split is not available for {type(self.model).__name__} (a "
-                "round fits on the whole data at once). Pass validation_data=(x_val, y_val)."
+                f"validation_split is not available for {self._who}: a round fits on the "
+                "whole data at once. Pass validation_data=(x_val, y_val)."
             )
         return ArrayData(data.x[rows], None if data.y is None else data.y[rows])
 
@@ -483,13 +662,15 @@ class SklearnBackend(Backend):
         self, data: Any, order: np.ndarray, offset: int, batch_size: int, epoch: int
     ) -> Iterator[Any]:
         if isinstance(data, RoundData):
+            self._install_transformers()
             if offset == 0:
-                yield (data.x, data.y)
+                yield (data.rows, data.y)
             return
         self._check_training_data(data)
+        self._install_transformers()
         if self._pending_warm:
             self._reset_optimizer()
-        x, y = data.x, data.y
+        x, y = data.rows, data.y
         for start in range(offset, len(order), batch_size):
             idx = order[start : start + batch_size]
             yield (x[idx], None if y is None else y[idx])
@@ -500,7 +681,7 @@ class SklearnBackend(Backend):
 
     def learning_rate(self) -> float:
         """The step size the estimator would use next (nan if it has none)."""
-        est, kind = self.model, self._optimizer_kind()
+        est, kind = self.final, self._optimizer_kind()
         factory = self._factory_lr() if self._pending_warm else None  # after the reset
         if kind == "sgd":
             t = 1.0 if self._pending_warm else getattr(est, "t_", 1.0)
@@ -521,7 +702,7 @@ class SklearnBackend(Backend):
         return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else math.nan
 
     def set_learning_rate(self, lr: float) -> None:
-        est, kind = self.model, self._optimizer_kind()
+        est, kind = self.final, self._optimizer_kind()
         if kind == "sgd" and est.learning_rate == "constant":
             est.eta0 = lr
         elif kind == "mlp" and est.solver in ("adam", "sgd"):
@@ -533,7 +714,7 @@ class SklearnBackend(Backend):
         else:
             raise ValueError(
                 f"A warmfit schedule or ReduceLROnPlateau needs a learning rate it can set; "
-                f"{type(self.model).__name__} has none warmfit can set (SGD estimators need "
+                f"{self._who} has none warmfit can set (SGD estimators need "
                 "learning_rate='constant'; MLP estimators need solver='adam' or 'sgd'). "
                 "Use the estimator's own schedule instead."
             )
@@ -543,7 +724,7 @@ class SklearnBackend(Backend):
         if self.kind == "rounds":
             self._grow(xb, yb)
             return None
-        est = self.model
+        est = self.final
         kwargs = {}
         if self.classes is not None and not hasattr(est, "classes_"):
             kwargs["classes"] = self.classes
@@ -555,7 +736,7 @@ class SklearnBackend(Backend):
         return float(loss) if loss is not None else None
 
     def _grow(self, x: Any, y: Any) -> None:
-        est, key = self.model, self.round_key
+        est, key = self.final, self.round_key
         assert key is not None
         if key == "max_iter":
             done = getattr(est, "n_iter_", 0)
@@ -588,6 +769,9 @@ class SklearnBackend(Backend):
         from sklearn.base import is_classifier, is_regressor
 
         est, x, y = self.model, data.x, data.y
+        if self.pipeline and (y is None or not (is_classifier(est) or is_regressor(est))):
+            # A transformer or a clusterer last: its own score, on the rows it sees.
+            est, x = self.final, transform(head(self.model), x, "the evaluation data")
         out: dict[str, float] = {}
         if is_classifier(est) and y is not None:
             pred = est.predict(x)
@@ -611,6 +795,8 @@ class SklearnBackend(Backend):
         return out
 
     def predict(self, x: Any, batch_size: int) -> Any:
+        if self.pipeline and is_dataframe(x):
+            raise dataframe_refusal("x")
         est = self.model
         return est.predict(x) if hasattr(est, "predict") else est.transform(x)
 
@@ -634,12 +820,17 @@ class SklearnBackend(Backend):
         finally:
             for path in refs:
                 _set_at(est, path, glob)
-        return {"model/skops": np.frombuffer(blob, dtype=np.uint8)}
+        out = {"model/skops": np.frombuffer(blob, dtype=np.uint8)}
+        if self.pipeline:  # what its transformers were fitted on ("" if not yet)
+            fitted_on = (self._transformers_data or "").encode()
+            out["model/transformers_data"] = np.frombuffer(fitted_on, dtype=np.uint8)
+        return out
 
     def state_meta(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "estimator": _qualname(self.model),
+            **({"steps": signature(self.model)} if self.pipeline else {}),
             "classes": None if self.classes is None else self.classes.tolist(),
             "round_rng": None if self._round_rng is None else _rng_to_json(self._round_rng),
             "global_rng_attrs": list(self._global_rng_attrs),
@@ -652,6 +843,8 @@ class SklearnBackend(Backend):
                 f"the checkpoint holds a {meta.get('estimator')}, this Trainer trains a "
                 f"{_qualname(self.model)}. Pass an estimator of the class that wrote it."
             )
+        if self.pipeline:
+            self._check_steps(meta.get("steps"))
         self._global_rng_attrs = list(meta.get("global_rng_attrs", []))
         self._global_rng_paths = list(meta.get("global_rng_paths", []))
         self.load_weights(tensors)
@@ -661,6 +854,16 @@ class SklearnBackend(Backend):
         self._round_rng = None if rr is None else _rng_from_json(rr)
         self._fresh = False
         self._pending_warm = False
+        self._staged = None
+
+    def _check_steps(self, saved: Any) -> None:
+        """Refuse a checkpoint's Pipeline whose steps (names, classes) are not this one's."""
+        own = signature(self.model)
+        if saved != own:
+            raise StateMismatchError(
+                f"the checkpoint's Pipeline has the steps {saved}, this Trainer's has {own}. "
+                "Pass a Pipeline with the steps of the run that wrote the checkpoint."
+            )
 
     def load_weights(self, tensors: Mapping[str, np.ndarray], dtypes: Any = None) -> None:
         """Make the estimator the one stored in ``tensors['model/skops']``."""
@@ -675,7 +878,24 @@ class SklearnBackend(Backend):
                 f"the checkpoint holds a {_qualname(loaded)}, this Trainer trains a "
                 f"{_qualname(self.model)}. Pass an estimator of the class that wrote it."
             )
-        _become(self.model, loaded)
+        if self.pipeline:
+            self._check_steps(signature(loaded))
+            if "model/transformers_data" not in tensors:
+                raise StateMismatchError(
+                    "the checkpoint has no 'model/transformers_data' entry: it holds a Pipeline "
+                    "saved without the record of what its transformers were fitted on. Resume "
+                    "it with the warmfit that wrote it, or fit with mode='restart'."
+                )
+            fitted_on = np.asarray(tensors["model/transformers_data"], dtype=np.uint8).tobytes()
+            if not re.fullmatch(rb"[0-9a-f]*", fitted_on):
+                raise StateMismatchError(
+                    f"the checkpoint's 'model/transformers_data' is {fitted_on[:40]!r}, not a "
+                    "data fingerprint (hexadecimal digits): the file is damaged. Resume from "
+                    "another checkpoint."
+                )
+        adopt(self.model, loaded)
+        if self.pipeline:
+            self._transformers_data = fitted_on.decode() or None
         for k in self._global_rng_attrs:
             setattr(self.model, k, np.random.mtrand._rand)
         for path in self._global_rng_paths:
@@ -688,18 +908,26 @@ class SklearnBackend(Backend):
                 ) from None
 
     def describe(self) -> dict[str, Any]:
-        params = {
-            k: _jsonable(v)
-            for k, v in self.model.get_params(deep=False).items()
-            if k not in ("learning_rate_init", "eta0", "warm_start", self.round_key)
-        }
-        return {
+        managed = ("learning_rate_init", "eta0", "warm_start", self.round_key)
+        if self.pipeline:  # deep: the steps' parameters, estimators by class
+            step = self._step
+            params = describe_params(self.model, {f"{step}__{k}" for k in managed if k})
+        else:
+            params = {
+                k: jsonable(v)
+                for k, v in self.model.get_params(deep=False).items()
+                if k not in managed
+            }
+        out = {
             "framework": "sklearn",
             "model": _qualname(self.model),
             "estimator": _qualname(self.model),
             "params": params,
             "estimators_per_round": self.estimators_per_round if self.kind == "rounds" else None,
         }
+        if self.pipeline:
+            out["refit_transformers"] = self.refit_transformers
+        return out
 
 
 # -- skops: secure, canonical -----------------------------------------------------------
@@ -852,18 +1080,12 @@ def loads(data: bytes, trusted: list[str] | None = None) -> Any:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _become(target: Any, source: Any) -> None:
-    """Make ``target`` an exact copy of ``source`` in place (the estimator object stays the
-    one the user holds, as with the PyTorch backend)."""
-    target.__dict__.clear()
-    target.__dict__.update(source.__dict__)
-
-
 def _global_rng_refs(est: Any, glob: Any) -> list[list[list[Any]]]:
     """The slots of ``est`` that hold ``glob`` (NumPy's global generator), as JSON paths
-    of steps ``["attr", name]``, ``["item", index]`` (list or object array) and ``["key",
-    name]`` (dict), in document order; the search goes through attributes of estimators,
-    lists, dicts and object arrays, so into sub-estimators (a forest's or boosting's trees).
+    of steps ``["attr", name]``, ``["item", index]`` (list, tuple or object array) and
+    ``["key", name]`` (dict), in document order; the search goes through attributes of
+    estimators, lists, tuples, dicts and object arrays, so into sub-estimators (a forest's
+    or boosting's trees, a Pipeline's steps).
     """
     from sklearn.base import BaseEstimator
 
@@ -875,6 +1097,8 @@ def _global_rng_refs(est: Any, glob: Any) -> list[list[list[Any]]]:
             return
         if isinstance(obj, BaseEstimator):
             children = [(["attr", k], v) for k, v in vars(obj).items()]
+        elif isinstance(obj, tuple):  # a Pipeline's (name, step): no slot of its own
+            children = [(["item", [i]], v) for i, v in enumerate(obj) if v is not glob]
         elif isinstance(obj, list):
             children = [(["item", [i]], v) for i, v in enumerate(obj)]
         elif isinstance(obj, dict):
@@ -908,7 +1132,7 @@ def _set_at(root: Any, path: list[list[Any]], value: Any) -> None:
         elif kind == "item":
             parts = tuple(int(k) for k in key)
             index: int | tuple[int, ...] = parts
-            if isinstance(obj, list):
+            if isinstance(obj, (list, tuple)):
                 (index,) = parts
             if last:
                 obj[index] = value
@@ -945,35 +1169,8 @@ def _rng_from_json(obj: list) -> tuple:
     return (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
 
 
-def _jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(i) for i in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(i) for k, i in v.items()}
-    if isinstance(v, np.random.RandomState):
-        return "RandomState"
-    return repr(v)
-
-
 def _resolve_metrics(metrics: Any) -> dict[str, Any]:
     from sklearn import metrics as skm
 
     named = {"accuracy": skm.accuracy_score, "r2": skm.r2_score, "mse": skm.mean_squared_error}
-    if isinstance(metrics, Mapping):
-        return dict(metrics)
-    out = {}
-    for m in metrics or ():
-        if isinstance(m, str):
-            if m not in named:
-                raise ValueError(
-                    f"Unknown metric {m!r}. Expected one of {set(named)} or a callable "
-                    "(y_true, y_pred) -> float."
-                )
-            out[m] = named[m]
-        else:
-            out[getattr(m, "__name__", repr(m))] = m
-    return out
+    return named_metrics(metrics, named)
