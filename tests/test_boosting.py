@@ -195,7 +195,8 @@ def test_kill_9_with_a_checkpoint_every_round_resumes_to_the_straight_run(librar
     run = tmp_path / "run"
     victim = worker(library, run, 12, "--slow", "0.15")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(run.glob("checkpoints/*-step-00000000000[4-9]")):
+    # Step 5's folder exists only once step 4's save has committed (one save at a time).
+    while time.monotonic() < deadline and not list(run.glob("checkpoints/*-step-00000000000[5-9]")):
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=30)

@@ -23,8 +23,9 @@ from . import modes
 from .control import ModeOperations, check_plateau
 from .data import check_offset, validation_split
 from .errors import StateMismatchError, invalid_param
+from .horizons import Move, Plan, check_call, moves_for_call
 from .loop import FitCall
-from .schedules import as_schedule, describe
+from .schedules import Schedule, as_schedule, describe
 from .training_state import EXACTNESS_SETTINGS, setting_of
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class PlannedCall:
     schedule: Any  # the new schedule, or None
     verbose: int
     asked: dict[str, Any] = field(default_factory=dict)  # epochs, until_epoch, steps
+    moves: list[Move] = field(default_factory=list)  # what the call does to the schedule's plan
+    policy: str | None = None  # the call's past_horizon
 
 
 def request_of(
@@ -63,9 +66,15 @@ def request_of(
     shuffle: bool,
     validation_split: float | None,
     fingerprint: str,
+    past_horizon: str | None = None,
+    cooldown: bool = False,
 ) -> dict[str, Any]:
-    """What makes a fit call "the same call" (E8): its arguments and its data."""
+    """What makes a fit call "the same call" (E8): its arguments and its data
+    (``past_horizon`` and ``cooldown`` only where given)."""
+    optional: dict[str, Any] = {"past_horizon": past_horizon} if past_horizon else {}
+    optional.update({"cooldown": True} if cooldown else {})
     return {
+        **optional,
         "mode": mode,
         "epochs": epochs,
         "until_epoch": until_epoch,
@@ -130,7 +139,8 @@ def plan_call(
     fp, shape = trainer.backend.fingerprint(data)
     request = request_of(
         mode, epochs, until_epoch, steps, new_data=p["new_data"], shuffle=p["shuffle"],
-        validation_split=split, fingerprint=fp,
+        validation_split=split, fingerprint=fp, past_horizon=p["past_horizon"],
+        cooldown=p["cooldown"],
     )  # fmt: skip
     # The same call again after an interruption (a requeued script or command) finishes
     # the interrupted call: it ends where that call would have ended (E8).
@@ -181,7 +191,12 @@ def plan_call(
         schedule=new_schedule,
         sets_lr=state.sets_lr(new_schedule),
     )
+    moves: list[Move] = []
+    if resumes is None:  # a call that finishes an interrupted one moves nothing (E8)
+        moves = plan_moves(trainer, p, mode_applied, new_schedule, target, step_target, data)
     return PlannedCall(
+        moves=moves,
+        policy=p["past_horizon"],
         request=request,
         mode=mode,
         mode_applied=mode_applied,
@@ -227,7 +242,16 @@ def start_call(trainer: Trainer, planned: PlannedCall) -> tuple[dict[str, Any], 
     if planned.schedule is not None:
         changes["schedule"] = {"from": describe(state.schedule), "to": describe(planned.schedule)}
         state.schedule = planned.schedule
+        state.plan = Plan()
         trainer.backend.set_schedule(planned.schedule)
+    if planned.moves:
+        state.plan = state.plan.added(planned.moves)
+        origin = c.schedule_origin
+        changes.setdefault("schedule", {})["replan"] = [
+            {"kind": m.kind, "at_step": m.at + origin, "end_step": m.end + origin,
+             **({"policy": planned.policy} if planned.policy else {})}
+            for m in planned.moves
+        ]  # fmt: skip
     if state.pending_diffs:
         changes["settings"] = list(state.pending_diffs)
         state.pending_diffs = []
@@ -270,6 +294,70 @@ def start_call(trainer: Trainer, planned: PlannedCall) -> tuple[dict[str, Any], 
     return record, FitCall(
         planned.target, planned.step_target, segment, planned.mode, shuffle, planned.verbose
     )
+
+
+def plan_moves(
+    trainer: Trainer,
+    p: Mapping[str, Any],
+    mode: str,
+    new_schedule: Any,
+    target: int | None,
+    step_target: int | None,
+    data: Any,
+) -> list[Move]:
+    """What a new fit call does to its schedule's plan (:mod:`warmfit.horizons`), worked
+    out before anything changes: where the call starts and ends in the schedule's steps,
+    after the modes table (a ``warm`` or ``restart`` call, or a new schedule, starts a
+    new plan). Refuses ``past_horizon=``/``cooldown=True`` where they mean nothing."""
+    state, c = trainer.state, trainer.state.counters
+    schedule = new_schedule if new_schedule is not None else state.schedule
+    policy, cooldown = p["past_horizon"], p["cooldown"]
+    check_call(schedule, policy=policy, cooldown=cooldown)
+    if not isinstance(schedule, Schedule) or not (schedule.needs_plan() or schedule.decays()):
+        return []
+    if mode == "restart":
+        step, epoch, offset, origin = 0, 0, 0, 0
+    else:
+        step, epoch, offset = c.global_step, c.epoch, c.offset
+        origin = step if mode == "warm" else c.schedule_origin
+        if mode == "warm" and warm_restarts_epoch(
+            offset, trainer.batch_size, same_rows(state.data, *_shape_split(trainer, data, p)),
+            len(data),
+        ):
+            offset = 0
+    plan = state.plan if mode == "continue" and new_schedule is None else Plan()
+    end = call_end_step(target, step_target, step=step, epoch=epoch, offset=offset,
+                        n=len(data), batch_size=trainer.batch_size)  # fmt: skip
+    return moves_for_call(
+        schedule, plan, step=step - origin, end=end - origin, policy=policy, cooldown=cooldown
+    )
+
+
+def _shape_split(trainer: Trainer, data: Any, p: Mapping[str, Any]) -> tuple[list[int], Any]:
+    """The (shape, validation_split) the data record of this call will hold."""
+    return list(trainer.backend.fingerprint(data)[1]), p["validation_split"]
+
+
+def call_end_step(
+    target: int | None,
+    step_target: int | None,
+    *,
+    step: int,
+    epoch: int,
+    offset: int,
+    n: int,
+    batch_size: int,
+) -> int:
+    """The global step where a call ends: its step target, or the step the loop reaches
+    at epoch ``target`` from the cursor (``epoch``, ``offset``) at global ``step``, with
+    ``n`` rows a epoch in batches of ``batch_size`` (the last one short)."""
+    if step_target is not None:
+        return step_target
+    assert target is not None
+    per_epoch = -(-n // batch_size)
+    if offset:  # the rest of the epoch in progress, then whole epochs
+        return step + -(-(n - offset) // batch_size) + (target - epoch - 1) * per_epoch
+    return step + (target - epoch) * per_epoch
 
 
 def same_rows(prev: Mapping[str, Any] | None, shape: list[int], split: float | None) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 from .backends.base import Backend
 from .callbacks import Callback
 from .errors import invalid_param
+from .horizons import Plan
 from .schedules import TorchScheduler
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class ModeOperations:
     def restart_schedule(self) -> None:
         c = self._t.state.counters
         c.schedule_origin = c.global_step
+        self._t.state.plan = Plan()  # a new schedule position: a new plan
 
     def reset_callbacks(self) -> None:
         self._t.state.reset_callbacks()

@@ -229,6 +229,8 @@ FIT: dict[str, tuple[Constraint | None, ...]] = {
     "rounds": (Int(1), NONE),
     "steps": (Int(1), NONE),
     "new_data": (Bool(),),
+    "past_horizon": (OneOf(("hold", "extend", "rewarm")), NONE),
+    "cooldown": (Bool(),),
 }
 
 

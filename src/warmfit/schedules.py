@@ -10,7 +10,11 @@ The Trainer evaluates ``schedule(global_step - origin)`` before every optimizer 
 starts again) — see the modes table in ``docs/design.md``.
 
 Past its ``horizon`` a schedule holds its last value, unless it is declared ``cyclic``,
-in which case it starts over every ``horizon`` steps.
+in which case it starts over every ``horizon`` steps, or its ``past_horizon`` policy
+says otherwise (``"extend"``, ``"rewarm"``: see :mod:`warmfit.horizons`). A horizon may
+be ``"plan"``: the end of the fit call in progress, re-planned by a later call that ends
+elsewhere; such a schedule is evaluated under its :class:`~warmfit.horizons.Plan`
+(:meth:`Schedule.at`), which the Trainer keeps and saves.
 
 A learning rate is a finite number >= 0: the schedules below refuse other parameters
 when they are built, and :func:`lr_at` (what the Trainer evaluates a schedule with)
@@ -29,32 +33,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from .decays import WSD as WSD
+from .decays import Cosine as Cosine
+from .decays import Linear as Linear
 from .errors import check_int, check_real, invalid_param
-
-
-class Schedule:
-    """Base class: ``schedule(step) -> learning rate``, pure and JSON-describable."""
-
-    def __call__(self, step: int) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def config(self) -> dict[str, Any]:
-        """A JSON description from which :func:`from_config` rebuilds an equal schedule."""
-        d = {
-            k: (v.config() if isinstance(v, Schedule) else v)
-            for k, v in asdict_shallow(self).items()
-        }
-        return {"kind": type(self).__name__, **d}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in asdict_shallow(self).items())
-        return f"{type(self).__name__}({args})"
-
-
-def asdict_shallow(obj: object) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}  # type: ignore[attr-defined]
+from .horizons import Plan, check_step, set_field
+from .horizons import Planned as Planned
+from .horizons import Schedule as Schedule
+from .horizons import asdict_shallow as asdict_shallow
 
 
 def _power(gamma: float, n: int) -> float:
@@ -65,27 +51,15 @@ def _power(gamma: float, n: int) -> float:
         return math.inf
 
 
-def _set(schedule: Schedule, name: str, value: object) -> None:
-    """Store a checked parameter of a frozen schedule as the plain number the check
-    returned (a NumPy scalar would not go into the checkpoint's JSON)."""
-    object.__setattr__(schedule, name, value)
-
-
-def _check_step(step: int) -> int:
-    if step < 0:
-        raise ValueError(f"A schedule step must be >= 0. Got {step} instead.")
-    return step
-
-
 @dataclass(frozen=True, repr=False)
 class Constant(Schedule):
     lr: float
 
     def __post_init__(self) -> None:
-        _set(self, "lr", check_real("lr", self.lr, "Constant"))
+        set_field(self, "lr", check_real("lr", self.lr, "Constant"))
 
     def __call__(self, step: int) -> float:
-        _check_step(step)
+        check_step(step)
         return float(self.lr)
 
 
@@ -98,12 +72,12 @@ class StepDecay(Schedule):
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        _set(self, "lr", check_real("lr", self.lr, "StepDecay"))
-        _set(self, "step_size", check_int("step_size", self.step_size, "StepDecay", minimum=1))
-        _set(self, "gamma", check_real("gamma", self.gamma, "StepDecay"))
+        set_field(self, "lr", check_real("lr", self.lr, "StepDecay"))
+        set_field(self, "step_size", check_int("step_size", self.step_size, "StepDecay", minimum=1))
+        set_field(self, "gamma", check_real("gamma", self.gamma, "StepDecay"))
 
     def __call__(self, step: int) -> float:
-        return float(self.lr * _power(self.gamma, _check_step(step) // self.step_size))
+        return float(self.lr * _power(self.gamma, check_step(step) // self.step_size))
 
 
 @dataclass(frozen=True, repr=False)
@@ -115,43 +89,12 @@ class Exponential(Schedule):
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        _set(self, "lr", check_real("lr", self.lr, "Exponential"))
-        _set(self, "gamma", check_real("gamma", self.gamma, "Exponential"))
-        _set(self, "min_lr", check_real("min_lr", self.min_lr, "Exponential"))
+        set_field(self, "lr", check_real("lr", self.lr, "Exponential"))
+        set_field(self, "gamma", check_real("gamma", self.gamma, "Exponential"))
+        set_field(self, "min_lr", check_real("min_lr", self.min_lr, "Exponential"))
 
     def __call__(self, step: int) -> float:
-        return float(max(self.min_lr, self.lr * _power(self.gamma, _check_step(step))))
-
-
-@dataclass(frozen=True, repr=False)
-class Cosine(Schedule):
-    """Cosine decay from ``lr`` to ``min_lr`` over ``horizon`` steps.
-
-    Past the horizon it holds ``min_lr``; with ``cyclic=True`` it restarts every
-    ``horizon`` steps (SGDR without the period growth).
-    """
-
-    lr: float
-    horizon: int
-    min_lr: float = 0.0
-    cyclic: bool = False
-
-    def __post_init__(self) -> None:
-        _set(self, "lr", check_real("lr", self.lr, "Cosine"))
-        _set(self, "horizon", check_int("horizon", self.horizon, "Cosine", minimum=1))
-        _set(self, "min_lr", check_real("min_lr", self.min_lr, "Cosine"))
-        if not isinstance(self.cyclic, (bool, np.bool_)):
-            raise invalid_param("cyclic", "Cosine", "a bool", self.cyclic)
-        _set(self, "cyclic", bool(self.cyclic))
-
-    def __call__(self, step: int) -> float:
-        step = _check_step(step)
-        if self.cyclic:
-            step %= self.horizon
-        elif step >= self.horizon:
-            return float(self.min_lr)
-        t = step / self.horizon
-        return float(self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t)))
+        return float(max(self.min_lr, self.lr * _power(self.gamma, check_step(step))))
 
 
 @dataclass(frozen=True, repr=False)
@@ -164,16 +107,30 @@ class Warmup(Schedule):
     start_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        _set(self, "steps", check_int("steps", self.steps, "Warmup", minimum=0))
-        _set(self, "start_factor", check_real("start_factor", self.start_factor, "Warmup"))
+        set_field(self, "steps", check_int("steps", self.steps, "Warmup", minimum=0))
+        set_field(self, "start_factor", check_real("start_factor", self.start_factor, "Warmup"))
 
-    def __call__(self, step: int) -> float:
-        step = _check_step(step)
+    def at(self, step: int, plan: Plan) -> float:
+        step = check_step(step)
+        then = self.then.at
         if step < self.steps:
-            base = self.then(0)
+            base = then(0, plan.shifted(self.steps))
             frac = self.start_factor + (1.0 - self.start_factor) * step / self.steps
             return float(base * frac)
-        return self.then(step - self.steps)
+        return then(step - self.steps, plan.shifted(self.steps))
+
+    def needs_plan(self) -> bool:
+        return self.then.needs_plan()
+
+    def decays(self) -> bool:
+        return self.then.decays()
+
+    def horizon_steps(self, plan: Plan) -> int | None:
+        inner = self.then.horizon_steps(plan.shifted(self.steps))
+        return None if inner is None else self.steps + inner
+
+    def past_horizon_policy(self) -> str:
+        return self.then.past_horizon_policy()
 
 
 @dataclass(frozen=True, repr=False)
@@ -187,21 +144,45 @@ class Sequential(Schedule):
         bounds = tuple(check_int("boundaries", b, "Sequential", minimum=1) for b in self.boundaries)
         if any(b >= c for b, c in itertools.pairwise(bounds)):
             raise invalid_param("boundaries", "Sequential", "increasing steps", self.boundaries)
-        _set(self, "boundaries", bounds)
+        set_field(self, "boundaries", bounds)
         if len(self.schedules) != len(self.boundaries) + 1:
             raise ValueError(
                 "Sequential needs exactly one more schedule than boundaries. Got "
                 f"{len(self.schedules)} schedules and {len(self.boundaries)} boundaries."
             )
+        if any(sched.needs_plan() for sched in self.schedules[:-1]):
+            raise ValueError(
+                "Only the last schedule of a Sequential may end with the plan "
+                "(horizon='plan'): the others end at their boundary. Give them a horizon "
+                "in steps."
+            )
 
-    def __call__(self, step: int) -> float:
-        step = _check_step(step)
+    def at(self, step: int, plan: Plan) -> float:
+        step = check_step(step)
         start = 0
         for sched, bound in zip(self.schedules, self.boundaries, strict=False):
             if step < bound:
                 return sched(step - start)
             start = bound
-        return self.schedules[-1](step - start)
+        return self.schedules[-1].at(step - start, plan.shifted(start))
+
+    @property
+    def _last(self) -> tuple[Schedule, int]:
+        return self.schedules[-1], (self.boundaries[-1] if self.boundaries else 0)
+
+    def needs_plan(self) -> bool:
+        return self._last[0].needs_plan()
+
+    def decays(self) -> bool:
+        return self._last[0].decays()
+
+    def horizon_steps(self, plan: Plan) -> int | None:
+        last, start = self._last
+        inner = last.horizon_steps(plan.shifted(start))
+        return None if inner is None else start + inner
+
+    def past_horizon_policy(self) -> str:
+        return self._last[0].past_horizon_policy()
 
     def config(self) -> dict[str, Any]:
         return {
@@ -220,10 +201,23 @@ class Shifted(Schedule):
     start: int
 
     def __post_init__(self) -> None:
-        _set(self, "start", check_int("start", self.start, "Shifted", minimum=0))
+        set_field(self, "start", check_int("start", self.start, "Shifted", minimum=0))
 
-    def __call__(self, step: int) -> float:
-        return self.schedule(max(0, _check_step(step) - self.start))
+    def at(self, step: int, plan: Plan) -> float:
+        return self.schedule.at(max(0, check_step(step) - self.start), plan.shifted(self.start))
+
+    def needs_plan(self) -> bool:
+        return self.schedule.needs_plan()
+
+    def decays(self) -> bool:
+        return self.schedule.decays()
+
+    def horizon_steps(self, plan: Plan) -> int | None:
+        inner = self.schedule.horizon_steps(plan.shifted(self.start))
+        return None if inner is None else self.start + inner
+
+    def past_horizon_policy(self) -> str:
+        return self.schedule.past_horizon_policy()
 
 
 # Short, lower-case constructors: the public spelling.
@@ -239,8 +233,37 @@ def exponential(lr: float, gamma: float, min_lr: float = 0.0) -> Exponential:
     return Exponential(lr, gamma, min_lr)
 
 
-def cosine(lr: float, horizon: int, min_lr: float = 0.0, cyclic: bool = False) -> Cosine:
-    return Cosine(lr, horizon, min_lr, cyclic)
+def cosine(
+    lr: float,
+    horizon: int | str,
+    min_lr: float = 0.0,
+    cyclic: bool = False,
+    past_horizon: str | None = None,
+) -> Cosine:
+    """Cosine decay from ``lr`` to ``min_lr`` over ``horizon`` steps; ``horizon="plan"``:
+    to the end of the fit call in progress (re-planned by a later call).
+    ``past_horizon``: ``"hold"`` (default for a fixed horizon), ``"extend"`` (default
+    for ``"plan"``) or ``"rewarm"``."""
+    return Cosine(lr, horizon, min_lr, cyclic, past_horizon)
+
+
+def linear(
+    lr: float, horizon: int | str, end_lr: float = 0.0, past_horizon: str | None = None
+) -> Linear:
+    """Linear decay from ``lr`` to ``end_lr`` over ``horizon`` steps (or ``"plan"``)."""
+    return Linear(lr, horizon, end_lr, past_horizon)
+
+
+def wsd(
+    lr: float,
+    warmup: int = 0,
+    decay: int | float | None = None,
+    decay_to: float = 0.0,
+    shape: str = "linear",
+) -> WSD:
+    """Warmup-stable-decay (see :class:`WSD`): stable for as long as the plan lasts;
+    ``fit(steps=k, cooldown=True)`` decays to ``decay_to`` over those k steps."""
+    return WSD(lr, warmup, decay, decay_to, shape)
 
 
 def warmup(steps: int, then: Schedule, start_factor: float = 0.0) -> Warmup:
@@ -256,7 +279,8 @@ def shifted(schedule: Schedule, start: int) -> Shifted:
 
 
 _KINDS: dict[str, type[Schedule]] = {
-    c.__name__: c for c in (Constant, StepDecay, Exponential, Cosine, Warmup, Sequential, Shifted)
+    c.__name__: c
+    for c in (Constant, StepDecay, Exponential, Cosine, Linear, WSD, Warmup, Sequential, Shifted)
 }
 
 

@@ -263,21 +263,22 @@ class Trainer:
         rounds: int | None = None,
         steps: int | None = None,
         new_data: bool = False,
+        past_horizon: str | None = None,
+        cooldown: bool = False,
     ) -> History:
         """Train for ``epochs`` *additional* epochs (or until global epoch ``until_epoch``).
 
-        ``mode`` is ``"continue"`` (default), ``"warm"`` or ``"restart"`` — see the class
-        docstring and the modes table in ``docs/design.md``. ``schedule=`` replaces the
-        schedule from this call on (recorded in the ledger). An interrupted epoch counts
-        as one of the ``epochs``: training always ends on an epoch boundary.
+        ``mode``: ``"continue"`` (default), ``"warm"`` or ``"restart"`` (the modes table in
+        ``docs/design.md``). ``schedule=`` replaces the schedule from this call on (in the
+        ledger). An interrupted epoch counts as one of the ``epochs``.
 
         ``steps=N`` trains exactly N more optimizer steps instead, and may stop in the
         middle of an epoch (the cursor keeps the offset; the next call finishes that
         epoch first). ``new_data=True`` declares a new chunk of a stream (as scikit-learn's
         ``partial_fit``): the same-data check of ``continue`` is skipped; the cursor must
-        be on an epoch boundary. ``rounds`` is the spelling of ``epochs`` for estimators
-        that grow by rounds (scikit-learn ensembles with ``warm_start``): one round is one
-        epoch of the loop.
+        be on an epoch boundary. ``rounds`` is ``epochs`` for estimators that grow by
+        rounds. A ``horizon="plan"`` schedule ends where the call ends (re-planned by a
+        call that ends elsewhere); ``past_horizon``, ``cooldown``: :mod:`warmfit.horizons`.
 
         Returns the run's :class:`~warmfit.history.History` (all epochs of the run).
         Raises ``ValueError`` before anything changes when the arguments or the data are

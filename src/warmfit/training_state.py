@@ -34,8 +34,9 @@ from .background import SnapshotBuffers
 from .callbacks import Callback
 from .errors import StateMismatchError
 from .history import History, Ledger
+from .horizons import Plan
 from .runtime import Streams
-from .schedules import Schedule, TorchScheduler, describe, from_config, lr_at
+from .schedules import Planned, Schedule, TorchScheduler, describe, from_config, lr_at
 from .state import Counters, HostStreams
 
 #: Settings whose change breaks exactness of a ``continue`` after a resume.
@@ -48,6 +49,8 @@ REQUEST_KEYS = (
     "mode", "epochs", "until_epoch", "steps", "new_data", "shuffle", "validation_split",
     "fingerprint",
 )  # fmt: skip
+#: Arguments in a call's request only where given (a request saved before them matches).
+OPTIONAL_REQUEST_KEYS = ("past_horizon", "cooldown")
 
 
 class TrainingState:
@@ -77,10 +80,13 @@ class TrainingState:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.ledger = Ledger()
         self.call: dict[str, Any] | None = None
+        #: Where the schedule's horizon ends and where fit calls moved it (horizons.py).
+        self.plan = Plan()
         #: Settings that differ from the last loaded state's (a 'continue' refuses those
         #: that break exactness; the next fit call records them in the ledger).
         self.pending_diffs: list[str] = []
         self.streams = Streams.seeded(backend, seed, rank)
+        self._planned: Planned | None = None
         self.start_run(0, reseed=False)
 
     def start_run(self, run: int, *, reseed: bool = True) -> None:
@@ -89,6 +95,7 @@ class TrainingState:
         reset callbacks. The ledger is kept."""
         self.base_lr = self.backend.learning_rate()
         self.counters = Counters(run=run)
+        self.plan = Plan()
         if reseed:
             self.streams.replace(Streams.seeded(self.backend, self.seed, self.rank).state)
         self.history = History()
@@ -106,11 +113,17 @@ class TrainingState:
         """The learning rate of global step ``step``: the schedule's (counted from the
         schedule's origin) or the optimizer's own, through every callback's
         :meth:`~warmfit.callbacks.Callback.adjust_lr`."""
-        base = (
-            lr_at(self.schedule, step - self.counters.schedule_origin)
-            if self.schedule
-            else self.base_lr
-        )
+        if isinstance(self.schedule, Schedule):
+            planned = self._planned
+            if planned is None or planned.schedule is not self.schedule or (
+                planned.plan is not self.plan
+            ):
+                planned = self._planned = Planned(self.schedule, self.plan)
+            base = lr_at(planned, step - self.counters.schedule_origin)
+        elif self.schedule:
+            base = lr_at(self.schedule, step - self.counters.schedule_origin)
+        else:
+            base = self.base_lr
         for cb in self.callbacks:
             base = cb.adjust_lr(base)
         return base
@@ -170,6 +183,7 @@ class TrainingState:
                 "config": self.schedule.config() if isinstance(self.schedule, Schedule) else None,
                 "described": describe(self.schedule),
                 "base_lr": self.base_lr,
+                "plan": self.plan.to_list(),
             },
             "backend": backend.state_meta(),
             "data": self.data,
@@ -210,6 +224,7 @@ class TrainingState:
         if staged["schedule"] is not None:
             self.schedule = staged["schedule"]
         self.base_lr = staged["base_lr"]
+        self.plan = staged["plan"]
         self.data = staged["data"]
         self.val_rows = staged["val_rows"]
         for cb, cb_state, cb_arrays in zip(
@@ -258,6 +273,10 @@ class TrainingState:
             if not isinstance(self.schedule, Schedule) or saved.config() != self.schedule.config():
                 schedule = saved
         base_lr = sched.get("base_lr", self.base_lr)
+        try:
+            plan = Plan.from_list(sched.get("plan"))  # none in older checkpoints
+        except ValueError as err:
+            raise StateMismatchError(f"schedule.plan is malformed: {err}") from None
         data = state["data"]
         if data is not None and not (
             isinstance(data, dict) and isinstance(data.get("shape"), list) and "fingerprint" in data
@@ -269,6 +288,7 @@ class TrainingState:
             "partial": (loss_sum, samples),
             "schedule": schedule,
             "base_lr": float(base_lr),
+            "plan": plan,
             "data": data,
             "val_rows": _staged_val_rows(tensors, data),
             "callbacks": [saved["state"] for saved in saved_cbs],
@@ -381,7 +401,7 @@ def check_open_call(call: Any) -> dict[str, Any] | None:
         isinstance(call, dict)
         and all(isinstance(call.get(k), int) for k in ("call", "segment"))
         and isinstance(call.get("request"), dict)
-        and set(call["request"]) == set(REQUEST_KEYS)
+        and set(REQUEST_KEYS) <= set(call["request"]) <= {*REQUEST_KEYS, *OPTIONAL_REQUEST_KEYS}
         and all(isinstance(call.get(k), (int, type(None))) for k in ("target", "step_target"))
         and (call.get("target") is None) != (call.get("step_target") is None)
     )

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..data import fingerprint
 from ..errors import StateMismatchError
+from ..schedules import Schedule
 from ..state import derive_seed
 from .base import Backend, check_samples, jsonable, named_metrics
 
@@ -274,6 +275,8 @@ class BoostingBackend(Backend):
         10,000 steps (a warm-up from 0) before anything changes."""
         super().check_schedule(schedule)
         if self.engine.positive_lr and callable(schedule):
+            if isinstance(schedule, Schedule) and schedule.needs_plan():
+                schedule = schedule.planned(10_000)  # a plan that long, as a fit call's
             for step in range(10_000):
                 lr = schedule(step)
                 if not lr > 0:

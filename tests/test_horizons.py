@@ -1,0 +1,380 @@
+"""Continuing past the plan (issue 20): schedules whose horizon is the plan's end and
+are re-planned by a later call, the policies past a fixed horizon, WSD with an explicit
+cooldown — each learning rate checked against a formula written here, and resumes of a
+re-planned call exact, bit for bit, in a new process.
+
+The reference run: 200 rows in batches of 16, so 13 steps an epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import warmfit
+from conftest import make_data, make_trainer, require
+from test_requeue import SignalAt
+from warmfit import schedules
+from warmfit.check import compare_states
+from warmfit.checkpoint import read_checkpoint
+
+TESTS = Path(__file__).resolve().parent
+SPE = 13  # steps an epoch
+LR, MIN = 1e-2, 1e-3
+CALLS: dict[str, dict[str, Any]] = {"first": {"epochs": 3}, "second": {"epochs": 2}}
+
+
+class Rates(warmfit.Callback):
+    """The learning rate of every step, by global step (counted from 0)."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def on_step_end(self, trainer: warmfit.Trainer, logs: warmfit.StepLogs) -> None:
+        self.rates[logs.step - 1] = logs.lr
+
+
+def cos(hi: float, lo: float, t: float) -> float:
+    return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * t))
+
+
+def plan_trainer(**kwargs: Any) -> warmfit.Trainer:
+    settings: dict[str, Any] = dict(schedule=schedules.cosine(LR, "plan", min_lr=MIN))
+    return make_trainer(**{**settings, **kwargs})
+
+
+def rates_of(t: warmfit.Trainer) -> dict[int, float]:
+    return next(cb for cb in t.callbacks if isinstance(cb, Rates)).rates
+
+
+def replans(t: warmfit.Trainer) -> list[Any]:
+    return [r["changes"].get("schedule", {}).get("replan") for r in t.ledger.records]
+
+
+def test_cosine_to_the_plan_goes_on_from_the_current_rate_to_the_new_end():
+    x, y = make_data(200)
+    t = plan_trainer(callbacks=[Rates()])
+    t.fit(x, y, epochs=3)
+    t.fit(x, y, epochs=2)
+    rates = rates_of(t)
+    first = [cos(LR, MIN, k / 39) for k in range(39)]
+    anchor = first[-1]  # the rate of step 38, the first call's last
+    second = [cos(anchor, MIN, (k - 38) / (65 - 38)) for k in range(39, 65)]
+    assert [rates[k] for k in range(65)] == first + second
+    # Continuous: the second call's first rate lies between the first call's last two
+    # rates' end and the end value; the plan ends at min_lr at epoch 5.
+    assert MIN < rates[39] < rates[38] < rates[37]
+    assert t.state.lr_at(65) == MIN and t.history.records[-1]["lr"] == rates[64]
+    assert replans(t) == [
+        [{"kind": "plan", "at_step": 0, "end_step": 39}],
+        [{"kind": "extend", "at_step": 39, "end_step": 65}],
+    ]
+
+
+def test_split_calls_replan_and_one_call_plans_once_the_exception_to_e1():
+    """``fit(3) + fit(2)`` re-plans at the boundary; ``fit(5)`` plans once: their rates
+    (and so their weights) differ, by design. With a fixed horizon both are one run."""
+    x, y = make_data(200)
+    split, straight = plan_trainer(callbacks=[Rates()]), plan_trainer(callbacks=[Rates()])
+    split.fit(x, y, epochs=3)
+    split.fit(x, y, epochs=2)
+    straight.fit(x, y, epochs=5)
+    assert rates_of(straight) == {k: cos(LR, MIN, k / 65) for k in range(65)}
+    assert rates_of(split)[0] == rates_of(straight)[0]
+    assert all(rates_of(split)[k] != rates_of(straight)[k] for k in range(1, 65))
+    assert compare_states(split.state_dict(), straight.state_dict()) != []
+
+    fixed = {"schedule": schedules.cosine(LR, 65, min_lr=MIN)}
+    split, straight = make_trainer(**fixed), make_trainer(**fixed)
+    split.fit(x, y, epochs=3)
+    split.fit(x, y, epochs=2)
+    straight.fit(x, y, epochs=5)
+    assert compare_states(split.state_dict(), straight.state_dict()) == []
+
+
+def _worker(run_dir: Path, *phases: str, signal_at: int | None = None, out: Path | None = None):
+    args = [sys.executable, str(TESTS / "_horizon_worker.py"), str(run_dir), *phases]
+    args += ["--signal-at", str(signal_at)] if signal_at else []
+    args += ["--out", str(out)] if out else []
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(args, env=env, text=True, capture_output=True, timeout=300)
+
+
+def test_a_replanned_call_interrupted_mid_epoch_resumes_in_a_new_process_exactly(tmp_path):
+    """The second call (which re-planned) is stopped by SIGTERM at step 45, inside epoch
+    4; the same call in a new process finishes it == the calls uninterrupted, bit for bit
+    — and the requeue does not re-plan."""
+    x, y = make_data(200)
+    straight = plan_trainer(model=SignalAt)
+    for phase in ("first", "second"):
+        straight.fit(x, y, **CALLS[phase])
+    stopped = _worker(tmp_path / "run", "first", "second", signal_at=45)
+    assert stopped.returncode != 0 and "global step 45" in stopped.stderr, stopped.stderr
+    done = _worker(tmp_path / "run", "second", out=tmp_path / "final")
+    assert done.returncode == 0, done.stderr
+    tensors, state = read_checkpoint(tmp_path / "final")
+    resumed = {"tensors": tensors, "state": state}
+    reference = straight.state_dict()
+    assert compare_states(reference, resumed) == []
+    assert state["history"] == reference["state"]["history"]
+    assert state["schedule"]["plan"] == reference["state"]["schedule"]["plan"] == [
+        {"at": 0, "end": 39, "kind": "plan"},
+        {"at": 39, "end": 65, "kind": "extend"},
+    ]
+    rows = state["ledger"]
+    assert rows[-1]["resumes_call"] == 1 and "schedule" not in rows[-1]["changes"]
+
+
+def test_the_same_call_again_does_not_replan_and_another_call_does():
+    x, y = make_data(200)
+    t = plan_trainer(model=lambda: SignalAt(45))
+    t.fit(x, y, epochs=3)
+    with pytest.raises(warmfit.TrainingInterrupted):
+        t.fit(x, y, epochs=2)
+    plan = t.state.plan
+    t.fit(x, y, epochs=2)  # the requeue: ends at epoch 5, as planned
+    assert t.state.plan == plan and t.epoch == 5 and replans(t)[-1] is None
+    t.fit(x, y, epochs=1)  # a new call further on re-plans
+    assert replans(t)[-1] == [{"kind": "extend", "at_step": 65, "end_step": 78}]
+
+
+def fixed_cosine_reference(policy: str, k: int) -> float:
+    """Steps of cosine(LR, horizon=26, min_lr=MIN), trained for 2 epochs then 3 more."""
+    if k < 26:
+        return cos(LR, MIN, k / 26)
+    if policy == "hold":
+        return MIN
+    if policy == "extend":  # from the rate of step 25 to MIN at step 65
+        return cos(cos(LR, MIN, 25 / 26), MIN, (k - 25) / (65 - 25))
+    return cos(LR, MIN, ((k - 26) % 26) / 26)  # rewarm: the schedule again from step 26
+
+
+@pytest.mark.parametrize("policy", ["hold", "extend", "rewarm"])
+@pytest.mark.parametrize("where", ["call", "schedule"])
+def test_policies_past_a_fixed_horizon_follow_their_formula(policy, where):
+    x, y = make_data(200)
+    own = policy if where == "schedule" else None
+    t = make_trainer(
+        schedule=schedules.cosine(LR, 26, min_lr=MIN, past_horizon=own), callbacks=[Rates()]
+    )
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=3, **({"past_horizon": policy} if where == "call" else {}))
+    assert rates_of(t) == {k: fixed_cosine_reference(policy, k) for k in range(65)}
+    expected = {
+        "hold": None,
+        "extend": [{"kind": "extend", "at_step": 26, "end_step": 65}],
+        "rewarm": [{"kind": "rewarm", "at_step": 26, "end_step": 65}],
+    }[policy]
+    if expected is not None and where == "call":
+        expected = [{**expected[0], "policy": policy}]
+    assert replans(t) == [None, expected]
+
+
+def test_extend_inside_the_horizon_stretches_the_rest_of_the_decay():
+    """A call that starts before a fixed horizon and ends past it: the decay from the
+    rate it has now is stretched to the call's end."""
+    x, y = make_data(200)
+    t = make_trainer(schedule=schedules.cosine(LR, 26, min_lr=MIN), callbacks=[Rates()])
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, epochs=3, past_horizon="extend")
+    anchor = cos(LR, MIN, 12 / 26)
+    expected = [cos(LR, MIN, k / 26) for k in range(13)]
+    expected += [cos(anchor, MIN, (k - 12) / (52 - 12)) for k in range(13, 52)]
+    assert [rates_of(t)[k] for k in range(52)] == expected
+    # A call that stays inside the horizon moves nothing.
+    t2 = make_trainer(schedule=schedules.cosine(LR, 26, past_horizon="extend"))
+    t2.fit(x, y, epochs=1)
+    t2.fit(x, y, epochs=1)
+    assert replans(t2) == [None, None]
+
+
+def test_wsd_is_stable_as_long_as_the_plan_and_cools_down_over_the_asked_steps():
+    x, y = make_data(200)
+    t = make_trainer(schedule=schedules.wsd(LR, warmup=5), callbacks=[Rates()])
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=1)  # the plan moves on: still stable
+    t.fit(x, y, steps=10, cooldown=True)
+    rates = rates_of(t)
+    warm = [LR * k / 5 for k in range(5)]
+    assert [rates[k] for k in range(39)] == warm + [LR] * 34
+    # From the rate of step 38 (LR) to 0 at step 49, linearly, over exactly 10 steps.
+    assert [rates[k] for k in range(39, 49)] == [0.0 + LR * (1 - (k - 38) / 11) for k in
+                                                 range(39, 49)]  # fmt: skip
+    assert t.state.lr_at(49) == 0.0
+    assert replans(t)[-1] == [{"kind": "cooldown", "at_step": 39, "end_step": 49}]
+
+
+def test_wsd_with_a_decay_at_the_plans_end_goes_on_from_the_decay_when_extended():
+    x, y = make_data(200)
+    t = make_trainer(schedule=schedules.wsd(LR, warmup=3, decay=4), callbacks=[Rates()])
+    t.fit(x, y, steps=20)
+    t.fit(x, y, steps=10)
+    rates = rates_of(t)
+    first = [LR * k / 3 for k in range(3)] + [LR] * 13
+    first += [0.0 + LR * (1 - (k - 16) / 4) for k in range(16, 20)]
+    anchor = first[-1]
+    second = [0.0 + anchor * (1 - (k - 19) / 11) for k in range(20, 30)]
+    assert [rates[k] for k in range(30)] == first + second
+
+
+def test_warmup_then_cosine_to_the_plan_replans_the_cosine():
+    x, y = make_data(200)
+    sched = schedules.warmup(5, schedules.cosine(LR, "plan", min_lr=MIN))
+    t = make_trainer(schedule=sched, callbacks=[Rates()])
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, epochs=1)
+    rates = rates_of(t)
+    peak = cos(LR, MIN, 0)  # the warm-up rises to the cosine's first rate
+    first = [peak * (k / 5) for k in range(5)] + [cos(LR, MIN, (k - 5) / 8) for k in range(5, 13)]
+    second = [cos(first[-1], MIN, (k - 12) / 14) for k in range(13, 26)]
+    assert [rates[k] for k in range(26)] == first + second
+
+
+def test_warm_starts_a_new_plan_and_restart_too():
+    x, y = make_data(200)
+    t = plan_trainer(callbacks=[Rates()])
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, epochs=1, mode="warm")
+    assert [rates_of(t)[k] for k in range(13, 26)] == [cos(LR, MIN, k / 13) for k in range(13)]
+    assert t.state.plan.to_list() == [{"at": 0, "end": 13, "kind": "plan"}]
+    t.fit(x, y, epochs=2, mode="restart")
+    assert t.state.plan.to_list() == [{"at": 0, "end": 26, "kind": "plan"}]
+
+
+NO_END = (
+    "{asked} needs a schedule that ends: a warmfit schedule with a horizon "
+    "(schedules.cosine, linear or wsd, alone or after a warmup). The schedule in effect "
+    "is {schedule}. Pass schedule=... with one, or leave these out."
+)
+
+
+@pytest.mark.parametrize(
+    "schedule, fit, message",
+    [
+        (None, {"past_horizon": "extend"}, NO_END.format(
+            asked="past_horizon='extend'", schedule="none (the optimizer's own learning rate)")),
+        (schedules.constant(0.1), {"cooldown": True}, NO_END.format(
+            asked="cooldown=True", schedule="Constant(lr=0.1)")),
+        (schedules.cosine(0.1, 10, cyclic=True), {"past_horizon": "rewarm"},
+         "past_horizon='rewarm' does not apply to a cyclic schedule (it restarts every "
+         "horizon and never goes past it). Pass a schedule with cyclic=False."),
+        (schedules.cosine(0.1, 10), {"past_horizon": "later"},
+         "The 'past_horizon' parameter of Trainer.fit must be one of {'hold', 'extend', "
+         "'rewarm'}. Got 'later' instead."),
+    ],
+    ids=["no-schedule", "constant", "cyclic", "unknown"],
+)  # fmt: skip
+def test_policies_and_cooldown_are_refused_where_they_mean_nothing(schedule, fit, message):
+    x, y = make_data(200)
+    t = make_trainer(schedule=schedule)
+    t.fit(x, y, epochs=1)
+    before = t.state_dict()
+    with pytest.raises(ValueError) as err:
+        t.fit(x, y, epochs=1, **fit)
+    assert str(err.value) == message
+    assert compare_states(before, t.state_dict()) == [] and len(t.ledger) == 1
+
+
+def test_cooldown_after_a_rewarm_is_refused_before_anything_changes():
+    x, y = make_data(200)
+    t = make_trainer(schedule=schedules.cosine(LR, 13, past_horizon="rewarm"))
+    t.fit(x, y, epochs=2)
+    with pytest.raises(ValueError, match=r"^cooldown=True after the schedule was rewarmed"):
+        t.fit(x, y, steps=5, cooldown=True)
+    assert len(t.ledger) == 1
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: schedules.cosine(0.1, "plan", cyclic=True),
+         "A cyclic Cosine restarts every horizon steps: it needs a fixed horizon and no "
+         "past_horizon policy. Pass cyclic=False, or a horizon in steps."),
+        (lambda: schedules.cosine(0.1, "end"),
+         "The 'horizon' parameter of Cosine must be an int >= 1 or 'plan'. Got 'end' instead."),
+        (lambda: schedules.linear(0.1, 10, past_horizon="grow"),
+         "The 'past_horizon' parameter of Linear must be one of {'hold', 'extend', "
+         "'rewarm'}. Got 'grow' instead."),
+        (lambda: schedules.wsd(0.1, decay=1.5),
+         "The 'decay' parameter of WSD must be an int >= 1 (steps), a float in (0, 1) or "
+         "None. Got 1.5 instead."),
+        (lambda: schedules.sequential([schedules.linear(0.1, "plan"), schedules.constant(0.1)],
+                                      [10]),
+         "Only the last schedule of a Sequential may end with the plan (horizon='plan'): "
+         "the others end at their boundary. Give them a horizon in steps."),
+        (lambda: schedules.cosine(0.1, "plan")(3),
+         "Cosine(lr=0.1, horizon='plan', min_lr=0.0, cyclic=False, past_horizon=None) ends "
+         "where the fit call in progress ends: it is evaluated under a fit call's plan. To "
+         "evaluate it elsewhere, plan it: schedule.planned(end)(step)."),
+    ],
+    ids=["cyclic-plan", "horizon", "policy", "wsd-decay", "sequential", "unplanned"],
+)  # fmt: skip
+def test_plan_schedules_refuse_what_they_cannot_mean(build, message):
+    with pytest.raises(ValueError) as err:
+        build()
+    assert str(err.value) == message
+
+
+def test_plan_schedules_round_trip_through_their_config():
+    for s in (
+        schedules.cosine(0.1, "plan", min_lr=0.01),
+        schedules.linear(0.1, 40, end_lr=0.01, past_horizon="extend"),
+        schedules.wsd(0.1, warmup=3, decay=0.2, decay_to=0.001, shape="sqrt"),
+        schedules.warmup(4, schedules.cosine(0.1, "plan", past_horizon="rewarm")),
+    ):
+        again = schedules.from_config(s.config())
+        assert again == s and [again.planned(50)(k) for k in range(60)] == [
+            s.planned(50)(k) for k in range(60)
+        ]
+    # A fixed cosine's config is the same as before the policies existed.
+    assert schedules.cosine(0.1, 10).config() == {
+        "kind": "Cosine", "lr": 0.1, "horizon": 10, "min_lr": 0.0, "cyclic": False,
+    }  # fmt: skip
+
+
+# -- the other backends: wherever a learning rate exists --------------------------------
+def test_keras_replans_like_torch():
+    keras = require("keras", reason="keras 3 is not installed")
+    from test_keras import make_keras_trainer
+
+    x, y = make_data(200)
+    t = make_keras_trainer(schedule=schedules.cosine(LR, "plan", min_lr=MIN))
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=1)
+    anchor = cos(LR, MIN, 25 / 26)
+    expected = [cos(LR, MIN, 12 / 26), cos(LR, MIN, 25 / 26), cos(anchor, MIN, 13 / 14)]
+    assert [r["lr"] for r in t.history.records] == expected
+    assert np.float32(t.learning_rate) == np.float32(expected[-1])
+    assert replans(t)[-1] == [{"kind": "extend", "at_step": 26, "end_step": 39}]
+    assert isinstance(t.model, keras.Model)
+
+
+@pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
+def test_boosting_replans_rounds_and_grows_the_trees_of_that_schedule(library):
+    """3 + 2 rounds under cosine(horizon='plan') grow the very trees of 5 rounds whose
+    learning rates are the re-planned formula, given as a plain function."""
+    require(library, reason=f"{library} is not installed")
+    from test_boosting import MODELS, data
+
+    name = "XGBoost-native-regression" if library == "xgboost" else "LightGBM-native-regression"
+    x, _, target = data()
+    top, low = 0.3, 0.05
+
+    def reference(k: int) -> float:
+        return cos(top, low, k / 3) if k < 3 else cos(cos(top, low, 2 / 3), low, (k - 2) / 3)
+
+    split = warmfit.Trainer(MODELS[name](), schedule=schedules.cosine(top, "plan", min_lr=low),
+                            seed=5, verbose=0)  # fmt: skip
+    split.fit(x, target, rounds=3)
+    split.fit(x, target, rounds=2)
+    by_function = warmfit.Trainer(MODELS[name](), schedule=reference, seed=5, verbose=0)
+    by_function.fit(x, target, rounds=5)
+    assert [r["lr"] for r in split.history.records] == [reference(k) for k in range(5)]
+    assert np.array_equal(split.predict(x), by_function.predict(x))
+    assert replans(split)[-1] == [{"kind": "extend", "at_step": 3, "end_step": 5}]
