@@ -7,8 +7,10 @@ The reference run: 200 rows in batches of 16, so 13 steps an epoch."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 import warmfit
-from conftest import make_data, make_trainer, require
+from conftest import make_data, make_trainer, require, trainer_settings
 from test_requeue import SignalAt
 from warmfit import schedules
 from warmfit.check import compare_states
@@ -54,7 +56,7 @@ def rates_of(t: warmfit.Trainer) -> dict[int, float]:
 
 
 def replans(t: warmfit.Trainer) -> list[Any]:
-    return [r["changes"].get("schedule", {}).get("replan") for r in t.ledger.records]
+    return [r.get("changes", {}).get("schedule", {}).get("replan") for r in t.ledger.records]
 
 
 def test_cosine_to_the_plan_goes_on_from_the_current_rate_to_the_new_end():
@@ -210,6 +212,49 @@ def test_wsd_is_stable_as_long_as_the_plan_and_cools_down_over_the_asked_steps()
     assert replans(t)[-1] == [{"kind": "cooldown", "at_step": 39, "end_step": 49}]
 
 
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_wsd_cooldown_in_a_fork_leaves_the_parent_byte_for_byte_and_equals_it_in_a_copy(
+    tmp_path,
+):
+    """The WSD workflow: the stable run keeps going while a fork from the end of its
+    stable phase cools down. The parent's run dir is byte-identical before and after;
+    the fork's cooldown is the same cooldown in a byte copy of the parent, bit for bit."""
+    x, y = make_data(200)
+    settings: dict[str, Any] = dict(schedule=schedules.wsd(LR, warmup=5), callbacks=[Rates()])
+    with make_trainer(run_dir=tmp_path / "stable", **settings) as stable:
+        stable.fit(x, y, epochs=2)
+    shutil.copytree(tmp_path / "stable", tmp_path / "copy")
+    before = digest(tmp_path / "stable")
+    fork = warmfit.Trainer.fork_from(tmp_path / "stable", tmp_path / "cooldown", SignalAt,
+                                     **{**trainer_settings(), **settings, "callbacks": [Rates()]})  # fmt: skip
+    copy = make_trainer(model=SignalAt, run_dir=tmp_path / "copy", **{**settings,
+                        "callbacks": [Rates()]})  # fmt: skip
+    for t in (fork, copy):
+        t.fit(x, y, steps=10, cooldown=True)
+    assert compare_states(copy.state_dict(), fork.state_dict()) == []
+    assert copy.state_dict()["state"]["history"] == fork.state_dict()["state"]["history"]
+    assert rates_of(fork) == rates_of(copy) == {
+        k: LR * (1 - (k - 25) / 11) for k in range(26, 36)
+    }
+    assert fork.ledger[-2]["parent"]["step"] == 26 and replans(fork)[-1] == [
+        {"kind": "cooldown", "at_step": 26, "end_step": 36}
+    ]
+    assert digest(tmp_path / "stable") == before
+    for t in (fork, copy):
+        t.close()
+    # The stable run goes on, its rate untouched by the fork's cooldown.
+    with make_trainer(run_dir=tmp_path / "stable", **{**settings, "callbacks": [Rates()]}) as go:
+        go.fit(x, y, epochs=1)
+        assert set(rates_of(go).values()) == {LR}
+
+
 def test_wsd_with_a_decay_at_the_plans_end_goes_on_from_the_decay_when_extended():
     x, y = make_data(200)
     t = make_trainer(schedule=schedules.wsd(LR, warmup=3, decay=4), callbacks=[Rates()])
@@ -355,6 +400,22 @@ def test_keras_replans_like_torch():
     assert isinstance(t.model, keras.Model)
 
 
+def test_sklearn_replans_like_torch():
+    from sklearn.linear_model import SGDClassifier
+
+    x, y = make_data(200)
+    t = warmfit.Trainer(
+        SGDClassifier(learning_rate="constant", eta0=LR, random_state=0),
+        schedule=schedules.cosine(LR, "plan", min_lr=MIN), batch_size=16, verbose=0,
+    )  # fmt: skip
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=1)
+    anchor = cos(LR, MIN, 25 / 26)
+    expected = [cos(LR, MIN, 12 / 26), anchor, cos(anchor, MIN, 13 / 14)]
+    assert [r["lr"] for r in t.history.records] == expected
+    assert replans(t)[-1] == [{"kind": "extend", "at_step": 26, "end_step": 39}]
+
+
 @pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
 def test_boosting_replans_rounds_and_grows_the_trees_of_that_schedule(library):
     """3 + 2 rounds under cosine(horizon='plan') grow the very trees of 5 rounds whose
@@ -378,3 +439,37 @@ def test_boosting_replans_rounds_and_grows_the_trees_of_that_schedule(library):
     assert [r["lr"] for r in split.history.records] == [reference(k) for k in range(5)]
     assert np.array_equal(split.predict(x), by_function.predict(x))
     assert replans(split)[-1] == [{"kind": "extend", "at_step": 3, "end_step": 5}]
+
+
+# -- the command line -------------------------------------------------------------------
+def test_warmfit_train_cooldown_and_history_show_the_plan_and_the_facts(tmp_path, capsys):
+    """`warmfit train --cooldown` cools a WSD run down over the call's steps; `warmfit
+    history` prints the facts of the last epochs ("how much more?")."""
+    from test_cli import tiny_spec
+    from warmfit.cli import main
+    from warmfit.monitor import improvement_line
+
+    spec = tiny_spec(tmp_path, "")
+    module = next(tmp_path.glob("tiny_*.py"))
+    module.write_text(module.read_text() + (
+        "\n\ndef wsd():\n    from warmfit import schedules\n\n"
+        "    return schedules.wsd(0.01, warmup=2)\n"
+    ))  # fmt: skip
+    spec.write_text(spec.read_text() + f'schedule = "{module.stem}:wsd"\n')
+    run = tmp_path / "run"
+    assert main(["train", str(spec), "--run-dir", str(run)]) == 0  # 2 epochs of 3 steps
+    assert main(["train", str(spec), "--run-dir", str(run), "--steps", "3", "--cooldown"]) == 0
+    assert main(["train", str(spec), "--run-dir", str(run), "--epochs", "1",
+                 "--past-horizon", "rewarm"]) == 1  # fmt: skip
+    assert capsys.readouterr().err.startswith(
+        "warmfit train: past_horizon='rewarm' does not apply to a WSD schedule: its stable "
+    )
+    _, state = read_checkpoint(warmfit.rundir.RunDir(run).latest())
+    assert state["ledger"][1]["changes"]["schedule"]["replan"] == [
+        {"kind": "cooldown", "at_step": 6, "end_step": 9}
+    ]
+    assert [r["lr"] for r in state["history"]] == [0.01, 0.01, 0.01 * (1 - 3 / 4)]
+    capsys.readouterr()
+    assert main(["history", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert improvement_line(state["history"]) in out

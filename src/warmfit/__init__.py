@@ -17,6 +17,7 @@ from .errors import (
     TrainingInterrupted,
     WarmfitError,
 )
+from .fork import ForkError
 from .history import History, Ledger
 from .monitor import OverfittingMonitor, OverfittingWarning
 from .trainer import MODES, Trainer
@@ -26,6 +27,7 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "EarlyStopping",
+    "ForkError",
     "History",
     "Ledger",
     "NonFiniteLossError",

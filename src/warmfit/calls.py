@@ -12,17 +12,19 @@ table (:mod:`warmfit.modes`), the loop (:mod:`warmfit.loop`).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from . import modes
 from .control import ModeOperations, check_plateau
 from .data import check_offset, validation_split
-from .errors import StateMismatchError, invalid_param
+from .errors import StateMismatchError, TrainingInterrupted, invalid_param
 from .horizons import Move, Plan, check_call, moves_for_call
 from .loop import FitCall
 from .schedules import Schedule, as_schedule, describe
@@ -468,6 +470,20 @@ def abandoned_warning(open_call: Mapping[str, Any], request: Mapping[str, Any], 
         f"cursor (global step {step}) and the interrupted call stays unfinished. To finish "
         "that call where it would have ended, repeat it with the same arguments and data."
     )
+
+
+def interrupt(trainer: Trainer, name: str, *, saved: Path | bool | None = False) -> NoReturn:
+    """Save at the current step boundary (unless ``saved``: the path of the save just
+    made, None on ranks other than 0) and raise :class:`TrainingInterrupted`, whose
+    message says where the interrupted call ends."""
+    trainer.signals.received = None
+    path = trainer.save_checkpoint(wait=True) if saved is False else saved
+    call, step = trainer.state.call, trainer.counters.global_step
+    end = None if call is None else call_end(call)
+    err = TrainingInterrupted(name, path if isinstance(path, Path) else None, step, end)
+    if trainer.rank == 0:
+        print(f"warmfit: {err}", file=sys.stderr, flush=True)
+    raise err
 
 
 def validation_split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

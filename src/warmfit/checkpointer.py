@@ -82,9 +82,7 @@ class Checkpointer:
             return None
         saved = ckpt.snapshot_state(saved)
         step, run = state.counters.global_step, state.counters.run
-        metric = _monitored(state.history, self.monitor, step)
-        if self.restored_metric is not None and self.restored_metric[:2] == (run, step):
-            metric = self.restored_metric[2]  # the weights are an earlier epoch's
+        metric = self.metric_of(state)
         run_dir = self.run_dir
         result: dict[str, Path] = {}
 
@@ -96,6 +94,15 @@ class Checkpointer:
             self._writer.wait()
             return result.get("path")
         return None
+
+    def metric_of(self, state: TrainingState) -> float | None:
+        """The ``monitor`` value a checkpoint of ``state`` is ranked by ("best"): the last
+        epoch's, if it ended at the current step, or that of the epoch whose weights a
+        callback restored; None for a state inside an epoch."""
+        step, run = state.counters.global_step, state.counters.run
+        if self.restored_metric is not None and self.restored_metric[:2] == (run, step):
+            return self.restored_metric[2]  # the weights are an earlier epoch's
+        return _monitored(state.history, self.monitor, step)
 
     @property
     def snapshot_bytes(self) -> int:
@@ -216,37 +223,15 @@ class Checkpointer:
 
     def find(self, to: Any, *, epoch: int | None, step: int | None, run: int) -> Path:
         """The checkpoint :meth:`Trainer.rewind` goes to: ``to`` ("best" of run ``run``,
-        "latest" or a path), or run ``run``'s at the end of ``epoch`` or at ``step``."""
+        "latest", a checkpoint's name or a path), or run ``run``'s at the end of ``epoch``
+        or at ``step`` (:meth:`~warmfit.rundir.RunDir.find`)."""
         if self.run_dir is None:
             raise ValueError(
                 "rewind needs checkpoints: construct the Trainer with run_dir=... (or use "
                 "load_state_dict with a state_dict() you kept)."
             )
         self.wait()
-        if epoch is not None or step is not None:
-            for path in reversed(self.run_dir.checkpoints()):
-                c = ckpt.read_state(path)["counters"]
-                if c["run"] != run:
-                    continue
-                if (epoch is not None and c["epoch"] == epoch and c["offset"] == 0) or (
-                    step is not None and c["global_step"] == step
-                ):
-                    return path
-            kept = [p.name for p in self.run_dir.checkpoints()]
-            raise ValueError(
-                f"No checkpoint of run {run} at "
-                f"{'epoch ' + str(epoch) if epoch is not None else 'step ' + str(step)}. "
-                f"Checkpoints kept: {kept}. Raise keep_last, or rewind to one of them."
-            )
-        if to == "best":
-            found = self.run_dir.best(run=run)  # the best of this run
-        elif to == "latest":
-            found = self.run_dir.latest()
-        else:
-            found = Path(to)
-        if found is None:
-            raise ValueError(f"There is no {to!r} checkpoint in {self.run_dir.root} yet.")
-        return found
+        return self.run_dir.find(to, epoch=epoch, step=step, run=run)  # "best": of this run
 
     def _check_ranks_agree(self, path: Path | None) -> None:
         """Under DDP every rank reads the run directory itself: refuse to start when they

@@ -1,4 +1,4 @@
-"""The command line: ``warmfit train | history | check-resume | demo | inspect | verify``.
+"""The command line: ``warmfit train | fork | history | check-resume | demo | inspect | verify``.
 
 Every command has ``--help``. The CLI sits on top of the library and imports only
 what the chosen command needs. Exit status: 0 on success, 1 when the command ran and
@@ -11,6 +11,8 @@ traceback, when the reader of the output went away (``warmfit inspect CKPT | hea
 ``warmfit train SPEC`` is the process-level "fit again": the Trainer resumes from the
 newest checkpoint in the run directory when it is built, so running the same command
 again trains ``--epochs`` more epochs, continuing exactly where the last one stopped.
+``warmfit fork RUN_DIR NEW_RUN_DIR`` starts a new run directory from a checkpoint of
+another (which is only read); ``warmfit train SPEC --run-dir NEW_RUN_DIR`` trains it on.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def _train(args: argparse.Namespace) -> int:
         spec.resolve_framework()  # a key the framework cannot use: refused before the data
         data = spec.load_data()
         with spec.build_trainer(run_dir=run_dir, **overrides) as trainer:
-            trainer.fit(data.x, data.y, mode=args.mode, **how, **data.fit_kwargs())
+            plan = {"past_horizon": args.past_horizon, "cooldown": args.cooldown}
+            trainer.fit(data.x, data.y, mode=args.mode, **how, **plan, **data.fit_kwargs())
             c = trainer.counters
             if trainer.rank == 0:
                 print(
@@ -184,6 +187,30 @@ def _message(err: BaseException) -> str:
     return str(err)
 
 
+# -- fork -------------------------------------------------------------------------------------
+
+
+def _fork(args: argparse.Namespace) -> int:
+    from .errors import WarmfitError
+    from .fork import check_target, find_source, source_root, write_fork
+
+    try:
+        check_target(args.new_run_dir, source_root(args.run_dir))  # before reading the parent
+        source = find_source(args.run_dir, args.at)
+        written = write_fork(args.new_run_dir, source)
+    except (WarmfitError, ValueError, OSError) as err:
+        print(f"warmfit fork: {_message(err)}", file=sys.stderr)
+        return 1
+    p = source.parent
+    print(
+        f"forked {args.run_dir} at {p['checkpoint']} (run {p['run']}, epoch {p['epoch']}, "
+        f"step {p['step']}) into {written.root}. Train it with `warmfit train SPEC --run-dir "
+        f"{written.root}` (it resumes there); `warmfit history {written.root}` shows its "
+        "lineage."
+    )
+    return 0
+
+
 # -- history ----------------------------------------------------------------------------------
 
 
@@ -192,8 +219,8 @@ def read_run(root: str | Path, run: int | None = None) -> tuple[int, list[dict],
 
     Reads ``ledger.jsonl`` and ``history-run<N>.jsonl`` (appended to as training goes),
     or, if they are missing, the ``history`` and ``ledger`` of the newest checkpoint.
-    Every line of ``ledger.jsonl`` is a fit call or a rewind that happened, so every
-    one is kept, in file order (after a crash or a rewind a later row may reuse an
+    Every line of ``ledger.jsonl`` is a fit call, a rewind or a fork that happened, so
+    every one is kept, in file order (after a crash or a rewind a later row may reuse an
     earlier row's ``call`` number). In a history file an epoch that a resume or a
     rewind trained again replaces the records of that epoch and after it. ``run``
     defaults to the newest run.
@@ -283,7 +310,7 @@ def _latest_checkpoint_state(root: Path) -> dict | None:
 def _history(args: argparse.Namespace) -> int:
     from .errors import WarmfitError
     from .history import Ledger, epoch_table
-    from .monitor import summary_line
+    from .monitor import improvement_line, summary_line
 
     try:
         run, history, ledger = read_run(args.run, args.run_index)
@@ -297,12 +324,20 @@ def _history(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    from .fork import lineage_lines
+
+    lineage = lineage_lines(ledger)  # a fork: where it came from, nearest first
+    if lineage:
+        print("\n".join(lineage) + "\n")
     print(f"== ledger: {len(ledger)} fit calls")
     print(Ledger(ledger).table())
     print(f"\n== history of run {run}: {len(history)} epoch{'s' * (len(history) != 1)}")
     print(epoch_table(history) if history else "(no completed epoch)")
     if history:
         print(summary_line(history, args.monitor, args.monitor_mode))
+        facts = improvement_line(history, args.monitor, args.monitor_mode)  # "how much more?"
+        if facts is not None:
+            print(facts)
     if args.plot:
         from .plots import plot_history
 
@@ -397,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir", help="where the run lives (default: the spec's run_dir, or runs/<spec stem>)"
     )
+    p.add_argument(
+        "--past-horizon",
+        choices=("hold", "extend", "rewarm"),
+        help="what this call does past the schedule's horizon (default: the schedule's own)",
+    )
+    p.add_argument(
+        "--cooldown",
+        action="store_true",
+        help="decay from the current rate to the schedule's end over this call (WSD)",
+    )
     p.add_argument("--verbose", type=int, default=None, help="0 for quiet (default: the spec's)")
     p.add_argument(
         "--override",
@@ -406,6 +451,28 @@ def build_parser() -> argparse.ArgumentParser:
         "continuation is then not exact); repeat for several",
     )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "fork",
+        help="start a new run dir from a checkpoint of another run (which is left as it is)",
+        description="Write NEW_RUN_DIR, a new run directory whose first checkpoint is a "
+        "checkpoint of RUN_DIR, bit for bit, with its history and ledger up to there and "
+        "a ledger row (and lineage.json) naming the parent: run dir, checkpoint, epoch, "
+        "step and the checkpoint's checksum. RUN_DIR is only read, never locked or "
+        "written, so it may be training meanwhile. NEW_RUN_DIR must be new or empty; it "
+        "appears whole or not at all. Then `warmfit train SPEC --run-dir NEW_RUN_DIR` "
+        "trains the fork on exactly as RUN_DIR would have gone on from that checkpoint.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to fork")
+    p.add_argument("new_run_dir", metavar="NEW_RUN_DIR", help="the fork's run dir (new or empty)")
+    p.add_argument(
+        "--at",
+        metavar="CHECKPOINT",
+        default=None,
+        help="which checkpoint of RUN_DIR: latest (default: the newest intact one), best, "
+        "epoch=K (the end of global epoch K), step=S, or a checkpoint's name or path",
+    )
+    p.set_defaults(func=_fork)
 
     p = sub.add_parser(
         "history",

@@ -86,8 +86,8 @@ class _Decay(Schedule):
     def horizon_steps(self, plan: Plan) -> int | None:
         return int(_moves(self, plan)[0].end)
 
-    def past_horizon_policy(self) -> str:
-        return self.past_horizon or ("extend" if self.horizon == "plan" else "hold")
+    def past_horizon_policy(self, asked: str | None = None) -> str:
+        return asked or self.past_horizon or ("extend" if self.horizon == "plan" else "hold")
 
 
 @dataclass(frozen=True, repr=False)
@@ -247,8 +247,15 @@ class WSD(Schedule):
     def horizon_steps(self, plan: Plan) -> int | None:
         return int(_moves(_PlanOnly(self), plan)[0].end)
 
-    def past_horizon_policy(self) -> str:
-        return self.past_horizon or "extend"
+    def past_horizon_policy(self, asked: str | None = None) -> str:
+        if asked == "rewarm":
+            raise ValueError(
+                "past_horizon='rewarm' does not apply to a WSD schedule: its stable phase "
+                "goes on for as long as the plan (past_horizon='extend', its default) or "
+                "holds. To warm up again after a cooldown, pass schedule=... with a new WSD "
+                "and mode='warm' (it starts at 0 with a fresh optimizer)."
+            )
+        return asked or self.past_horizon or "extend"
 
 
 @dataclass(frozen=True)

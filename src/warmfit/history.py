@@ -76,7 +76,8 @@ class History(_Records):
 
 
 class Ledger(_Records):
-    """One record per fit call (and per rewind), across every run of a trainer."""
+    """One record per fit call (and per rewind, and the fork a run began with: mode
+    ``"fork"``, see :mod:`warmfit.fork`), across every run of a trainer."""
 
     def table(self) -> str:
         """The ledger as a fixed-width text table."""

@@ -147,6 +147,7 @@ def moves_for_call(
     """The moves a new fit call makes to ``plan``: the call starts at ``step`` and ends at
     ``end`` (the schedule's steps); ``policy`` is the call's ``past_horizon`` (None: the
     schedule's own). ``schedule`` is checked by :func:`check_call` first."""
+    policy = schedule.past_horizon_policy(policy)  # refuses one it cannot follow
     moves: list[Move] = []
     if schedule.needs_plan() and not plan.moves:
         moves.append(Move(0, end, "plan"))
@@ -163,7 +164,6 @@ def moves_for_call(
     if moves or cycling:
         return moves  # just planned; or cycling already
     current = current_end(schedule, plan)
-    policy = policy or schedule.past_horizon_policy()
     if end == current or policy == "hold":
         return []
     if policy == "extend" and (schedule.needs_plan() or end > current):
@@ -237,9 +237,11 @@ class Schedule:
         """The step where it reaches its end value under its first plan; None: never."""
         return None
 
-    def past_horizon_policy(self) -> str:
-        """What a fit call that goes past its horizon does (see :mod:`warmfit.horizons`)."""
-        return "hold"
+    def past_horizon_policy(self, asked: str | None = None) -> str:
+        """What a fit call that goes past its horizon does (see :mod:`warmfit.horizons`):
+        ``asked`` (the call's ``past_horizon``), else the schedule's own; ``ValueError``
+        for a policy the schedule cannot follow."""
+        return asked or "hold"
 
     def planned(self, end: int) -> Planned:
         """This schedule as a function of the step, planned to end at step ``end`` (what

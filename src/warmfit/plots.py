@@ -2,7 +2,8 @@
 
 Owns: :func:`plot_history` — train and validation loss over global epochs, the
 fit-call boundaries as vertical lines labelled with their mode, the best epoch
-marked, the learning rate on a second y-axis. Uses matplotlib's Agg backend (no
+marked, the learning rate on a second y-axis; in a fork, the fork point (the parent's
+epochs before it are shaded). Uses matplotlib's Agg backend (no
 display needed) through its object API, so it never touches ``pyplot``'s global state.
 
 Does not own: the records (:mod:`warmfit.history`) or reading a run directory
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 MODE_COLORS = {"continue": "#2ca02c", "warm": "#ff7f0e", "restart": "#d62728"}
+FORK_COLOR = "#e377c2"
 
 
 def plot_history(
@@ -35,7 +37,10 @@ def plot_history(
     ``x = record["epoch"]``); ``ledger_records`` the fit calls of that run
     (``trainer.ledger.records``; only the fit calls of the last call's run are drawn). A fit
     call starts at the line drawn at ``epoch_start + 0.5``; without ledger records the
-    boundaries come from the records' ``segment`` and ``mode``. A ``path`` that is a
+    boundaries come from the records' ``segment`` and ``mode``. A fork (a ledger row
+    ``{"mode": "fork", "parent": ...}`` of the drawn run) is marked by a dashed line at
+    its ``epoch_start + 0.5``, labelled with the parent, and the epochs before it (the
+    parent's, which a fork's history holds) are shaded. A ``path`` that is a
     directory, or lies under a file, is a ValueError raised before anything is drawn;
     missing parent directories are created.
     """
@@ -112,6 +117,20 @@ def plot_history(
             xytext=(2, -4), textcoords="offset points", rotation=90, va="top", ha="left",
             fontsize=8, color=color,
         )  # fmt: skip
+    forks = _forks(records, ledger_records)
+    if forks:
+        from matplotlib.patches import Patch
+
+        ax.axvspan(lo - 0.1, forks[-1]["x"], color="0.5", alpha=0.1, linewidth=0, zorder=0)
+        shade = Patch(color="0.5", alpha=0.1, linewidth=0, label="the parent's epochs")
+        handles.append(shade)  # type: ignore[arg-type]  # a legend takes any artist
+    for fork in forks:
+        ax.axvline(fork["x"], color=FORK_COLOR, linestyle="--", linewidth=1.6, zorder=1)
+        ax.annotate(
+            f"{fork['label']} ", xy=(fork["x"], 0.0), xycoords=("data", "axes fraction"),
+            xytext=(-2, 4), textcoords="offset points", rotation=90, va="bottom", ha="right",
+            fontsize=8, color=FORK_COLOR,
+        )  # fmt: skip
     ax.set_ylim(ymin, ymax)
 
     if hi - lo <= 12:
@@ -186,6 +205,28 @@ def _calls(
         seen.add(seg)
         mode = r.get("mode", "continue")
         out.append({"start": r["epoch"] - 1, "mode": mode, "label": f"call {seg}: {mode}"})
+    return out
+
+
+def _forks(
+    records: Sequence[Mapping[str, Any]], ledger: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The forks of the drawn run (its history's run, else the last ledger row's): where
+    each is drawn and its label, oldest first."""
+    rows = [r for r in ledger if r.get("mode") == "fork" and isinstance(r.get("epoch_start"), int)]
+    runs = [r.get("run") for r in (*ledger, *records) if "run" in r]
+    run = records[-1].get("run") if records and "run" in records[-1] else (runs or [None])[-1]
+    out = []
+    for r in rows:
+        if r.get("run") != run:
+            continue
+        parent: Mapping[str, Any] = r["parent"] if isinstance(r.get("parent"), Mapping) else {}
+        where = parent.get("run_dir")
+        label = f"fork of {Path(where).name if where else 'an unsaved state'}"
+        label += f" at step {r.get('step_start')}"
+        if parent.get("offset"):
+            label += " (mid-epoch)"
+        out.append({"x": r["epoch_start"] + 0.5, "label": label})
     return out
 
 

@@ -47,6 +47,7 @@ from warmfit.checkpoint import (
     UnsupportedSchemaError,
     fsync_dir,
     read_checkpoint,
+    read_state,
     remove_checkpoint_dir,
     replace_durably,
     verify_checkpoint,
@@ -54,7 +55,7 @@ from warmfit.checkpoint import (
 )
 from warmfit.errors import CheckpointError, RunDirLockedError, WarmfitError, invalid_param
 
-__all__ = ["LATEST", "RunDir", "verify_checkpoints", "verify_run_dir"]
+__all__ = ["LATEST", "RunDir", "run_dir_of", "verify_checkpoints", "verify_run_dir"]
 
 LATEST = "LATEST"
 INDEX_FILE = "index.json"
@@ -493,6 +494,62 @@ class RunDir:
                 scored.append((sign * metric, _sort_key(path), path))
         return min(scored)[2] if scored else None
 
+    def find(
+        self,
+        to: str | os.PathLike[str] = "latest",
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        run: int | None = None,
+    ) -> Path:
+        """The checkpoint ``to`` names: ``"best"`` (of run ``run``; None: the run of
+        :meth:`latest`), ``"latest"``, the name of a checkpoint folder of this run
+        directory (``ckpt-…``), or a path; or run ``run``'s checkpoint at the end of
+        global epoch ``epoch`` or at global step ``step``. Only reads. Raises
+        ``ValueError`` saying which checkpoints there are when none matches (a path is
+        returned as it is: reading it names what is wrong)."""
+        if epoch is not None or step is not None:
+            if run is None:
+                latest = self.latest()
+                run = 0 if latest is None else _run_of(latest)
+            for path in reversed(self.checkpoints()):
+                c = read_state(path)["counters"]
+                if c["run"] != run:
+                    continue
+                if (epoch is not None and c["epoch"] == epoch and c["offset"] == 0) or (
+                    step is not None and c["global_step"] == step
+                ):
+                    return path
+            kept = [p.name for p in self.checkpoints()]
+            raise ValueError(
+                f"No checkpoint of run {run} at "
+                f"{'epoch ' + str(epoch) if epoch is not None else 'step ' + str(step)}. "
+                f"Checkpoints kept: {kept}. Raise keep_last, or rewind to one of them."
+            )
+        found: Path | None
+        if to == "best":
+            found = self.best(run=run)
+        elif to == "latest":
+            found = self.latest()
+        elif isinstance(to, str) and _NAME_RE.fullmatch(to):  # a name: a folder of ours
+            found = self._inside(to, self.checkpoints_dir)
+            if not found.is_dir():
+                kept = [p.name for p in self.checkpoints()]
+                raise ValueError(f"{self.root} has no checkpoint {to!r}. Checkpoints kept: {kept}.")
+        else:
+            found = Path(to)
+        if found is None:
+            raise ValueError(f"There is no {to!r} checkpoint in {self.root} yet.")
+        return found
+
+    def metric(self, path: str | os.PathLike[str]) -> float | None:
+        """The metric ``index.json`` records for the checkpoint folder ``path`` of this
+        run directory (what "best" ranks it by), or None."""
+        value = self._read_index().get(Path(path).name, {}).get("metric")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value) if math.isfinite(value) else None
+
     # -- loading --------------------------------------------------------------------
 
     def load_latest(self) -> tuple[Path, dict[str, np.ndarray], dict] | None:
@@ -662,6 +719,15 @@ class RunDir:
                     else:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)
+
+
+def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
+    """The run directory whose checkpoint folder ``path`` is (``<root>/checkpoints/ckpt-…``),
+    or None for a checkpoint folder elsewhere (written by ``Trainer.save``)."""
+    path = Path(path)
+    if _NAME_RE.fullmatch(path.name) and path.parent.name == CHECKPOINTS_DIR:
+        return path.parent.parent
+    return None
 
 
 def verify_run_dir(root: str | os.PathLike[str]) -> list[tuple[Path, str | None]]:

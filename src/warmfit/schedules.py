@@ -129,8 +129,8 @@ class Warmup(Schedule):
         inner = self.then.horizon_steps(plan.shifted(self.steps))
         return None if inner is None else self.steps + inner
 
-    def past_horizon_policy(self) -> str:
-        return self.then.past_horizon_policy()
+    def past_horizon_policy(self, asked: str | None = None) -> str:
+        return self.then.past_horizon_policy(asked)
 
 
 @dataclass(frozen=True, repr=False)
@@ -181,8 +181,8 @@ class Sequential(Schedule):
         inner = last.horizon_steps(plan.shifted(start))
         return None if inner is None else start + inner
 
-    def past_horizon_policy(self) -> str:
-        return self._last[0].past_horizon_policy()
+    def past_horizon_policy(self, asked: str | None = None) -> str:
+        return self._last[0].past_horizon_policy(asked)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -216,8 +216,8 @@ class Shifted(Schedule):
         inner = self.schedule.horizon_steps(plan.shifted(self.start))
         return None if inner is None else self.start + inner
 
-    def past_horizon_policy(self) -> str:
-        return self.schedule.past_horizon_policy()
+    def past_horizon_policy(self, asked: str | None = None) -> str:
+        return self.schedule.past_horizon_policy(asked)
 
 
 # Short, lower-case constructors: the public spelling.

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +36,8 @@ from .callbacks import Callback
 from .checkpointer import Checkpointer
 from .control import Control, check_callbacks, check_plateau
 from .data import Cursor
-from .errors import TrainingInterrupted, WarmfitError, check_int
+from .errors import WarmfitError, check_int
+from .fork import fork_from, fork_trainer
 from .history import History, Ledger, epoch_table
 from .loop import run_epochs
 from .progress import Progress
@@ -145,7 +145,8 @@ class Trainer:
         backend_options: Mapping[str, Any] | None = None,
         framework: str | type[Backend] | None = None,
     ) -> None:
-        p = plan.validate("Trainer", plan.TRAINER, plan.arguments(locals()))
+        self._arguments = plan.arguments(locals())  # as given: what fork() builds again
+        p = plan.validate("Trainer", plan.TRAINER, self._arguments)
         given = {"optimizer": optimizer, "loss": loss, "step": step, "metrics": metrics or None,
                  "num_workers": num_workers or None}  # fmt: skip
         kwargs = {"device": device, **{k: v for k, v in given.items() if v is not None}}
@@ -280,11 +281,9 @@ class Trainer:
         rounds. A ``horizon="plan"`` schedule ends where the call ends (re-planned by a
         call that ends elsewhere); ``past_horizon``, ``cooldown``: :mod:`warmfit.horizons`.
 
-        Returns the run's :class:`~warmfit.history.History` (all epochs of the run).
-        Raises ``ValueError`` before anything changes when the arguments or the data are
-        wrong, :class:`~warmfit.errors.NonFiniteLossError` on a NaN/inf loss and
-        :class:`~warmfit.errors.TrainingInterrupted` after SIGINT/SIGTERM.
-        """
+        Returns the run's :class:`~warmfit.history.History`. Raises ``ValueError`` before
+        anything changes when the arguments or the data are wrong, ``NonFiniteLossError``
+        on a NaN/inf loss and ``TrainingInterrupted`` after SIGINT/SIGTERM."""
         p = plan.validate("Trainer.fit", plan.FIT, plan.arguments(locals()))
         self._backend.check_mode(mode)  # a backend that cannot honour a mode says so first
         # Plan: every check, nothing changes. Apply: the modes table, the ledger row.
@@ -318,14 +317,14 @@ class Trainer:
                 self.ledger.append(record)
                 self.checkpointer.append("ledger.jsonl", record)
             if interrupted is not None:
-                self._interrupt(interrupted)  # saves (the ledger row included) and raises
+                calls.interrupt(self, interrupted)  # saves (the ledger row included), raises
             self.state.call = None  # finished: the same call again trains more
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             path = self.save_checkpoint(wait=True)
             late = self.signals.agreed(self._backend, self.world_size)  # in the closing save
             if late is not None:
-                self._interrupt(late, saved=path)
+                calls.interrupt(self, late, saved=path)
         if call.verbose and self.rank == 0:
             print(f"fit call {record['call']} ({mode}): {record['epochs_done']} epochs, steps "
                   f"{record['step_start']}-{record['step_end']}, {record['wall_s']:.2f}s",
@@ -397,6 +396,19 @@ class Trainer:
             print(f"warmfit: rewound to {path} (epoch {c.epoch}, step {c.global_step})", flush=True)
         return path
 
+    def fork(self, run_dir: str | os.PathLike[str], **overrides: Any) -> Trainer:
+        """A Trainer on the new run directory ``run_dir`` from this trainer's current
+        state, built with its arguments (copies; ``overrides`` replace any), the lineage
+        recorded; this trainer and its run dir are not changed (``docs/fork.md``)."""
+        return fork_trainer(self, run_dir, self._arguments, overrides)
+
+    @classmethod
+    def fork_from(cls, checkpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str],
+                  model: Any, **kwargs: Any) -> Trainer:  # fmt: skip
+        """``Trainer(model, run_dir=run_dir, **kwargs)`` on a new run directory, a fork of
+        ``checkpoint`` (a checkpoint folder, or a run directory's newest intact one)."""
+        return fork_from(cls, checkpoint, run_dir, model, **kwargs)
+
     def save_checkpoint(self, *, wait: bool) -> Path | None:
         """Save the state to the run directory, in the background unless ``wait`` (then
         the path on rank 0). Under DDP every rank calls it. Without a run dir, nothing."""
@@ -422,8 +434,7 @@ class Trainer:
             self._backend.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        """What ``copy.deepcopy`` and ``pickle`` copy; refused with a ``run_dir``, which
-        one Trainer at a time owns (the copy could not save there)."""
+        """What ``copy.deepcopy`` and ``pickle`` copy; refused with a ``run_dir``."""
         if self.run_dir is not None:
             raise TypeError(
                 f"A Trainer with a run_dir ({self.run_dir.root}) cannot be copied or "
@@ -484,17 +495,5 @@ class Trainer:
         if not streams.installed:  # a nested call leaves the mode as it is
             self._backend.train_mode(train)
         return streams.swapped_in(keep=train, switch=switch)
-
-    def _interrupt(self, name: str, *, saved: Path | bool | None = False) -> NoReturn:
-        """Save at the current step boundary (unless ``saved``: the path of the save just
-        made, None on ranks other than 0) and raise :class:`TrainingInterrupted`."""
-        self.signals.received = None
-        path = self.save_checkpoint(wait=True) if saved is False else saved
-        call, step = self.state.call, self.counters.global_step
-        end = None if call is None else calls.call_end(call)
-        err = TrainingInterrupted(name, path if isinstance(path, Path) else None, step, end)
-        if self.rank == 0:
-            print(f"warmfit: {err}", file=sys.stderr, flush=True)
-        raise err
 
 __all__ = ["MODES", "Trainer", "WarmfitError", "epoch_table"]
