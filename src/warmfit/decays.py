@@ -4,7 +4,7 @@ warmup-stable-decay (WSD).
 Each is a pure function of the step and of its :class:`~warmfit.horizons.Plan`: its
 horizon is a number of steps or ``"plan"`` (the end of the fit call in progress), and a
 later call that ends elsewhere re-plans the rest from the current rate in the schedule's
-own shape (:func:`warmfit.horizons.decayed`). Built through :mod:`warmfit.schedules`
+own shape (:func:`warmfit.horizons.through_moves`). Built through :mod:`warmfit.schedules`
 (``schedules.cosine``, ``linear``, ``wsd``), which holds every other schedule.
 
 Owns: :class:`Cosine`, :class:`Linear`, :class:`WSD`. Does not own: the moves of a plan
@@ -19,7 +19,16 @@ from typing import Any
 import numpy as np
 
 from .errors import check_int, check_real, invalid_param
-from .horizons import POLICIES, SHAPES, Move, Plan, Schedule, check_step, decayed, set_field
+from .horizons import (
+    POLICIES,
+    SHAPES,
+    Move,
+    Plan,
+    Schedule,
+    check_step,
+    set_field,
+    through_moves,
+)
 
 
 def _check_horizon(schedule: Schedule, owner: str) -> None:
@@ -67,15 +76,21 @@ class _Decay(Schedule):
     def shape(self, hi: float, lo: float, t: float) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _segment(
+        self, step: int, move: Move, anchor: tuple[float, bool] | None
+    ) -> tuple[float, bool]:
+        """The rate of ``step`` under ``move``: a first plan decays from ``lr``; a later
+        move from the rate at its anchor (the step before it); the end value from the
+        move's end on."""
+        if step >= move.end:
+            return float(self.end_value), True
+        if anchor is None:
+            return float(self.shape(self.lr, self.end_value, step / move.end)), True
+        a = move.at - 1
+        return float(self.shape(anchor[0], self.end_value, (step - a) / (move.end - a))), True
+
     def at(self, step: int, plan: Plan) -> float:
-        step = check_step(step)
-
-        def first(k: int, move: Move) -> float:
-            if k >= move.end:
-                return float(self.end_value)
-            return float(self.shape(self.lr, self.end_value, k / move.end))
-
-        return float(decayed(step, _moves(self, plan), first, self.end_value, self.shape))
+        return through_moves(check_step(step), _moves(self, plan), self._segment)[0]
 
     def needs_plan(self) -> bool:
         return bool(self.horizon == "plan")
@@ -205,21 +220,21 @@ class WSD(Schedule):
         steps = int(self.decay * end) if isinstance(self.decay, float) else self.decay
         return max(self.warmup, end - steps)
 
-    def _value(self, step: int, moves: tuple[Move, ...]) -> tuple[float, bool]:
-        """(the rate of ``step``, whether it is in a decay) under ``moves``."""
+    def _segment(
+        self, step: int, move: Move, anchor: tuple[float, bool] | None
+    ) -> tuple[float, bool]:
+        """(the rate of ``step``, whether it is in a decay) under ``move``, given the rate
+        at its anchor (None: the move is a first plan)."""
         if step < self.warmup:
             return float(self.lr * step / self.warmup), False
-        i = max(j for j, m in enumerate(moves) if m.at <= step)
-        move = moves[i]
         shape = SHAPES[self.shape]
-        if move.at > 0:
-            anchor = move.at - 1
-            start, decaying = self._value(anchor, moves[:i])
+        if anchor is not None:
+            start, decaying = anchor
             if move.kind == "cooldown" or decaying:  # from the current rate to the end
                 if step >= move.end:
                     return float(self.decay_to), True
-                t = (step - anchor) / (move.end - anchor)
-                return float(shape(start, self.decay_to, t)), True
+                a = move.at - 1
+                return float(shape(start, self.decay_to, (step - a) / (move.end - a))), True
         elif move.kind == "cooldown":  # a cooldown from the start: the whole plan decays
             if step >= move.end:
                 return float(self.decay_to), True
@@ -236,7 +251,7 @@ class WSD(Schedule):
         step = check_step(step)
         if step < self.warmup:
             return float(self.lr * step / self.warmup)
-        return self._value(step, _moves(_PlanOnly(self), plan))[0]
+        return through_moves(step, _moves(_PlanOnly(self), plan), self._segment)[0]
 
     def needs_plan(self) -> bool:
         return True

@@ -26,6 +26,8 @@ the fit call (:mod:`warmfit.calls`).
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -119,26 +121,33 @@ def sqrt_shape(hi: float, lo: float, t: float) -> float:
 SHAPES: dict[str, Shape] = {"cosine": cosine_shape, "linear": linear_shape, "sqrt": sqrt_shape}
 
 
-def decayed(
-    step: int,
-    moves: Sequence[Move],
-    first: Callable[[int, Move], float],
-    end_value: float,
-    shape: Shape,
-) -> float:
-    """The value at ``step`` of a schedule that decays to ``end_value``: under the first
-    move, ``first(step, move)``; under a later one, from the value of the step before it
-    (the anchor, under the moves before) to ``end_value`` at the move's end, in
-    ``shape``; ``end_value`` from the end on."""
-    i = max(j for j, m in enumerate(moves) if m.at <= step)
-    move = moves[i]
-    if i == 0 or move.at == 0:
-        return first(step, move)
-    anchor = move.at - 1
-    start = decayed(anchor, moves[:i], first, end_value, shape)
-    if step >= move.end:
-        return end_value
-    return shape(start, end_value, (step - anchor) / (move.end - anchor))
+#: segment(step, move, anchor) -> (rate, in a decay): a schedule's value at ``step`` under
+#: ``move``, given (rate, in a decay) at the step before the move (None for a first plan).
+Segment = Callable[[int, Move, "tuple[float, bool] | None"], "tuple[float, bool]"]
+
+
+def through_moves(step: int, moves: Sequence[Move], segment: Segment) -> tuple[float, bool]:
+    """The value at ``step`` under ``moves``: the move in effect there (the last that
+    starts at or before it), given the value at its anchor — the step before it, under
+    the moves before it. ``segment`` must be hashable (a bound method of a frozen
+    schedule): the anchors of a plan are worked out once, in order, each from the
+    earlier ones (no recursion), and kept for the next steps."""
+    moves = tuple(moves)
+    i = bisect.bisect_right([m.at for m in moves], step) - 1
+    return segment(step, moves[i], _anchors(moves, segment)[i])
+
+
+@functools.lru_cache(maxsize=64)
+def _anchors(moves: tuple[Move, ...], segment: Segment) -> list[tuple[float, bool] | None]:
+    """For each move, (rate, in a decay) at the step before it (None: a first plan)."""
+    ats = [m.at for m in moves]
+    anchors: list[tuple[float, bool] | None] = [None] * len(moves)
+    for j in range(1, len(moves)):
+        if moves[j].at > 0:  # the value of the step before move j, under moves[:j]
+            k = moves[j].at - 1
+            before = bisect.bisect_right(ats, k, 0, j) - 1
+            anchors[j] = segment(k, moves[before], anchors[before])
+    return anchors
 
 
 def moves_for_call(
