@@ -366,6 +366,22 @@ def test_plan_schedules_refuse_what_they_cannot_mean(build, message):
     assert str(err.value) == message
 
 
+def test_thousands_of_replans_evaluate_in_order_without_recursion():
+    """A run of 3,000 fit calls that each moved the plan: every anchor is the rate of
+    the step before its move, worked out in order (a recursive evaluation hit Python's
+    recursion limit)."""
+    from warmfit.horizons import Move, Plan
+    from warmfit.schedules import Planned
+
+    moves = [Move(0, 10, "plan")] + [Move(10 * i, 10 * i + 10, "extend") for i in range(1, 3000)]
+    planned = Planned(schedules.linear(1.0, "plan"), Plan(tuple(moves)))
+    value = 0.0 + (1.0 - 0.0) * (1.0 - 9 / 10)  # step 9, the first plan's last step
+    for i in range(1, 3000):  # each move: from the step before it to 0 at its end
+        anchor = 10 * i - 1
+        value = 0.0 + (value - 0.0) * (1.0 - (10 * i + 9 - anchor) / (10 * i + 10 - anchor))
+    assert planned(29_999) == value and planned(30_000) == 0.0
+
+
 def test_plan_schedules_round_trip_through_their_config():
     for s in (
         schedules.cosine(0.1, "plan", min_lr=0.01),
