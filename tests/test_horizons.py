@@ -255,6 +255,73 @@ def test_a_wsd_cooldown_in_a_fork_leaves_the_parent_byte_for_byte_and_equals_it_
         assert set(rates_of(go).values()) == {LR}
 
 
+def test_a_warm_call_with_a_validation_split_plans_to_the_step_the_loop_ends_at():
+    """The plan's end of an epoch target is worked out from the rows the call trains on
+    and whether they are the previous call's (a warm call then finishes the epoch)."""
+    x, y = make_data(100)
+    t = make_trainer(batch_size=8, schedule=None)
+    t.fit(x, y, steps=3, validation_split=0.2)
+    t.fit(x, y, epochs=1, mode="warm", validation_split=0.2,
+          schedule=schedules.cosine(LR, "plan", min_lr=MIN))  # fmt: skip
+    assert t.global_step == 10  # the rest of the epoch: 80 training rows, batches of 8
+    assert replans(t)[-1] == [{"kind": "plan", "at_step": 3, "end_step": 10}]
+    assert t.state.lr_at(10) == MIN
+
+
+def test_rewarm_cycles_the_schedule_itself_not_a_shifted_wait_nor_a_replan():
+    x, y = make_data(200)
+    shifted = schedules.shifted(schedules.cosine(LR, 13, min_lr=MIN, past_horizon="rewarm"), 13)
+    t = make_trainer(schedule=shifted, callbacks=[Rates()])
+    t.fit(x, y, epochs=2)
+    t.fit(x, y, epochs=2)  # past the horizon (26): cycles of the cosine's 13 steps
+    assert [rates_of(t)[k] for k in range(26, 52)] == [
+        cos(LR, MIN, ((k - 26) % 13) / 13) for k in range(26, 52)
+    ]
+    # After an extend, a rewarm cycles the fixed horizon, not the stretched re-plan.
+    t = make_trainer(schedule=schedules.cosine(LR, 26, min_lr=MIN), callbacks=[Rates()])
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, epochs=2, past_horizon="extend")
+    t.fit(x, y, epochs=2, past_horizon="rewarm")
+    assert replans(t)[-1] == [
+        {"kind": "rewarm", "at_step": 39, "end_step": 65, "policy": "rewarm"}
+    ]
+    assert [rates_of(t)[k] for k in range(39, 65)] == [
+        cos(LR, MIN, ((k - 39) % 26) / 26) for k in range(39, 65)
+    ]
+
+
+def test_after_a_rewarm_hold_and_extend_are_refused_and_rewarm_again_is_a_no_op():
+    x, y = make_data(200)
+    t = make_trainer(schedule=schedules.cosine(LR, 13, past_horizon="rewarm"))
+    t.fit(x, y, epochs=2)
+    with pytest.raises(ValueError) as err:
+        t.fit(x, y, epochs=1, past_horizon="hold")
+    assert str(err.value) == (
+        "past_horizon='hold' after the schedule was rewarmed: it cycles since its step 13 "
+        "and has no horizon left to hold or extend. Pass schedule=... with a new schedule "
+        "(mode='warm' starts it at 0), or leave past_horizon out."
+    )
+    t.fit(x, y, epochs=1, past_horizon="rewarm")
+    assert replans(t)[-1] is None and len(t.ledger) == 2
+
+
+def test_wsd_whose_new_plan_would_decay_from_before_the_call_decays_from_its_anchor():
+    """A call stopped early (here a signal at step 20 of a plan to 52) and a shorter
+    call after it: the new plan's decay window (13 steps before 30) began before the
+    call; the decay starts at the rate of step 19, without a jump."""
+    x, y = make_data(200)
+    t = make_trainer(model=lambda: SignalAt(20), callbacks=[Rates()],
+                     schedule=schedules.wsd(LR, decay=13))  # fmt: skip
+    with pytest.raises(warmfit.TrainingInterrupted):
+        t.fit(x, y, epochs=4)
+    with pytest.warns(UserWarning, match="stays unfinished"):
+        t.fit(x, y, steps=10)
+    rates = rates_of(t)
+    assert [rates[k] for k in range(20)] == [LR] * 20
+    assert [rates[k] for k in range(20, 30)] == [0.0 + LR * (1 - (k - 19) / 11) for k in
+                                                 range(20, 30)]  # fmt: skip
+
+
 def test_wsd_with_a_decay_at_the_plans_end_goes_on_from_the_decay_when_extended():
     x, y = make_data(200)
     t = make_trainer(schedule=schedules.wsd(LR, warmup=3, decay=4), callbacks=[Rates()])

@@ -195,7 +195,8 @@ def plan_call(
     )
     moves: list[Move] = []
     if resumes is None:  # a call that finishes an interrupted one moves nothing (E8)
-        moves = plan_moves(trainer, p, mode_applied, new_schedule, target, step_target, data)
+        moves = plan_moves(trainer, p, mode_applied, new_schedule, (target, step_target), data,
+                           same)  # fmt: skip
     return PlannedCall(
         moves=moves,
         policy=p["past_horizon"],
@@ -303,14 +304,16 @@ def plan_moves(
     p: Mapping[str, Any],
     mode: str,
     new_schedule: Any,
-    target: int | None,
-    step_target: int | None,
+    targets: tuple[int | None, int | None],
     data: Any,
+    same: bool,
 ) -> list[Move]:
     """What a new fit call does to its schedule's plan (:mod:`warmfit.horizons`), worked
     out before anything changes: where the call starts and ends in the schedule's steps,
     after the modes table (a ``warm`` or ``restart`` call, or a new schedule, starts a
-    new plan). Refuses ``past_horizon=``/``cooldown=True`` where they mean nothing."""
+    new plan). ``data``: the rows the call trains on; ``same``: whether they are the
+    previous call's rows (a warm call may then finish the epoch in progress). Refuses
+    ``past_horizon=``/``cooldown=True`` where they mean nothing."""
     state, c = trainer.state, trainer.state.counters
     schedule = new_schedule if new_schedule is not None else state.schedule
     policy, cooldown = p["past_horizon"], p["cooldown"]
@@ -322,22 +325,14 @@ def plan_moves(
     else:
         step, epoch, offset = c.global_step, c.epoch, c.offset
         origin = step if mode == "warm" else c.schedule_origin
-        if mode == "warm" and warm_restarts_epoch(
-            offset, trainer.batch_size, same_rows(state.data, *_shape_split(trainer, data, p)),
-            len(data),
-        ):
+        if mode == "warm" and warm_restarts_epoch(offset, trainer.batch_size, same, len(data)):
             offset = 0
     plan = state.plan if mode == "continue" and new_schedule is None else Plan()
-    end = call_end_step(target, step_target, step=step, epoch=epoch, offset=offset,
+    end = call_end_step(*targets, step=step, epoch=epoch, offset=offset,
                         n=len(data), batch_size=trainer.batch_size)  # fmt: skip
     return moves_for_call(
         schedule, plan, step=step - origin, end=end - origin, policy=policy, cooldown=cooldown
     )
-
-
-def _shape_split(trainer: Trainer, data: Any, p: Mapping[str, Any]) -> tuple[list[int], Any]:
-    """The (shape, validation_split) the data record of this call will hold."""
-    return list(trainer.backend.fingerprint(data)[1]), p["validation_split"]
 
 
 def call_end_step(

@@ -241,6 +241,8 @@ class WSD(Schedule):
             t = (step - self.warmup) / max(1, move.end - self.warmup)
             return float(shape(self.lr, self.decay_to, t)), True
         begin = self._decay_start(move.end)
+        if anchor is not None:  # a decay due before the move began starts at its anchor
+            begin = max(begin, move.at - 1)
         if step < begin or self.decay is None:
             return float(self.lr), False
         if step >= move.end:

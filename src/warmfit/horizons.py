@@ -156,7 +156,7 @@ def moves_for_call(
     """The moves a new fit call makes to ``plan``: the call starts at ``step`` and ends at
     ``end`` (the schedule's steps); ``policy`` is the call's ``past_horizon`` (None: the
     schedule's own). ``schedule`` is checked by :func:`check_call` first."""
-    policy = schedule.past_horizon_policy(policy)  # refuses one it cannot follow
+    asked, policy = policy, schedule.past_horizon_policy(policy)  # refuses one it cannot follow
     moves: list[Move] = []
     if schedule.needs_plan() and not plan.moves:
         moves.append(Move(0, end, "plan"))
@@ -170,6 +170,13 @@ def moves_for_call(
                 "Pass schedule=... with a schedule of its own for this call."
             )
         return [Move(0, end, "cooldown")] if step == 0 else [*moves, Move(step, end, "cooldown")]
+    if cycling and asked in ("hold", "extend"):
+        since = next(m.at for m in plan.moves if m.kind == "rewarm")
+        raise ValueError(
+            f"past_horizon={asked!r} after the schedule was rewarmed: it cycles since its "
+            f"step {since} and has no horizon left to hold or extend. Pass schedule=... "
+            "with a new schedule (mode='warm' starts it at 0), or leave past_horizon out."
+        )
     if moves or cycling:
         return moves  # just planned; or cycling already
     current = current_end(schedule, plan)
@@ -246,6 +253,11 @@ class Schedule:
         """The step where it reaches its end value under its first plan; None: never."""
         return None
 
+    def cycle_start(self) -> int:
+        """The step where the schedule's own course starts (a ``shifted`` one waits
+        before it): where a ``rewarm`` cycle starts it again."""
+        return 0
+
     def past_horizon_policy(self, asked: str | None = None) -> str:
         """What a fit call that goes past its horizon does (see :mod:`warmfit.horizons`):
         ``asked`` (the call's ``past_horizon``), else the schedule's own; ``ValueError``
@@ -289,22 +301,25 @@ def check_step(step: int) -> int:
 
 class Planned:
     """A schedule under a plan: ``planned(step)`` is ``schedule.at(step, plan)``, and from
-    a ``rewarm`` move on, the schedule again from its step 0 (under its first plan)
-    every cycle (its horizon) — what the Trainer evaluates each step."""
+    a ``rewarm`` move on, the schedule's cycle again and again — from the step where the
+    schedule itself starts (its :meth:`~Schedule.cycle_start`: after a ``shifted``'s
+    wait) to its horizon under its first plan — what the Trainer evaluates each step."""
 
     def __init__(self, schedule: Schedule, plan: Plan) -> None:
         self.schedule, self.plan = schedule, plan
         rewarms = [m for m in plan.moves if m.kind == "rewarm"]
         self._rewarm = rewarms[0].at if rewarms else None
         if self._rewarm is not None:
-            first = Plan(plan.shaped().moves[:1])
-            self._first = first
-            self._cycle = schedule.horizon_steps(first)
+            # The first plan: a move from step 0 (a "plan" horizon's), else the fixed one.
+            self._first = Plan(tuple(m for m in plan.shaped().moves if m.at == 0)[-1:])
+            self._start = schedule.cycle_start()
+            self._cycle = (schedule.horizon_steps(self._first) or 0) - self._start
 
     def __call__(self, step: int) -> float:
         step = check_step(step)
-        if self._rewarm is not None and step >= self._rewarm and self._cycle:
-            return self.schedule.at((step - self._rewarm) % self._cycle, self._first)
+        if self._rewarm is not None and step >= self._rewarm and self._cycle > 0:
+            k = self._start + (step - self._rewarm) % self._cycle
+            return self.schedule.at(k, self._first)
         return self.schedule.at(step, self.plan)
 
     def __repr__(self) -> str:

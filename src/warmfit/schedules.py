@@ -216,6 +216,9 @@ class Shifted(Schedule):
         inner = self.schedule.horizon_steps(plan.shifted(self.start))
         return None if inner is None else self.start + inner
 
+    def cycle_start(self) -> int:
+        return self.start + self.schedule.cycle_start()
+
     def past_horizon_policy(self, asked: str | None = None) -> str:
         return self.schedule.past_horizon_policy(asked)
 
