@@ -61,7 +61,9 @@ def test_train_train_again_history_and_plot(tmp_path):
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0] == "== ledger: 2 fit calls"
-    assert lines[1].split() == ["call", "run", "mode", "epochs", "done", "steps", "wall_s", "final"]
+    assert lines[1].split() == [
+        "call", "run", "mode", "epochs", "done", "steps", "wall_s", "final", "changes"
+    ]  # fmt: skip
     assert lines[2].split()[:6] == ["0", "0", "continue", "2", "2", "0-36"]
     assert lines[3].split()[:6] == ["1", "0", "continue", "1", "1", "36-54"]
     assert "== history of run 0: 3 epochs" in lines

@@ -73,7 +73,7 @@ def test_fork_mid_call_then_the_same_command_ends_where_the_parent_ended(tmp_pat
         f"parent: {a.resolve()}, checkpoint {at50} (run 0, epoch 2 and 896 samples, step 50)",
         "",
         "== ledger: 2 fit calls",
-        "call  run  mode      epochs  done  steps  wall_s  final",
+        "call  run  mode      epochs  done  steps  wall_s  final" + " " * 44 + "changes",
     ]
     assert shown[5].split()[:6] == ["0", "0", "fork", "0", "50-50", "0.00"]
     assert shown[6].split()[:6] == ["1", "0", "continue", "3", "1", "50-54"]

@@ -79,6 +79,26 @@ def test_cosine_to_the_plan_goes_on_from_the_current_rate_to_the_new_end():
     ]
 
 
+def test_the_ledger_table_shows_each_move_of_the_plan():
+    x, y = make_data(200)
+    t = plan_trainer()
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, epochs=1)
+    t.fit(x, y, steps=5, cooldown=True)
+    t.fit(x, y, epochs=1, mode="warm", schedule=schedules.cosine(LR, 13, past_horizon="rewarm"))
+    t.fit(x, y, epochs=2)
+    changes = [line[line.index("loss=") :].split("  ", 1)[-1].strip() if "loss=" in line
+               else line.split("0.00", 1)[-1].strip()
+               for line in t.ledger.table().splitlines()[1:]]  # fmt: skip
+    assert changes == [
+        "planned to step 13",
+        "re-planned to step 26",
+        "cooldown to step 31",
+        "new schedule",
+        "rewarm from step 44",  # the warm call set the origin at 31: 31 + 13
+    ]
+
+
 def test_split_calls_replan_and_one_call_plans_once_the_exception_to_e1():
     """``fit(3) + fit(2)`` re-plans at the boundary; ``fit(5)`` plans once: their rates
     (and so their weights) differ, by design. With a fixed horizon both are one run."""

@@ -81,7 +81,7 @@ class Ledger(_Records):
 
     def table(self) -> str:
         """The ledger as a fixed-width text table."""
-        cols = ["call", "run", "mode", "epochs", "done", "steps", "wall_s", "final"]
+        cols = ["call", "run", "mode", "epochs", "done", "steps", "wall_s", "final", "changes"]
         rows = []
         for r in self.records:
             final = r.get("final") or {}
@@ -95,12 +95,39 @@ class Ledger(_Records):
                     f"{r.get('step_start', '')}-{r.get('step_end', '')}",
                     f"{r.get('wall_s', 0):.2f}",
                     " ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)),
+                    changes_text(r.get("changes") or {}),
                 ]
             )
         return format_table(cols, rows)
 
     def __repr__(self) -> str:
         return f"Ledger({len(self.records)} calls)"
+
+
+#: How the ledger table words a move of the schedule's plan (``changes.schedule.replan``).
+_MOVES = {
+    "plan": "planned to step {end_step}",
+    "extend": "re-planned to step {end_step}",
+    "cooldown": "cooldown to step {end_step}",
+    "rewarm": "rewarm from step {at_step}",
+}
+
+
+def changes_text(changes: dict[str, Any]) -> str:
+    """A ledger row's ``changes`` in a few words: a new schedule, the plan's moves, changed
+    settings, an interrupted call left unfinished, an epoch started over."""
+    parts = []
+    schedule = changes.get("schedule") or {}
+    if "to" in schedule:
+        parts.append("new schedule")
+    parts += [_MOVES[m["kind"]].format(**m) for m in schedule.get("replan", ())]
+    if changes.get("settings"):
+        parts.append("settings changed")
+    if "abandoned_call" in changes:
+        parts.append(f"leaves call {changes['abandoned_call']} unfinished")
+    if "cursor" in changes:
+        parts.append(f"epoch {changes['cursor']['epoch'] + 1} started over")
+    return "; ".join(parts)
 
 
 def format_table(cols: list[str], rows: list[list[str]]) -> str:
