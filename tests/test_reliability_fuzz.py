@@ -557,11 +557,6 @@ def test_load_state_dict_rng_and_slot_errors(good_state, name, value):
 # -- bugs the strict properties above found (accepted at load, then a raw error in fit or
 # a silently other state); each fails ("XPASS strict") the moment it is fixed.
 
-NOT_REFUSED = pytest.mark.xfail(
-    strict=True, raises=pytest.fail.Exception, reason="BUG: not refused"
-)
-
-
 def _refused_at_load(sd: dict) -> None:
     t = make_trainer()
     before = t.state_dict()
@@ -605,7 +600,7 @@ def test_a_state_missing_an_optimizer_step_is_refused_before_anything_changes(go
     [
         ("betas", [0.9]),
         ("betas", None),
-        pytest.param("amsgrad", True, marks=NOT_REFUSED),  # a flag of the right kind
+        ("amsgrad", True),  # a flag of the right kind, without the slot AMSGrad needs
         ("eps", "x"),
         ("weight_decay", None),
     ],
@@ -613,8 +608,8 @@ def test_a_state_missing_an_optimizer_step_is_refused_before_anything_changes(go
 )
 def test_malformed_optimizer_hyperparameters_are_refused_at_load(good_state, key, value):
     """Were taken, and the next fit died inside torch (ValueError, KeyError, TypeError);
-    each is refused as a value of the wrong kind now. Still open: amsgrad=True without
-    its max_exp_avg_sq slot (a flag of the right kind; torch needs the slot)."""
+    each is refused as a value of the wrong kind now, and amsgrad=True without the
+    max_exp_avg_sq slot it needs (a flag of the right kind) as an inconsistent state."""
     sd = copy.deepcopy(good_state)
     group = sd["state"]["backend"]["optimizer"]["param_groups"][0]
     if value is None and key == "betas":

@@ -1125,6 +1125,14 @@ class TorchBackend(Backend):
                     f"group {i} holds parameters {cur['params']}. Build the optimizer the same "
                     "way as the run that wrote the checkpoint."
                 )
+            if g.get("amsgrad") is True:  # Adam's AMSGrad keeps one more slot per parameter
+                missing = [j for j in indices if j in state and "max_exp_avg_sq" not in state[j]]
+                if missing:
+                    raise StateMismatchError(
+                        f"optimizer.param_groups[{i}].amsgrad is True, but optim/{missing[0]} "
+                        "has no max_exp_avg_sq slot, which AMSGrad needs for every parameter "
+                        "it has state for. The checkpoint is inconsistent; resume from another."
+                    )
             for key in sorted(set(g) | set(cur)):
                 if key != "params" and not _same_kind(g.get(key, _MISSING), cur.get(key, _MISSING)):
                     raise StateMismatchError(
