@@ -32,7 +32,10 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "model": ("tensors model/*", "parameters and buffers"),
     "initial": ("tensors initial/*", "initial weights when the model was passed as an instance"),
     "optimizer": ("tensors optim/* + state.backend.optimizer", "slots and param groups"),
-    "schedule": ("state.schedule", "the schedule in effect, its origin, torch scheduler state"),
+    "schedule": (
+        "state.schedule",
+        "the schedule in effect, its origin and plan, torch scheduler state",
+    ),
     "counters": ("state.counters", "epoch, offset, global step, samples seen, fit calls, run"),
     "rng.host": ("state.rng", "Python random and NumPy global streams"),
     "rng.framework": (
