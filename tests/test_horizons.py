@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import warmfit
-from conftest import make_data, make_trainer, require, trainer_settings
+from conftest import LONG, make_data, make_trainer, require, trainer_settings
 from test_requeue import SignalAt
 from warmfit import schedules
 from warmfit.check import compare_states
@@ -576,3 +578,45 @@ def test_warmfit_train_cooldown_and_history_show_the_plan_and_the_facts(tmp_path
     assert main(["history", str(run)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert improvement_line(state["history"]) in out
+
+
+# -- property: the plan survives a process restart between any two calls ------------------
+PLAN_SCHEDULES = {
+    "cosine-plan": lambda: schedules.cosine(LR, "plan", min_lr=MIN),
+    "warmup-cosine-plan": lambda: schedules.warmup(3, schedules.cosine(LR, "plan", min_lr=MIN)),
+    "linear-extend": lambda: schedules.linear(LR, 10, end_lr=MIN, past_horizon="extend"),
+    "cosine-rewarm": lambda: schedules.cosine(LR, 7, min_lr=MIN, past_horizon="rewarm"),
+    "wsd": lambda: schedules.wsd(LR, warmup=2, decay=3),
+}
+CALL = st.one_of(
+    st.builds(lambda k: {"epochs": k}, st.integers(1, 2)),
+    st.builds(lambda k, c: {"steps": k, "cooldown": c}, st.integers(1, 9), st.booleans()),
+    st.builds(lambda k: {"epochs": k, "mode": "warm"}, st.integers(1, 2)),
+)
+
+
+@settings(max_examples=300 if LONG else 40, deadline=None,
+          database=None, derandomize=not LONG)  # fmt: skip
+@given(name=st.sampled_from(sorted(PLAN_SCHEDULES)), calls=st.lists(CALL, min_size=1, max_size=4))
+def test_any_calls_through_a_checkpoint_between_each_equal_the_calls_in_one_process(name, calls):
+    """Random fit calls (epochs, steps, cooldowns, warm calls) under each kind of plan:
+    a new Trainer loading the state before every call trains the very same bits, plans
+    the same moves and records the same ledger as one Trainer making all the calls."""
+    x, y = make_data(64)
+
+    def build() -> warmfit.Trainer:
+        return make_trainer(schedule=PLAN_SCHEDULES[name]())
+
+    one, state = build(), None
+    for call in calls:
+        if "cooldown" in call and name == "cosine-rewarm":
+            call = {"steps": call["steps"]}  # a cooldown after a rewarm is refused (tested)
+        one.fit(x, y, **call)
+        again = build()
+        if state is not None:
+            again.load_state_dict(state)
+        again.fit(x, y, **call)
+        state = again.state_dict()
+        assert compare_states(one.state_dict(), state) == []
+        assert state["state"]["schedule"]["plan"] == one.state_dict()["state"]["schedule"]["plan"]
+        assert replans(again) == replans(one)
