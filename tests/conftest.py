@@ -102,3 +102,18 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 LONG = os.environ.get("WARMFIT_LONG") == "1"
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures plot_history draws, kept as they are saved, to read back what they show."""
+    from matplotlib.figure import Figure
+
+    kept, save = [], Figure.savefig
+
+    def keep(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kept.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return kept

@@ -180,21 +180,6 @@ def test_fork_from_a_mid_epoch_checkpoint_equals_the_same_calls_in_a_byte_copy_o
     assert files(tmp_path / "a") == before
 
 
-@pytest.fixture
-def figures(monkeypatch) -> list:
-    """The figures plot_history draws, kept as they are saved."""
-    from matplotlib.figure import Figure
-
-    kept, save = [], Figure.savefig
-
-    def keep(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        kept.append(self)
-        return save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    return kept
-
-
 def test_a_fork_of_a_fork_records_its_grandparent_and_the_plot_marks_both(tmp_path, data, figures):
     x, y = data
     with make_trainer(run_dir=tmp_path / "a") as a:

@@ -173,21 +173,6 @@ def test_monitor_state_round_trip_and_modes(data):
     assert [r[0] for r in monitor.recent] == [1] and monitor.best_epoch == 1 and monitor.wait == 0
 
 
-@pytest.fixture
-def figures(monkeypatch) -> list:
-    """The figures plot_history draws, kept as they are saved, to read back what they show."""
-    from matplotlib.figure import Figure
-
-    kept, save = [], Figure.savefig
-
-    def keep(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        kept.append(self)
-        return save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    return kept
-
-
 def shown(fig) -> dict:  # type: ignore[no-untyped-def]
     """What a learning-curve figure shows: its title, each labelled line's data, the
     fit-call boundaries (x) and their labels, and the axes' texts."""

@@ -168,15 +168,15 @@ def _train(args: argparse.Namespace) -> int:
 def _check_run_dir(run_dir: Path, option: str) -> None:
     """Refuse a run dir that is a file, or lies under one, before anything trains.
     Raises ValueError saying so; a run dir that does not exist yet is fine."""
-    for path in (run_dir, *run_dir.parents):
-        if path.is_dir():
-            return
-        if path.exists() or path.is_symlink():
-            where = "is" if path == run_dir else f"lies under {path}, which is"
-            raise ValueError(
-                f"{option} {run_dir} {where} not a directory. Pass a directory for the run "
-                "(it is created if missing)."
-            )
+    from .rundir import file_in_the_way
+
+    path = file_in_the_way(run_dir)
+    if path is not None:
+        where = "is" if path == run_dir else f"lies under {path}, which is"
+        raise ValueError(
+            f"{option} {run_dir} {where} not a directory. Pass a directory for the run "
+            "(it is created if missing)."
+        )
 
 
 def _message(err: BaseException) -> str:

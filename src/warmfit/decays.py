@@ -44,11 +44,11 @@ def _check_horizon(schedule: Schedule, owner: str) -> None:
         raise invalid_param("past_horizon", owner, POLICIES, policy)
 
 
-def _moves(schedule: Any, plan: Plan) -> tuple[Move, ...]:
-    """The moves a decaying schedule evaluates: its fixed horizon as the first plan (a
+def _moves(schedule: Schedule, horizon: Any, plan: Plan) -> tuple[Move, ...]:
+    """The moves a decaying schedule evaluates: its fixed ``horizon`` as the first plan (a
     move at step 0 replaces it), or the plan's, which a ``horizon="plan"`` needs."""
     moves = plan.shaped().moves
-    if schedule.horizon == "plan":
+    if horizon == "plan":
         if not moves:
             raise ValueError(
                 f"{schedule!r} ends where the fit call in progress ends: it is evaluated "
@@ -58,7 +58,7 @@ def _moves(schedule: Any, plan: Plan) -> tuple[Move, ...]:
         return moves
     if moves and moves[0].at == 0:
         return moves
-    return (Move(0, schedule.horizon, "plan"), *moves)
+    return (Move(0, horizon, "plan"), *moves)
 
 
 class _Decay(Schedule):
@@ -90,7 +90,7 @@ class _Decay(Schedule):
         return float(self.shape(anchor[0], self.end_value, (step - a) / (move.end - a))), True
 
     def at(self, step: int, plan: Plan) -> float:
-        return through_moves(check_step(step), _moves(self, plan), self._segment)[0]
+        return through_moves(check_step(step), _moves(self, self.horizon, plan), self._segment)[0]
 
     def needs_plan(self) -> bool:
         return bool(self.horizon == "plan")
@@ -99,7 +99,7 @@ class _Decay(Schedule):
         return True
 
     def horizon_steps(self, plan: Plan) -> int | None:
-        return int(_moves(self, plan)[0].end)
+        return int(_moves(self, self.horizon, plan)[0].end)
 
     def past_horizon_policy(self, asked: str | None = None) -> str:
         return asked or self.past_horizon or ("extend" if self.horizon == "plan" else "hold")
@@ -253,7 +253,7 @@ class WSD(Schedule):
         step = check_step(step)
         if step < self.warmup:
             return float(self.lr * step / self.warmup)
-        return through_moves(step, _moves(_PlanOnly(self), plan), self._segment)[0]
+        return through_moves(step, _moves(self, "plan", plan), self._segment)[0]
 
     def needs_plan(self) -> bool:
         return True
@@ -262,7 +262,7 @@ class WSD(Schedule):
         return True
 
     def horizon_steps(self, plan: Plan) -> int | None:
-        return int(_moves(_PlanOnly(self), plan)[0].end)
+        return int(_moves(self, "plan", plan)[0].end)
 
     def past_horizon_policy(self, asked: str | None = None) -> str:
         if asked == "rewarm":
@@ -274,13 +274,3 @@ class WSD(Schedule):
             )
         return asked or self.past_horizon or "extend"
 
-
-@dataclass(frozen=True)
-class _PlanOnly:
-    """A schedule whose horizon is always the plan's (for :func:`_moves`)."""
-
-    schedule: Schedule
-    horizon: str = "plan"
-
-    def __repr__(self) -> str:
-        return repr(self.schedule)

@@ -146,7 +146,6 @@ def kill_and_resume(folder: str | Path, reference: Mapping[str, Any]) -> bool:
     """Part 2: a child process runs ``fit(epochs=3)`` on ``folder`` and kills itself with
     SIGKILL in the forward pass of step :data:`KILL_AT`; a second one runs the same call
     again. Returns whether the result equals ``reference`` bit for bit."""
-    from .checkpoint import read_checkpoint
     from .rundir import RunDir
 
     folder = Path(folder)
@@ -156,32 +155,43 @@ def kill_and_resume(folder: str | Path, reference: Mapping[str, Any]) -> bool:
           "forward pass of")  # fmt: skip
     print(f"step {KILL_AT} (epoch 3, batch {batch} of {STEPS_PER_EPOCH}), once the checkpoint "
           f"of step {SAVED_BEFORE_KILL} is on disk:")  # fmt: skip
-    killed = _child(folder, KILL_AT)
-    if killed.returncode != -signal.SIGKILL:
-        raise DemoCheckFailed(
-            f"the child was to die by SIGKILL; it ended with status {killed.returncode}:\n"
-            f"{killed.stderr}"
-        )
+    killed = check_killed(_child(folder, KILL_AT))
     latest = RunDir(folder).latest()
     print(f"child 1: killed by SIGKILL (exit status {killed.returncode}) in step {KILL_AT};")
     print(f"  the newest checkpoint: {latest.name if latest is not None else None}")
     print("\nA new process runs the same fit(epochs=3) again: warmfit finishes the")
     print("interrupted call where it would have ended (epoch 3), not 3 more epochs:")
-    resumed = _child(folder, 0)
+    resumed = resumed_state(_child(folder, 0), folder)
+    row = resumed["state"]["ledger"][-1]
+    print(f"the resumed call's ledger row: steps {row['step_start']}-{row['step_end']}, "
+          f"resumes_call {row.get('resumes_call')}")  # fmt: skip
+    return report("killed and resumed == the reference, bit for bit", reference, resumed)
+
+
+def check_killed(killed: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``killed``, a child that was to die by SIGKILL; :class:`DemoCheckFailed` if not."""
+    if killed.returncode != -signal.SIGKILL:
+        raise DemoCheckFailed(
+            f"the child was to die by SIGKILL; it ended with status {killed.returncode}:\n"
+            f"{killed.stderr}"
+        )
+    return killed
+
+
+def resumed_state(resumed: subprocess.CompletedProcess, folder: Path) -> dict[str, Any]:
+    """The newest checkpoint in ``folder`` (``{"tensors", "state"}``) after ``resumed``, the
+    child that ran the interrupted call again; :class:`DemoCheckFailed` if it failed or
+    left no checkpoint."""
+    from .checkpoint import read_checkpoint
+    from .rundir import RunDir
+
     if resumed.returncode != 0:
         raise DemoCheckFailed(f"the resumed child failed ({resumed.returncode}):\n{resumed.stderr}")
     latest = RunDir(folder).latest()
     if latest is None:
         raise DemoCheckFailed(f"the resumed child left no checkpoint in {folder}")
     tensors, state = read_checkpoint(latest)
-    row = state["ledger"][-1]
-    print(f"the resumed call's ledger row: steps {row['step_start']}-{row['step_end']}, "
-          f"resumes_call {row.get('resumes_call')}")  # fmt: skip
-    return report(
-        "killed and resumed == the reference, bit for bit",
-        reference,
-        {"tensors": tensors, "state": state},
-    )
+    return {"tensors": tensors, "state": state}
 
 
 def report(

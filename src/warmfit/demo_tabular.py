@@ -27,7 +27,7 @@ import numpy as np
 
 from . import schedules
 from .callbacks import EarlyStopping
-from .demo import DemoCheckFailed, report
+from .demo import DemoCheckFailed, check_killed, report, resumed_state
 from .trainer import Trainer
 
 ROUNDS = 40
@@ -108,7 +108,6 @@ def _child(folder: Path, kill: bool) -> subprocess.CompletedProcess:
 
 def main(run_dir: str | None = None) -> None:
     """Both parts; raises :class:`~warmfit.demo.DemoCheckFailed` if a check fails."""
-    from .checkpoint import read_checkpoint
     from .rundir import RunDir
 
     root = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="warmfit-tab-"))
@@ -137,23 +136,11 @@ def main(run_dir: str | None = None) -> None:
 
     print(f"\n== Part 2: kill -9 after round {KILL_AFTER}'s checkpoint; then the same call")
     folder = root / "kill-and-resume"
-    killed = _child(folder, kill=True)
-    if killed.returncode != -signal.SIGKILL:
-        raise DemoCheckFailed(
-            f"the child was to die by SIGKILL; it ended with status {killed.returncode}:\n"
-            f"{killed.stderr}"
-        )
+    check_killed(_child(folder, kill=True))
     newest = RunDir(folder).latest()
     print(f"child 1: killed by SIGKILL; the newest checkpoint: {newest.name if newest else None}")
-    resumed = _child(folder, kill=False)
-    if resumed.returncode != 0:
-        raise DemoCheckFailed(f"the resumed child failed ({resumed.returncode}):\n{resumed.stderr}")
-    newest = RunDir(folder).latest()
-    if newest is None:
-        raise DemoCheckFailed(f"the resumed child left no checkpoint in {folder}")
-    tensors, state = read_checkpoint(newest)
-    resume_ok = report("killed and resumed == the reference, bit for bit", reference,
-                       {"tensors": tensors, "state": state})  # fmt: skip
+    resumed = resumed_state(_child(folder, kill=False), folder)
+    resume_ok = report("killed and resumed == the reference, bit for bit", reference, resumed)
     failed = [what for what, ok in (("calls", calls_ok), ("resume", resume_ok)) if not ok]
     if failed:
         raise DemoCheckFailed(

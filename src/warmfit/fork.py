@@ -40,7 +40,7 @@ import numpy as np
 from .checkpoint import STATE_FILE, fsync_dir, read_checkpoint, replace_durably, snapshot_state
 from .errors import StateMismatchError, WarmfitError
 from .history import History
-from .rundir import CHECKPOINTS_DIR, RunDir, run_dir_of
+from .rundir import CHECKPOINTS_DIR, RunDir, file_in_the_way, run_dir_of
 from .training_state import final_metrics
 
 if TYPE_CHECKING:
@@ -237,15 +237,13 @@ def check_target(target: str | os.PathLike[str], parent: Path | None) -> Path:
                 f"cannot fork into {target}: it {where}, which a fork never changes. Pass "
                 "a new directory outside it (e.g. a sibling of it)."
             )
-    for path in (target, *target.parents):
-        if path.is_dir():
-            break
-        if path.exists() or path.is_symlink():
-            where = "is" if path == target else f"lies under {path}, which is"
-            raise ForkError(
-                f"cannot fork into {target}: it {where} not a directory. Pass a new "
-                "directory (it is created) or an empty one."
-            )
+    path = file_in_the_way(target)
+    if path is not None:
+        where = "is" if path == target else f"lies under {path}, which is"
+        raise ForkError(
+            f"cannot fork into {target}: it {where} not a directory. Pass a new "
+            "directory (it is created) or an empty one."
+        )
     if target.is_dir():
         held = RunDir(target).checkpoints() if (target / CHECKPOINTS_DIR).is_dir() else []
         if held:

@@ -211,7 +211,7 @@ def check_call(schedule: Any, *, policy: str | None, cooldown: bool) -> None:
             f"{' and '.join(asked)} does not apply to a cyclic schedule (it restarts every "
             "horizon and never goes past it). Pass a schedule with cyclic=False."
         )
-    if getattr(schedule, "past_horizon_policy", None) is None or not schedule.decays():
+    if not isinstance(schedule, Schedule) or not schedule.decays():
         raise ValueError(
             f"{' and '.join(asked)} needs a schedule that ends: a warmfit schedule with a "
             "horizon (schedules.cosine, linear or wsd, alone or after a warmup). The "

@@ -730,6 +730,17 @@ def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file (or dangling link) that ``path`` is, or lies under, so that no directory
+    can be made there; None where ``path`` is a directory or could become one."""
+    for where in (path, *path.parents):
+        if where.is_dir():
+            return None
+        if where.exists() or where.is_symlink():
+            return where
+    return None
+
+
 def verify_run_dir(root: str | os.PathLike[str]) -> list[tuple[Path, str | None]]:
     """Every checkpoint of the run directory at ``root``, oldest first, with its
     problem (``"<file>: <problem>"``) or None if intact. Reads every byte; loads no
