@@ -505,6 +505,29 @@ def test_keras_replans_like_torch():
     assert isinstance(t.model, keras.Model)
 
 
+def test_a_dataset_read_by_dataloader_workers_plans_to_the_steps_its_loader_gives():
+    """A map-style Dataset (augmenting with every global stream) read by 2 workers: the
+    plan ends where the loader's epochs end (120 rows, batches of 16: 8 steps), and the
+    run is the same bits as with no workers."""
+    from test_dataset_workers import Augmenting
+
+    runs = []
+    for workers in (2, 0):
+        t = plan_trainer(model=SignalAt, num_workers=workers, callbacks=[Rates()])
+        t.fit(Augmenting(), epochs=1)
+        t.fit(Augmenting(), epochs=1)
+        runs.append(t)
+    anchor = cos(LR, MIN, 7 / 8)
+    expected = [cos(LR, MIN, k / 8) for k in range(8)]
+    expected += [cos(anchor, MIN, (k - 7) / (16 - 7)) for k in range(8, 16)]
+    assert [rates_of(runs[0])[k] for k in range(16)] == expected
+    assert replans(runs[0]) == [
+        [{"kind": "plan", "at_step": 0, "end_step": 8}],
+        [{"kind": "extend", "at_step": 8, "end_step": 16}],
+    ]
+    assert compare_states(runs[0].state_dict(), runs[1].state_dict()) == []
+
+
 def test_sklearn_replans_like_torch():
     from sklearn.linear_model import SGDClassifier
 
