@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--writes", default=None)
     p.add_argument("--accumulate", type=int, default=1)  # the torch step's micro-batches
     p.add_argument("--dict-items", action="store_true")  # items ({"x": row}, label)
+    p.add_argument("--plan", action="store_true")  # a cosine to the end of each call's plan
     args = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -156,6 +157,8 @@ def main() -> None:
     settings = half_settings() if args.half else {"model": model}
     if args.accumulate > 1:
         settings["accumulate"] = args.accumulate
+    if args.plan:
+        settings["schedule"] = warmfit.schedules.cosine(1e-2, "plan", min_lr=1e-3)
     try:
         trainer = make_trainer(
             run_dir=args.run_dir.format(rank=rank),  # "{rank}": a run dir per rank

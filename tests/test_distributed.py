@@ -175,6 +175,27 @@ def test_accumulation_and_dict_items_resume_bit_exact_at_the_same_world_size(tmp
     assert_same_state(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_plan_under_ddp_ends_where_the_global_batches_end(tmp_path):
+    """cosine(horizon='plan'), one call per process launch (the second resumes from the
+    first's checkpoint): each call plans to the step its global batches end at, the
+    second re-plans, exactly as one process plans them; one call of 2 epochs plans once."""
+    run(2, tmp_path / "straight", 2, "--plan", "--out", str(tmp_path / "a"))
+    run(2, tmp_path / "split", 1, "--plan")
+    run(2, tmp_path / "split", 2, "--plan", "--out", str(tmp_path / "b"))
+    run(1, tmp_path / "one", 1, "--plan")
+    run(1, tmp_path / "one", 2, "--plan", "--out", str(tmp_path / "c"))
+    _, split = read_checkpoint(tmp_path / "b")
+    _, one = read_checkpoint(tmp_path / "c")
+    s = STEPS_PER_EPOCH
+    assert split["schedule"]["plan"] == one["schedule"]["plan"] == [
+        {"at": 0, "end": s, "kind": "plan"},
+        {"at": s, "end": 2 * s, "kind": "extend"},
+    ]
+    assert [r["lr"] for r in split["history"]] == [r["lr"] for r in one["history"]]
+    _, straight = read_checkpoint(tmp_path / "a")
+    assert straight["schedule"]["plan"] == [{"at": 0, "end": 2 * s, "kind": "plan"}]
+
+
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_resume_at_another_world_size_keeps_the_global_order(tmp_path, before, after):
     run(before, tmp_path / "run", 1)
